@@ -1,0 +1,75 @@
+"""One way to reach any storage: fsspec URIs plus non-secret ``storage_options``."""
+
+from __future__ import annotations
+
+import fsspec
+
+from pipeline.errors import StorageError
+
+# Keys that would put a credential into a config file; credentials come from the
+# environment (AWS_*, IRSA, k8s secrets) only.
+SECRET_OPTION_KEYS = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "session_token",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "access_key",
+        "secret_key",
+        "account_key",
+        "sas_token",
+        "client_secret",
+        "credentials",
+    }
+)
+
+
+def secret_keys_in(options: dict | None) -> list[str]:
+    """Names of credential-looking keys in ``storage_options`` (searched recursively)."""
+    found: list[str] = []
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            name = f"{prefix}{k}"
+            if str(k).lower() in SECRET_OPTION_KEYS:
+                found.append(name)
+            if isinstance(v, dict):
+                walk(v, name + ".")
+
+    walk(options or {}, "")
+    return found
+
+
+def is_remote(uri: str) -> bool:
+    """True for URIs that need fsspec (s3://, gs://, …); local paths and file:// are not."""
+    proto = uri.split("://", 1)[0] if "://" in uri else ""
+    return proto not in ("", "file", "local")
+
+
+def url_to_fs(uri: str, storage_options: dict | None = None):
+    """(filesystem, path) for a URI; a bad protocol or a missing driver is a clear error."""
+    try:
+        return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    except (ImportError, ValueError) as exc:
+        raise StorageError(f"cannot open {uri!r}: {exc}") from None
+
+
+def explain_storage_error(uri: str, exc: BaseException) -> StorageError:
+    """Turn an fsspec/botocore failure into one line naming the URI and the likely fix."""
+    name = type(exc).__name__
+    text = str(exc)
+    if name in ("NoCredentialsError", "PartialCredentialsError") or "Unable to locate credentials" in text:
+        hint = "no credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or a service account (IRSA) in the environment"
+    elif isinstance(exc, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
+        hint = "access denied: check the credentials in the environment and the bucket policy"
+    elif isinstance(exc, FileNotFoundError) or "NoSuchBucket" in text or "NoSuchKey" in text:
+        hint = "not found: check the bucket and prefix, and storage_options.endpoint_url for S3-compatible stores"
+    elif "Could not connect" in text or "EndpointConnectionError" in name:
+        hint = "cannot reach the endpoint: check storage_options.endpoint_url and the network"
+    else:
+        hint = f"{name}"
+    return StorageError(f"{uri}: {hint}")

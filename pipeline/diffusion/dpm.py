@@ -1,0 +1,125 @@
+"""DPM-Encoder and decoder (CycleDiffusion: Wu & De la Torre, "A Latent Space of Stochastic
+Diffusion Models", ICLR 2023; seeds 000/002).
+
+The latent of x0 is z = (x_{t0}, ε_{τ_k}, …, ε_{τ_1}): the noised start and the noise every
+stochastic DDIM step (η > 0) would need to walk from x_{t0} through the encoder's own
+posterior samples back to x0. Decoding z with the same model and condition reproduces x0;
+decoding it with another model or condition is zero-shot translation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pipeline.diffusion.ddim_step import forward_noise, posterior_sample
+from pipeline.diffusion.latent import Latent
+from pipeline.diffusion.noise import default_seeds, per_sample_noise
+from pipeline.diffusion.sampling import denoise, innovation_scale, step_mean
+from pipeline.diffusion.schedule import ddim_sigma
+
+
+def dpm_encode(den, x0: torch.Tensor, **kwargs) -> Latent:
+    """Images (B,3,H,W) in [-1,1] → DPM latent. Keyword arguments as ``dpm_encode_model_space``."""
+    return dpm_encode_model_space(den, den.to_model_space(x0), **kwargs)
+
+
+def dpm_decode(den, z: Latent, **kwargs) -> torch.Tensor:
+    """DPM latent → images (B,3,H,W) in [-1,1]. Keyword arguments as ``dpm_decode_model_space``."""
+    return den.to_pixels(dpm_decode_model_space(den, z, **kwargs))
+
+
+@torch.no_grad()
+def dpm_encode_model_space(
+    den,
+    x0: torch.Tensor,
+    *,
+    steps: int = 50,
+    eta: float = 0.1,
+    strength: float = 0.8,
+    condition=None,
+    guidance_scale: float = 1.0,
+    seeds: Sequence[int] | None = None,
+) -> Latent:
+    """x0 in the model's space → z; ε_t solved from the generative step at each t → p.
+
+    On the last step the posterior "sample" is x0 itself, so decoding ends on x0 exactly.
+    Where that step has σ_t = 0 (ᾱ_p = 1: ``set_alpha_to_one`` with a grid ending at t = 0)
+    there is no noise to solve for and the generative step is deterministic, missing x0 by
+    the model's x̂0 error there; we store that residual x0 − μ_θ in the step's slot instead,
+    so reconstruction is exact for every scheduler configuration (a choice documented in
+    README.md: translation then carries the source's sub-ε detail from the last step).
+    """
+    if not eta > 0:
+        raise ValueError(
+            f"the DPM-Encoder is stochastic and needs eta > 0 (got {eta}); "
+            "for a deterministic latent use ddim_invert (sampler.method: ddim)"
+        )
+    x0 = x0.to(den.device, torch.float32)
+    timesteps = den.schedule.grid(steps, strength)
+    moves = den.schedule.steps_along(timesteps)
+    seeds = list(seeds) if seeds is not None else default_seeds(x0.shape[0])
+    if len(seeds) != x0.shape[0]:
+        raise ValueError(f"got {len(seeds)} seeds for a batch of {x0.shape[0]}")
+    # n[:, 0] noises x0 to t0, n[:, i + 1] is the posterior noise of step i.
+    n = per_sample_noise(seeds, (1 + len(moves), *x0.shape[1:]), den.device)
+
+    x_t = forward_noise(x0, moves[0].alpha_t, n[:, 0])  # x_{t0} = √ᾱ x0 + √(1−ᾱ) n
+    x_start = x_t
+    innovations = []
+    for i, m in enumerate(moves):
+        sigma = ddim_sigma(eta, m.alpha_t, m.alpha_prev)
+        x_p = x0 if m.is_last else posterior_sample(x0, x_t, m.alpha_t, m.alpha_prev, sigma, n[:, i + 1])
+        mean = step_mean(den, x_t, m, sigma, condition, guidance_scale)
+        innovations.append((x_p - mean) / innovation_scale(sigma))  # ε_t = (x_p − μ_θ)/σ_t
+        x_t = x_p
+    return Latent(
+        x_start=x_start,
+        noise=torch.stack(innovations, 1),
+        timesteps=timesteps,
+        method="dpm",
+        eta=float(eta),
+        seeds=[int(s) for s in seeds],
+    )
+
+
+@torch.no_grad()
+def dpm_decode_model_space(
+    den,
+    z: Latent,
+    *,
+    condition=None,
+    guidance_scale: float = 1.0,
+    refine_steps: int = 0,
+) -> torch.Tensor:
+    """z → x0 in the model's space: the generative walk driven by z's own noise.
+
+    ``refine_steps`` > 0 then re-noises the result to the (refine_steps)-th smallest grid
+    timestep and denoises it with η = 1 (SDEdit-style), with noise from each sample's seed.
+    """
+    if z.method != "dpm":
+        raise ValueError(f"dpm_decode needs a dpm latent, got method {z.method!r}; use ddim_decode")
+    _check_shape(den, z)
+    x0 = denoise(den, z.x_start, z.timesteps, eta=z.eta, noise=z.noise, condition=condition, guidance_scale=guidance_scale)
+    if refine_steps > 0:
+        x0 = refine(den, x0, z.timesteps[-refine_steps:], z.seeds, condition, guidance_scale)
+    return x0
+
+
+def refine(den, x0: torch.Tensor, timesteps: list[int], seeds: Sequence[int], condition=None, guidance_scale: float = 1.0):
+    """SDEdit (Meng et al. 2022): noise x0 to timesteps[0], then denoise stochastically (η = 1)."""
+    if not seeds:
+        seeds = default_seeds(x0.shape[0])
+    n = per_sample_noise(seeds, (1 + len(timesteps), *x0.shape[1:]), den.device, stream="refine")
+    x_t = forward_noise(x0, den.schedule.alpha(timesteps[0]), n[:, 0])
+    return denoise(den, x_t, timesteps, eta=1.0, noise=n[:, 1:], condition=condition, guidance_scale=guidance_scale)
+
+
+def _check_shape(den, z: Latent) -> None:
+    expected_c = den.unet.config.in_channels
+    if z.x_start.shape[1] != expected_c:
+        raise ValueError(
+            f"latent has {z.x_start.shape[1]} channels but model {den.source!r} works on {expected_c}; "
+            "pixel-model and latent-model latents cannot be mixed"
+        )

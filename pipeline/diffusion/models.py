@@ -1,0 +1,366 @@
+"""Frozen diffusers models behind one interface: ε_θ(x_t, t, condition) for a batch.
+
+``load_denoiser`` is the one place where this package touches files: it resolves a model
+source (local folder, object-storage folder, hub id) to a local folder, refuses
+pickle-based weights unless asked, and wraps the result in a ``Denoiser``. Everything
+else in ``pipeline.diffusion`` is tensors in, tensors out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.diffusion.schedule import Schedule, schedule_from_scheduler
+from pipeline.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+Condition = int | str | None
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Denoiser:
+    """A frozen diffusion model as the maths needs it.
+
+    ``eps`` gives ε_θ in float32 whatever the model's prediction type and dtype;
+    ``to_model_space`` / ``to_pixels`` move between images in [-1, 1] and the space the
+    diffusion runs in (identity for pixel models, scaled VAE latents for latent models).
+    """
+
+    unet: torch.nn.Module
+    schedule: Schedule
+    prediction_type: str = "epsilon"
+    source: str = ""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    vae: torch.nn.Module | None = None
+    vae_scaling_factor: float = 1.0
+    vae_shift_factor: float = 0.0
+    text_encoder: torch.nn.Module | None = None
+    tokenizer: object | None = None
+    num_class_embeds: int | None = None
+    null_class: int | None = None
+    _prompt_cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+
+    # ---- what kind of model this is -------------------------------------------------
+    @property
+    def conditioning(self) -> str:
+        """"text" (prompt), "class" (class index) or "none"."""
+        if self.text_encoder is not None:
+            return "text"
+        if self.num_class_embeds:
+            return "class"
+        return "none"
+
+    @property
+    def is_latent_model(self) -> bool:
+        return self.vae is not None
+
+    @property
+    def name(self) -> str:
+        return self.source
+
+    # ---- image <-> model space -----------------------------------------------------
+    @torch.no_grad()
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B,3,H,W) in [-1,1] → x0 in the diffusion's space, float32 on ``device``.
+
+        Latent models use the VAE posterior mean (deterministic), scaled as in training:
+        z = (mean − shift) · scaling_factor.
+        """
+        x = images.to(self.device, torch.float32)
+        if self.vae is None:
+            return x
+        mean = self.vae.encode(x.to(self.dtype)).latent_dist.mean.float()
+        return (mean - self.vae_shift_factor) * self.vae_scaling_factor
+
+    @torch.no_grad()
+    def to_pixels(self, x0: torch.Tensor) -> torch.Tensor:
+        """x0 in model space → images (B,3,H,W) clamped to [-1,1], float32."""
+        if self.vae is None:
+            return x0.float().clamp(-1, 1)
+        z = x0 / self.vae_scaling_factor + self.vae_shift_factor
+        return self.vae.decode(z.to(self.dtype)).sample.float().clamp(-1, 1)
+
+    def model_space_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
+        """(C, h, w) of model space for images of shape (3, H, W)."""
+        if self.vae is None:
+            return tuple(image_shape)
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return (self.vae.config.latent_channels, image_shape[1] // factor, image_shape[2] // factor)
+
+    # ---- ε_θ ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def eps(
+        self,
+        x_t: torch.Tensor,
+        t: int,
+        condition: Condition | Sequence[Condition] = None,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """ε_θ(x_t, t, c) in float32, with classifier-free guidance ε_u + w(ε_c − ε_u)."""
+        b = x_t.shape[0]
+        conds = self._per_sample(condition, b)
+        guided = guidance_scale != 1.0 and self.conditioning != "none"
+        if guided:
+            uncond = [self._unconditional()] * b
+            out = self._forward(torch.cat([x_t, x_t]), t, uncond + conds)
+            out_u, out_c = out.chunk(2)
+            out = out_u + guidance_scale * (out_c - out_u)  # CFG (Ho & Salimans 2022, eq. 6)
+        else:
+            out = self._forward(x_t, t, conds)
+        return self._as_eps(out, x_t.float(), t)
+
+    def _as_eps(self, out: torch.Tensor, x_t: torch.Tensor, t: int) -> torch.Tensor:
+        """Convert the network's prediction to ε; affine in ``out``, so CFG commutes with it."""
+        a = self.schedule.alpha(t)
+        if self.prediction_type == "epsilon":
+            return out
+        if self.prediction_type == "v_prediction":
+            return math.sqrt(a) * out + math.sqrt(1 - a) * x_t  # ε = √ᾱ v + √(1−ᾱ) x_t
+        if self.prediction_type == "sample":
+            return (x_t - math.sqrt(a) * out) / math.sqrt(1 - a)  # ε = (x_t − √ᾱ x̂0)/√(1−ᾱ)
+        raise ModelLoadError(f"model {self.source!r}: unknown prediction_type {self.prediction_type!r}")
+
+    def _forward(self, x: torch.Tensor, t: int, conds: list) -> torch.Tensor:
+        x = x.to(self.device, self.dtype)
+        ts = torch.full((x.shape[0],), int(t), device=self.device, dtype=torch.long)
+        kind = self.conditioning
+        if kind == "text":
+            hidden = self._prompt_embeddings(conds)
+            out = self.unet(x, ts, encoder_hidden_states=hidden).sample
+        elif kind == "class":
+            labels = torch.tensor(conds, device=self.device, dtype=torch.long)
+            out = self.unet(x, ts, class_labels=labels).sample
+        else:
+            out = self.unet(x, ts).sample
+        return out.float()
+
+    def _per_sample(self, condition, b: int) -> list:
+        items = list(condition) if isinstance(condition, (list, tuple)) else [condition] * b
+        if len(items) != b:
+            raise ValueError(f"got {len(items)} conditions for a batch of {b}")
+        kind = self.conditioning
+        if kind == "none":
+            if any(c is not None for c in items):
+                raise ValueError(f"model {self.source!r} is unconditional; its condition must be null")
+            return items
+        if kind == "class":
+            out = []
+            for c in items:
+                if c is None:
+                    if self.null_class is None:
+                        raise ValueError(
+                            f"model {self.source!r} is class-conditional: give a class index in 0..{self.num_class_embeds - 1}"
+                        )
+                    c = self.null_class
+                if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < self.num_class_embeds:
+                    raise ValueError(
+                        f"model {self.source!r}: condition {c!r} is not a class index in 0..{self.num_class_embeds - 1}"
+                    )
+                out.append(int(c))
+            return out
+        return ["" if c is None else str(c) for c in items]
+
+    def _unconditional(self):
+        if self.conditioning == "text":
+            return ""
+        if self.null_class is None:
+            raise ValueError(
+                f"model {self.source!r}: classifier-free guidance needs an unconditional class; "
+                "set null_class in the model section, or guidance_scale: 1"
+            )
+        return self.null_class
+
+    def _prompt_embeddings(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP text-encoder hidden states, cached per prompt (batches repeat prompts)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._prompt_cache]
+        if missing:
+            tok = self.tokenizer(
+                missing,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            hidden = self.text_encoder(tok.input_ids.to(self.device))[0]
+            for p, h in zip(missing, hidden, strict=True):
+                self._prompt_cache[p] = h
+                if len(self._prompt_cache) > 4096:
+                    self._prompt_cache.popitem(last=False)
+        return torch.stack([self._prompt_cache[p] for p in prompts]).to(self.dtype)
+
+
+# ---- loading --------------------------------------------------------------------------
+
+
+def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None):
+    """CUDA when present; fp16 on GPU and fp32 on CPU unless overridden ("auto" = default)."""
+    dev = torch.device(device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype in (None, "auto"):
+        dt = torch.float16 if dev.type == "cuda" else torch.float32
+    elif isinstance(dtype, torch.dtype):
+        dt = dtype
+    else:
+        names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+        if dtype not in names:
+            raise ValueError(f"dtype {dtype!r} is not one of auto, float32, float16, bfloat16, float64")
+        dt = names[dtype]
+    return dev, dt
+
+
+def resolve_model_folder(source: str, storage_options: dict | None = None, cache_dir: Path | None = None) -> Path:
+    """A local folder for ``source``: local path, file://, object storage (cached) or hub id."""
+    from pipeline.data.filesystems import is_remote
+
+    if is_remote(source):
+        from pipeline.data.model_cache import materialize
+
+        return materialize(source, storage_options, cache_dir)
+    local = Path(source[len("file://"):] if source.startswith("file://") else source).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise ModelLoadError(f"model {source!r} is a file; give the diffusers folder that holds model_index.json")
+    if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        return _download_from_hub(source)
+    raise ModelLoadError(f"model {source!r}: no such folder; give a local diffusers folder, an s3:// or gs:// folder, or a hub id")
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    hint = f"model {repo_id!r} is neither a local folder nor reachable on the model hub"
+    if offline:
+        raise ModelLoadError(f"{hint} (HF_HUB_OFFLINE is set); download it elsewhere and pass its local folder or s3:// copy")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo or gated: one line either way
+        raise ModelLoadError(f"{hint} ({type(exc).__name__}); pass a local folder or an s3:// copy of it") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+
+
+def _components(folder: Path, source: str) -> dict[str, Path]:
+    """Component name → subfolder, from model_index.json or the unet/ + scheduler/ layout."""
+    index = folder / "model_index.json"
+    names = ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
+    if index.exists():
+        spec = _read_json(index)
+        comps = {k: folder / k for k in names if isinstance(spec.get(k), list) and spec[k][0] is not None}
+    else:
+        comps = {k: folder / k for k in names if (folder / k).is_dir()}
+    if "unet" not in comps or "scheduler" not in comps:
+        raise ModelLoadError(
+            f"model {source!r}: not a diffusers model folder (expected model_index.json, or unet/ and scheduler/ subfolders)"
+        )
+    for k, p in comps.items():
+        if not p.is_dir():
+            raise ModelLoadError(f"model {source!r}: component {k!r} is listed but {p.name}/ is missing")
+    return comps
+
+
+def _check_weights(component: Path, name: str, source: str, allow_pickle: bool) -> bool:
+    """True to load safetensors; refuse pickle-only weights unless explicitly allowed."""
+    files = [p.name for p in component.iterdir() if p.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return True
+    pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if not pickled:
+        raise ModelLoadError(f"model {source!r}: no weights in {name}/ (expected *.safetensors)")
+    if not allow_pickle:
+        raise ModelLoadError(
+            f"model {source!r}: {name}/ has only pickle-based weights ({pickled[0]}), which can run code when loaded; "
+            "convert them to safetensors, or set allow_pickle: true for this model if you trust the file"
+        )
+    log.warning("model %s: loading pickle-based weights from %s/ because allow_pickle is set", source, name)
+    return False
+
+
+def load_denoiser(
+    source: str,
+    *,
+    storage_options: dict | None = None,
+    allow_pickle: bool = False,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    null_class: int | None = None,
+    cache_dir: Path | None = None,
+) -> Denoiser:
+    """Load a diffusers pixel or latent model as a ``Denoiser`` (frozen, eval mode)."""
+    import diffusers
+
+    folder = resolve_model_folder(source, storage_options, cache_dir)
+    comps = _components(folder, source)
+    dev, dt = resolve_device_dtype(device, dtype)
+
+    def load(cls, name):
+        safe = _check_weights(comps[name], name, source, allow_pickle)
+        try:
+            model = cls.from_pretrained(comps[name], use_safetensors=safe, local_files_only=True, torch_dtype=dt)
+        except Exception as exc:  # noqa: BLE001
+            raise ModelLoadError(f"model {source!r}: cannot load {name}/ as {cls.__name__}: {exc}") from None
+        return model.to(dev).eval().requires_grad_(False)
+
+    unet_cfg = _read_json(comps["unet"] / "config.json")
+    unet_cls_name = unet_cfg.get("_class_name", "UNet2DModel")
+    if unet_cls_name not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise ModelLoadError(f"model {source!r}: unet class {unet_cls_name} is not supported (UNet2DModel, UNet2DConditionModel)")
+    unet = load(getattr(diffusers, unet_cls_name), "unet")
+
+    sched_cfg = _read_json(comps["scheduler"] / "scheduler_config.json")
+    sched_cls = getattr(diffusers, sched_cfg.get("_class_name", "DDPMScheduler"), diffusers.DDPMScheduler)
+    scheduler = sched_cls.from_pretrained(comps["scheduler"], local_files_only=True)
+    schedule = schedule_from_scheduler(scheduler)
+    if schedule.clip_sample or schedule.thresholding:
+        log.info(
+            "model %s: scheduler %s x̂0 (%s); applied identically when encoding and decoding",
+            source, "thresholds" if schedule.thresholding else "clips", "exact reconstruction is kept",
+        )
+
+    den = Denoiser(
+        unet=unet,
+        schedule=schedule,
+        prediction_type=scheduler.config.get("prediction_type", "epsilon"),
+        source=source,
+        device=dev,
+        dtype=dt,
+        num_class_embeds=unet_cfg.get("num_class_embeds"),
+        null_class=null_class,
+    )
+    if den.num_class_embeds and null_class is not None and not 0 <= null_class < den.num_class_embeds:
+        raise ModelLoadError(f"model {source!r}: null_class {null_class} is not in 0..{den.num_class_embeds - 1}")
+
+    if "vae" in comps:
+        den.vae = load(diffusers.AutoencoderKL, "vae")
+        den.vae_scaling_factor = float(den.vae.config.get("scaling_factor", 0.18215) or 1.0)
+        den.vae_shift_factor = float(den.vae.config.get("shift_factor", 0.0) or 0.0)
+    if unet_cls_name == "UNet2DConditionModel":
+        if "text_encoder" not in comps or "tokenizer" not in comps:
+            raise ModelLoadError(f"model {source!r}: a UNet2DConditionModel needs text_encoder/ and tokenizer/")
+        import transformers
+
+        te_cfg = _read_json(comps["text_encoder"] / "config.json")
+        te_cls = getattr(transformers, (te_cfg.get("architectures") or ["CLIPTextModel"])[0], transformers.CLIPTextModel)
+        den.text_encoder = load(te_cls, "text_encoder")
+        den.tokenizer = transformers.AutoTokenizer.from_pretrained(comps["tokenizer"], local_files_only=True)
+    return den
