@@ -1,0 +1,292 @@
+"""Typed job configuration: one YAML file per job, ``--set section.key=value`` overrides.
+
+Every problem — an unknown key, a wrong type, a value out of range — is found before any
+work starts and reported as one line naming the key, the value and what is allowed.
+Credentials never belong here: ``storage_options`` carries only non-secret settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from pipeline.data.filesystems import secret_keys_in
+from pipeline.errors import ConfigError
+
+REDACTED = "<redacted>"
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that reads 1e-4 as a float (YAML 1.2), as users expect."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+class Section(BaseModel):
+    # strict: "10" is not a number and "yes" is not a boolean; ints are accepted as floats.
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class StorageOptions(Section):
+    """Mixin check: ``storage_options`` may never hold credentials."""
+
+    @field_validator("storage_options", check_fields=False)
+    @classmethod
+    def _no_secrets(cls, v: dict) -> dict:
+        secret = secret_keys_in(v)
+        if secret:
+            raise ValueError(
+                f"{secret[0]} looks like a credential; credentials must come from the environment "
+                "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, IRSA or a Kubernetes secret), never from a config"
+            )
+        return v
+
+
+class InputConfig(StorageOptions):
+    uri: str | list[str] | None = None  # prefix, brace pattern or list; s3://, gs://, file://, path
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class OutputConfig(StorageOptions):
+    uri: str | None = None
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    latents: Literal["full", "start", "none"] = "full"
+    image_format: Literal["png", "jpg", "webp"] = "png"
+    latent_dtype: Literal["float16", "float32"] = "float16"
+
+
+class ModelConfig(StorageOptions):
+    model: str | None = None  # diffusers folder (local, s3://, gs://) or hub id
+    condition: int | str | None = None  # class index or prompt
+    guidance_scale: float = Field(1.0, ge=0)
+    null_class: int | None = Field(None, ge=0)  # class models: the unconditional class for CFG
+    allow_pickle: bool = False  # load pickle-based weights (.bin/.ckpt): only for files you trust
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class SamplerConfig(Section):
+    method: Literal["dpm", "ddim"] = "dpm"
+    steps: int = Field(100, ge=1, le=10000)
+    eta: float = Field(0.1, ge=0)
+    strength: float = Field(0.8, gt=0, le=1)
+    refine_steps: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("eta")
+    @classmethod
+    def _eta_for_method(cls, v: float, info: ValidationInfo) -> float:
+        if info.data.get("method") == "dpm" and v == 0:
+            raise ValueError("the dpm encoder is stochastic and needs eta > 0 (use method: ddim for eta = 0)")
+        return v
+
+    @field_validator("refine_steps")
+    @classmethod
+    def _refine_within_steps(cls, v: int, info: ValidationInfo) -> int:
+        steps = info.data.get("steps")
+        if steps is not None and v > steps:
+            raise ValueError(f"must be <= steps ({steps})")
+        return v
+
+
+class ImageConfig(Section):
+    size: int = Field(256, ge=8, le=4096)
+    resize: Literal["center_crop", "stretch"] = "center_crop"  # short side to size, then crop
+    max_pixels: int = Field(50_000_000, ge=1)  # larger images are rejected, not decoded
+
+
+class RuntimeConfig(Section):
+    batch_size: int = Field(16, ge=1)
+    actors: int | list[int] = 1  # n, or [min, max] for an autoscaling pool
+    gpus_per_actor: Literal["auto"] | float = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    @field_validator("actors")
+    @classmethod
+    def _actors(cls, v):
+        if isinstance(v, int):
+            if v < 1:
+                raise ValueError("must be >= 1, or [min, max] with 1 <= min <= max")
+            return v
+        if len(v) != 2 or not 1 <= v[0] <= v[1]:
+            raise ValueError("must be n >= 1, or [min, max] with 1 <= min <= max")
+        return v
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _gpus(cls, v):
+        if v != "auto" and v < 0:
+            raise ValueError("must be 'auto' or a number >= 0")
+        return v
+
+
+class OODConfig(Section):
+    t0: int = Field(500, ge=1)
+    inversion_steps: int = Field(40, ge=1)
+    variance: Literal["isotropic", "diagonal"] = "isotropic"
+    stats: str | None = None
+    count: int = Field(1000, ge=1)
+    geometric: bool = True
+
+
+class JobConfig(Section):
+    input: InputConfig = Field(default_factory=InputConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    source: ModelConfig = Field(default_factory=ModelConfig)
+    target: ModelConfig = Field(default_factory=ModelConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    image: ImageConfig = Field(default_factory=ImageConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    ood: OODConfig = Field(default_factory=OODConfig)
+
+    def require(self, *keys: str) -> None:
+        """Fail with one line if a key a command needs is unset, e.g. ``require("target.model")``."""
+        for key in keys:
+            value: Any = self
+            for part in key.split("."):
+                value = getattr(value, part)
+            if value in (None, "", []):
+                raise ConfigError(f"config error: {key} is not set; this command needs it")
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def config_hash(self) -> str:
+        """Stable hash of the resolved config (recorded in ledgers and provenance)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# ---- loading ------------------------------------------------------------------------
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``section.key=value`` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"config error: --set {assignment!r}: expected section.key=value")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if len(parts) < 2 or any(not p for p in parts):
+        raise ConfigError(f"config error: --set {assignment!r}: expected section.key=value")
+    try:
+        value = parse_yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"config error: --set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _is_secret_key(loc: tuple) -> bool:
+    return any(str(p).lower() in {"secret", "key", "token", "password"} or "secret" in str(p).lower() for p in loc)
+
+
+def _model_class(annotation: Any) -> type[BaseModel] | None:
+    try:
+        return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    except TypeError:  # generic aliases such as dict[str, Any]
+        return None
+
+
+def _describe(err: dict, model: type[BaseModel]) -> tuple[str, str]:
+    """(dotted key, one-line message) for one pydantic error."""
+    loc = tuple(err["loc"])
+    # drop union-branch tags such as ('condition', 'int') so the key is what the user wrote
+    fields: list[str] = []
+    node: Any = model
+    for part in loc:
+        if isinstance(node, type) and issubclass(node, BaseModel) and part in node.model_fields:
+            fields.append(str(part))
+            node = _model_class(node.model_fields[part].annotation)
+        elif node is None and isinstance(part, str) and fields and fields[-1] == "storage_options":
+            fields.append(part)
+        else:
+            break
+    if err["type"] == "extra_forbidden":
+        fields = [str(p) for p in loc]
+    key = ".".join(fields) or ".".join(str(p) for p in loc)
+    value = err.get("input")
+    shown = REDACTED if "storage_options" in key or _is_secret_key(loc) else json.dumps(value, default=str)
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        parent: Any = model
+        for part in loc[:-1]:
+            parent = _model_class(parent.model_fields[part].annotation) if parent and part in parent.model_fields else None
+        allowed = ", ".join(parent.model_fields) if parent else ""
+        what = "section" if len(loc) == 1 else "key"
+        msg = f"unknown {what}" + (f"; allowed: {allowed}" if allowed else "")
+    if err["type"] == "model_type" and isinstance(value, (str, int, float, list)):
+        msg = "expected a mapping of keys (a section), not a value"
+    return key, f"{key} = {shown}: {msg}"
+
+
+def validate(data: Any, source: str = "config") -> JobConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config error: {source}: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        lines: dict[str, str] = {}
+        for err in exc.errors():
+            key, line = _describe(err, JobConfig)
+            if key in lines:  # several union branches failed: list what each would accept
+                extra = line.split(": ", 1)[1].removeprefix("Input should be ")
+                lines[key] = f"{lines[key]} or {extra}"
+                continue
+            lines[key] = line
+        raise ConfigError("config error: " + "\nconfig error: ".join(lines.values())) from None
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> JobConfig:
+    """Read a YAML config (or start empty), apply overrides, validate. Raises ConfigError."""
+    data: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config error: {path}: no such file")
+        try:
+            data = parse_yaml(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config error: {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config error: {path}: expected a mapping of sections, got {type(data).__name__}")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return validate(data, str(path or "config"))
