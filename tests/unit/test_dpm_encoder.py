@@ -13,8 +13,8 @@ from pipeline.diffusion import (
     dpm_encode_model_space,
     load_denoiser,
 )
-from pipeline.diffusion.schedule import ddim_sigma, schedule_from_scheduler
 from pipeline.diffusion.sampling import innovation_scale  # noqa: F401 - documented contract
+from pipeline.diffusion.schedule import ddim_sigma, schedule_from_scheduler
 
 
 def images(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:

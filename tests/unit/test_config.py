@@ -1,0 +1,109 @@
+"""Config: typed sections, overrides, and one-line errors that name key, value and rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import apply_override, load_config
+from pipeline.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, text: str) -> Path:
+    p = tmp_path / "job.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_yaml_values(tmp_path):
+    cfg = load_config(write(tmp_path, "sampler: {eta: 1e-4, steps: 20}\nsource: {model: /m, condition: 3}\n"))
+    assert cfg.sampler.eta == pytest.approx(1e-4) and cfg.sampler.steps == 20
+    assert cfg.source.condition == 3 and cfg.target.model is None
+    assert cfg.runtime.dtype == "auto" and cfg.output.latents == "full" and cfg.ood.t0 == 500
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg = load_config(write(tmp_path, "{}"), [
+        "sampler.steps=30", "sampler.strength=0.5", "ood.geometric=false", "source.condition=null",
+        "runtime.actors=[2, 8]", "target.condition=a photo of a dog", "input.storage_options.endpoint_url=http://127.0.0.1:9000",
+        "runtime.gpus_per_actor=0.5",
+    ])
+    assert cfg.sampler.steps == 30 and cfg.sampler.strength == 0.5 and cfg.ood.geometric is False
+    assert cfg.source.condition is None and cfg.runtime.actors == [2, 8] and cfg.runtime.gpus_per_actor == 0.5
+    assert cfg.target.condition == "a photo of a dog"
+    assert cfg.input.storage_options == {"endpoint_url": "http://127.0.0.1:9000"}
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("sampler.eta=-0.1", r"^config error: sampler\.eta = -0\.1: .*greater than or equal to 0$"),
+        ("sampler.strength=0", r"^config error: sampler\.strength = 0: .*greater than 0$"),
+        ("sampler.strength=1.5", r"^config error: sampler\.strength = 1\.5: .*less than or equal to 1$"),
+        ("sampler.steps=0", r"^config error: sampler\.steps = 0: .*greater than or equal to 1$"),
+        ("sampler.steps=ten", r'^config error: sampler\.steps = "ten": .*valid integer$'),
+        ("sampler.eta=0", r"^config error: sampler\.eta = 0: .*needs eta > 0"),
+        ("sampler.method=ddpm", r"^config error: sampler\.method = \"ddpm\": .*'dpm' or 'ddim'$"),
+        ("sampler.etaa=0.1", r"^config error: sampler\.etaa = 0\.1: unknown key; allowed: method, steps, eta"),
+        ("inputs.uri=x", r"^config error: inputs = .*unknown section; allowed: input, output"),
+        ("runtime.actors=[4, 2]", r"^config error: runtime\.actors = \[4, 2\]: .*min <= max"),
+        ("runtime.batch_size=true", r"^config error: runtime\.batch_size = true: .*valid integer$"),
+        ("output.latents=some", r"^config error: output\.latents = \"some\": .*'full', 'start' or 'none'$"),
+        ("source.guidance_scale=-1", r"^config error: source\.guidance_scale = -1: "),
+        ("sampler.refine_steps=200", r"^config error: sampler\.refine_steps = 200: must be <= steps \(100\)$"),
+        ("source.condition=[1, 2]", r"^config error: source\.condition = \[1, 2\]: .*integer or a valid string$"),
+        ("ood.variance=full", r"^config error: ood\.variance = \"full\": .*'isotropic' or 'diagonal'$"),
+    ],
+)
+def test_each_bad_value_is_one_line_naming_key_value_and_rule(tmp_path, override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "{}"), [override])
+    message = str(err.value)
+    assert "\n" not in message
+    assert __import__("re").search(expected, message), message
+
+
+def test_credentials_in_storage_options_are_refused_and_never_echoed(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "input: {storage_options: {secret: hunter2, endpoint_url: x}}"))
+    assert "hunter2" not in str(err.value)
+    assert "credential" in str(err.value) and "environment" in str(err.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"line 2: not valid YAML"):
+        load_config(write(tmp_path, "sampler: {}\nimage: size: 3\n"))
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(write(tmp_path, "{}"), ["sampler"])
+
+
+def test_override_through_a_value_is_an_error():
+    data = {"sampler": {"steps": 3}}
+    with pytest.raises(ConfigError, match="sampler.steps is not a section"):
+        apply_override(data, "sampler.steps.x=1")
+
+
+def test_require_names_the_missing_key(tmp_path):
+    cfg = load_config(write(tmp_path, "source: {model: /m}"))
+    cfg.require("source.model")
+    with pytest.raises(ConfigError, match=r"target\.model is not set"):
+        cfg.require("source.model", "target.model")
+
+
+def test_hash_is_stable_and_sensitive(tmp_path):
+    a = load_config(write(tmp_path, "sampler: {steps: 10}"))
+    b = load_config(write(tmp_path, "sampler: {steps: 10}"))
+    c = load_config(write(tmp_path, "sampler: {steps: 11}"))
+    assert a.config_hash() == b.config_hash() != c.config_hash()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    load_config(path)
