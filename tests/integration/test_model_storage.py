@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 
 import pytest
@@ -29,16 +30,13 @@ def test_load_from_s3_folder_equals_local(s3, s3_server, bucket, pixel_model, tm
     assert den.source == f"s3://{bucket}/ddpm-pixel"
 
 
-def test_cache_is_keyed_by_object_version_and_shared(s3, s3_server, bucket, pixel_model, tmp_path):
+def test_cache_is_keyed_by_object_version_and_shared_by_processes(s3, s3_server, bucket, pixel_model, tmp_path):
     uri = f"s3://{bucket}/versioned"
     s3.put(str(pixel_model), f"{bucket}/versioned", recursive=True)
     opts = {"endpoint_url": s3_server}
-    results: list = []
-    threads = [threading.Thread(target=lambda: results.append(materialize(uri, opts, tmp_path))) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    # several actors (processes) starting at once must end up sharing one complete copy
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        results = pool.starmap(materialize, [(uri, opts, tmp_path)] * 3)
     assert len(set(results)) == 1 and (results[0] / COMPLETE_MARKER).exists()
     assert (results[0] / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1  # one copy, no leftovers
