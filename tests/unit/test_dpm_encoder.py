@@ -35,6 +35,17 @@ def last_sigma(den, z) -> float:
     return ddim_sigma(z.eta, last.alpha_t, last.alpha_prev)
 
 
+@torch.no_grad()
+def diffusers_ddim_decode(unet, scheduler, z, steps: int) -> torch.Tensor:
+    """The reference: diffusers' own DDIMScheduler.step driven by z's noise from z.x_start."""
+    scheduler.set_timesteps(steps)
+    x = z.x_start.clone()
+    for i, t in enumerate(z.timesteps):
+        out = unet(x, torch.tensor([t] * x.shape[0])).sample
+        x = scheduler.step(out, t, x, eta=z.eta, variance_noise=z.noise[:, i]).prev_sample
+    return x
+
+
 # (steps, eta, strength, guidance) combinations
 COMBOS = [(10, 0.1, 0.8, 1.0), (25, 1.0, 1.0, 1.0), (7, 0.5, 0.3, 3.0), (50, 0.3, 0.05, 7.5)]
 # scheduler variants where the last step has σ > 0
@@ -110,12 +121,7 @@ def test_decoding_agrees_with_diffusers_ddim_step(pixel_model, sched):
 
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
                               **(sched or {}))
-    scheduler.set_timesteps(10)
-    x = z.x_start.clone()
-    with torch.no_grad():
-        for i, t in enumerate(z.timesteps):
-            out = den.unet(x, torch.tensor([t] * 2)).sample
-            x = scheduler.step(out, t, x, eta=0.7, variance_noise=z.noise[:, i]).prev_sample
+    x = diffusers_ddim_decode(den.unet, scheduler, z, steps=10)
     if last_sigma(den, z) == 0:  # diffusers has no slot for the residual of a σ = 0 step
         x = x + z.noise[:, -1]
     ours = dpm_decode_model_space(den, z)
@@ -146,12 +152,7 @@ def test_decoding_agrees_with_diffusers_for_v_prediction(models_dir):
     x0 = images(2, seed=5)
     z = dpm_encode(den, x0, steps=8, eta=0.4, strength=1.0)
     scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
-    scheduler.set_timesteps(8)
-    x = z.x_start.clone()
-    with torch.no_grad():
-        for i, t in enumerate(z.timesteps):
-            out = den.unet(x, torch.tensor([t] * 2)).sample
-            x = scheduler.step(out, t, x, eta=0.4, variance_noise=z.noise[:, i]).prev_sample
+    x = diffusers_ddim_decode(den.unet, scheduler, z, steps=8)
     assert (dpm_decode_model_space(den, z) - x).abs().max().item() < 1e-3
     assert (dpm_decode(den, z) - x0).abs().max().item() < 1e-4
 
