@@ -39,6 +39,45 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_job(args: argparse.Namespace) -> int:
+    """translate | encode | decode: run the Ray Data pipeline over every uncommitted shard."""
+    from pipeline.config import load_config
+    from pipeline.run import run_job
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_job(cfg, args.command, overwrite=args.overwrite)
+    return 1 if summary.get("incomplete_shards") else 0
+
+
+def cmd_shards_pack(args: argparse.Namespace) -> int:
+    from pipeline.data.shards import pack_folder
+
+    written = pack_folder(args.src, args.dst, per_shard=args.per_shard, prefix=args.prefix)
+    for w in written:
+        print(w)
+    print(f"{len(written)} shards written", file=sys.stderr)
+    return 0
+
+
+def cmd_shards_ls(args: argparse.Namespace) -> int:
+    from pipeline.data.shards import count_samples, list_shards
+
+    total = 0
+    for ref in list_shards(args.uri):
+        n, damage = count_samples(ref)
+        total += n
+        print(f"{ref.uri}\t{n}" + (f"\tDAMAGED: {damage}" if damage else ""))
+    print(f"{total} samples", file=sys.stderr)
+    return 0
+
+
+JOB_HELP = {
+    "translate": "encode with source.model, decode with target.model (CycleDiffusion); write shards + latents",
+    "encode": "write latents only (sampler.method dpm, or ddim to the t0 that strength sets)",
+    "decode": "decode a latents dataset (input.uri = an encode run's output.uri) with target.model",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latentshift",
@@ -54,6 +93,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="validate a job config and print it resolved")
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
+
+    for job, text in JOB_HELP.items():
+        p = sub.add_parser(job, help=text)
+        _add_config_args(p)
+        p.add_argument("--overwrite", action="store_true", help="redo shards that are already committed")
+        p.set_defaults(func=cmd_job)
+
+    shards = sub.add_parser("shards", help="pack image folders into WebDataset shards; list shards")
+    shard_sub = shards.add_subparsers(dest="shards_command", metavar="SUBCOMMAND", required=True)
+    p = shard_sub.add_parser("pack", help="pack a folder (or prefix) of images into shards with stable keys")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--per-shard", type=int, default=1000)
+    p.add_argument("--prefix", default="shard", help="shard basename prefix (default: shard)")
+    p.set_defaults(func=cmd_shards_pack)
+    p = shard_sub.add_parser("ls", help="list shards with their sample counts")
+    p.add_argument("uri")
+    p.set_defaults(func=cmd_shards_ls)
     return parser
 
 

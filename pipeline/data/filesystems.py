@@ -52,8 +52,14 @@ def is_remote(uri: str) -> bool:
 
 def url_to_fs(uri: str, storage_options: dict | None = None):
     """(filesystem, path) for a URI; a bad protocol or a missing driver is a clear error."""
+    options = dict(storage_options or {})
+    if uri.startswith(("s3://", "s3a://")):
+        # botocore's own retries for throttling and 5xx, on top of ours for whole operations
+        config = dict(options.get("config_kwargs") or {})
+        config.setdefault("retries", {"max_attempts": 10, "mode": "standard"})
+        options["config_kwargs"] = config
     try:
-        return fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        return fsspec.core.url_to_fs(uri, **options)
     except (ImportError, ValueError) as exc:
         raise StorageError(f"cannot open {uri!r}: {exc}") from None
 
@@ -73,3 +79,60 @@ def explain_storage_error(uri: str, exc: BaseException) -> StorageError:
     else:
         hint = f"{name}"
     return StorageError(f"{uri}: {hint}")
+
+
+# ---- transient faults ---------------------------------------------------------------
+
+TRANSIENT_MARKERS = ("SlowDown", "ServiceUnavailable", "503", "500", "502", "504", "InternalError",
+                     "RequestTimeout", "Throttl", "Connection reset", "ConnectionReset", "timed out",
+                     "Timeout", "Server disconnected", "ClientPayloadError", "ServerDisconnected",
+                     "IncompleteRead", "Broken pipe", "EndpointConnectionError", "Could not connect")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying: throttling, 5xx, resets and timeouts; never not-found or access denied."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(exc).__name__} {exc}"
+    return any(m in text for m in TRANSIENT_MARKERS)
+
+
+def with_retries(fn, *args, attempts: int = 8, base_delay: float = 0.2, what: str = "", **kwargs):
+    """Call fn, retrying transient storage faults with exponential backoff and jitter."""
+    import random
+    import time
+
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            if attempt == attempts - 1 or not is_transient(exc):
+                raise
+            time.sleep(min(10.0, base_delay * 2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def put_bytes(fs, path: str, data: bytes) -> None:
+    """Write an object so it appears complete or not at all (local: temp file + rename)."""
+    if _is_local(fs):
+        import os
+        import uuid
+
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:  # one PUT: object stores make it visible only when complete
+        with_retries(fs.pipe_file, path, data, what=path)
+
+
+def get_bytes(fs, path: str) -> bytes:
+    return with_retries(fs.cat_file, path, what=path)
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")

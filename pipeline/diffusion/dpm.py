@@ -100,6 +100,8 @@ def dpm_decode_model_space(
     """
     if z.method != "dpm":
         raise ValueError(f"dpm_decode needs a dpm latent, got method {z.method!r}; use ddim_decode")
+    if z.start_only:
+        raise ValueError("this dpm latent holds x_start only (output.latents: start); decoding needs output.latents: full")
     _check_shape(den, z)
     x0 = denoise(den, z.x_start, z.timesteps, eta=z.eta, noise=z.noise, condition=condition, guidance_scale=guidance_scale)
     if refine_steps > 0:

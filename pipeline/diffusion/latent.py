@@ -42,11 +42,16 @@ class Latent:
                 f"noise must be (B, K, C, h, w) matching x_start {tuple(self.x_start.shape)}, "
                 f"got {tuple(self.noise.shape)}"
             )
-        if self.method == "dpm" and self.noise.shape[1] != len(self.timesteps):
+        if self.method == "dpm" and self.noise.shape[1] not in (0, len(self.timesteps)):
             raise ValueError(
                 f"a dpm latent needs one noise per timestep: {self.noise.shape[1]} noises, "
                 f"{len(self.timesteps)} timesteps"
             )
+
+    @property
+    def start_only(self) -> bool:
+        """A dpm latent stored without its noises (``output.latents: start``): not decodable."""
+        return self.method == "dpm" and self.noise.shape[1] == 0
 
     def __len__(self) -> int:
         return int(self.x_start.shape[0])

@@ -1,0 +1,11 @@
+"""Ray job entrypoint: `ray job submit -- python jobs/encode.py --config F [--set k=v ...]`.
+
+Same as `latentshift encode`; on a cluster it connects to the running Ray (RAY_ADDRESS / auto).
+"""
+
+import sys
+
+from pipeline.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["encode", *sys.argv[1:]]))

@@ -1,0 +1,11 @@
+"""Ray job entrypoint: `ray job submit -- python jobs/translate.py --config F [--set k=v ...]`.
+
+Same as `latentshift translate`; on a cluster it connects to the running Ray (RAY_ADDRESS / auto).
+"""
+
+import sys
+
+from pipeline.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["translate", *sys.argv[1:]]))
