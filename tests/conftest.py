@@ -16,6 +16,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach a model hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Credentials for the local S3 server come from the environment, as users give them. Set
+# before Ray starts so its workers inherit them; the secret is distinctive so tests can
+# prove it never leaks into logs or outputs.
+TEST_SECRET = "lsTestSecret-9f2c7e1d-do-not-log"
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = TEST_SECRET
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -84,14 +93,20 @@ def s3_server():
 
 @pytest.fixture
 def s3(s3_server, monkeypatch):
-    """Credentials for the local server in the environment (as users provide them) and an s3fs handle."""
+    """An s3fs handle on the local server (credentials come from the environment)."""
     import s3fs
 
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)
     yield fs
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole test session (2 CPUs, like CI)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=True)
+    yield
+    ray.shutdown()

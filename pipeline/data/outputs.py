@@ -62,6 +62,7 @@ class OutputStore:
         return get_bytes(self.fs, path)
 
     def exists(self, path: str) -> bool:
+        self.fs.invalidate_cache(path)  # s3fs answers from a cached listing of the parent otherwise
         return bool(with_retries(self.fs.exists, path))
 
     def put_json(self, path: str, obj) -> None:
