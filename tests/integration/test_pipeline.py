@@ -235,3 +235,21 @@ def test_killed_run_is_finished_by_the_next_exactly_once(ray_cluster, tmp_path, 
         keys += list(tar_members(tar.read_bytes()))
     assert sorted(keys) == sorted(f"s{10 + s:02d}-{i:03d}" for s in range(4) for i in range(6))
     assert not list((tmp_path / "out" / "images").glob("*.tmp-*"))
+
+
+def test_storage_faults_are_retried_and_nothing_is_lost(ray_cluster, s3, s3_server, bucket, pixel_model,
+                                                        other_pixel_model):
+    from fault_proxy import FaultProxy
+
+    for s in range(3):
+        s3.pipe(f"{bucket}/in/shard-{s}.tar", tar_bytes(good_samples(20 + s, 4)))
+    with FaultProxy(s3_server, failure_rate=0.2, seed=1) as proxy:
+        cfg = validate(translate_config(bucket, proxy.url, pixel_model, other_pixel_model,
+                                        sampler={"steps": 4, "strength": 0.5}))
+        summary = run_job(cfg, "translate")
+    assert proxy.failures > 10 and proxy.requests > 50, (proxy.failures, proxy.requests)
+    assert summary["shards_done"] == 3 and summary["images"] == 12 and summary["rejected"] == 0
+    s3.invalidate_cache()
+    keys = all_keys(s3, f"{bucket}/out/images")
+    assert sorted(keys) == sorted(f"s{20 + s:02d}-{i:03d}" for s in range(3) for i in range(4))
+    assert len(s3.find(f"{bucket}/out/latents")) == 3
