@@ -71,6 +71,14 @@ def cmd_shards_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench import run_bench
+    from pipeline.config import load_config
+
+    run_bench(load_config(args.config, args.overrides), images=args.images, per_shard=args.per_shard)
+    return 0
+
+
 JOB_HELP = {
     "translate": "encode with source.model, decode with target.model (CycleDiffusion); write shards + latents",
     "encode": "write latents only (sampler.method dpm, or ddim to the t0 that strength sets)",
@@ -99,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--overwrite", action="store_true", help="redo shards that are already committed")
         p.set_defaults(func=cmd_job)
+
+    p = sub.add_parser("bench", help="pipeline images/s vs a bare in-process loop on generated images")
+    _add_config_args(p)
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--per-shard", type=int, default=16)
+    p.set_defaults(func=cmd_bench)
 
     shards = sub.add_parser("shards", help="pack image folders into WebDataset shards; list shards")
     shard_sub = shards.add_subparsers(dest="shards_command", metavar="SUBCOMMAND", required=True)
