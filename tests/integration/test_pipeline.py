@@ -160,6 +160,9 @@ def test_encode_then_decode_reproduces_the_inputs(ray_cluster, tmp_path, pixel_m
     s = run_job(enc, "encode")
     assert s["latent_samples"] == 6 and s["images"] == 0
     assert not (tmp_path / "enc" / "images").exists()
+    assert run_job(enc, "encode")["shards_done"] == 0
+    redo = run_job(enc, "encode", overwrite=True)  # --overwrite redoes committed shards
+    assert redo["shards_done"] == 1 and redo["latent_samples"] == 6
 
     for source in (tmp_path / "enc", tmp_path / "enc" / "latents"):  # the run's output, or its latents/ folder
         out = tmp_path / f"dec-{source.name}"
@@ -174,12 +177,33 @@ def test_encode_then_decode_reproduces_the_inputs(ray_cluster, tmp_path, pixel_m
             assert mse == 0 or 10 * np.log10(255**2 / mse) >= 40, key
 
 
+def test_ddim_encode_then_decode_through_the_pipeline(ray_cluster, tmp_path, pixel_model):
+    from pipeline.data.shards import write_samples
+
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in" / "d.tar", "wb") as f:
+        write_samples(f, good_samples(6, 3))
+    base = {"source": {"model": str(pixel_model)}, "target": {"model": str(pixel_model)}, "image": {"size": 16},
+            "sampler": {"method": "ddim", "eta": 0.0, "steps": 20, "strength": 0.5}}
+    run_job(validate({**base, "input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "enc")}}),
+            "encode")
+    table = pq.read_table(tmp_path / "enc" / "latents" / "d.parquet")
+    assert set(table["method"].to_pylist()) == {"ddim"} and table.num_rows == 3  # x_start only
+    assert table["timesteps"][0].as_py()[0] == 450  # last 10 of the 20-step grid 950…0
+    d = run_job(validate({**base, "input": {"uri": str(tmp_path / "enc")}, "output": {"uri": str(tmp_path / "dec")}}),
+                "decode")
+    assert d["images"] == 3 and d["rejected"] == 0
+    prov = json.loads(tar_members((tmp_path / "dec" / "images" / "d.tar").read_bytes())["s06-000"]["latentshift.json"])
+    assert prov["method"] == "ddim" and prov["source_model"] == str(pixel_model)
+
+
 def test_bad_config_and_unreachable_storage_fail_before_any_model(ray_cluster, s3, s3_server, bucket, tmp_path):
     # the models do not exist: any attempt to load one would raise ModelLoadError instead
     cfg = translate_config(bucket, s3_server, "/nonexistent/a", "/nonexistent/b")
     cfg["input"]["uri"] = "s3://no-such-bucket-zz/in/"
-    with pytest.raises(StorageError, match=r"^s3://no-such-bucket-zz/in/: not found"):
+    with pytest.raises(StorageError, match=r"^s3://no-such-bucket-zz/in/: not found") as err:
         run_job(validate(cfg), "translate")
+    assert TEST_SECRET not in str(err.value)
     s3.pipe(f"{bucket}/in/x.tar", tar_bytes(good_samples(0, 1)))
     cfg = translate_config(bucket, s3_server, "/nonexistent/a", "/nonexistent/b")
     cfg["output"]["uri"] = "s3://no-such-bucket-zz/out"
