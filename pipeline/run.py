@@ -43,9 +43,9 @@ class ShardProgress:
 
 def list_latent_files(uri: str, storage_options: dict) -> list[ShardRef]:
     """Latent Parquet files of an encode run (its output.uri, or its latents/ folder)."""
-    from pipeline.data.latents import _files
+    from pipeline.data.latents import latent_files
 
-    fs, files = _files(uri, storage_options)
+    fs, files = latent_files(uri, storage_options)
     proto = uri.split("://", 1)[0] + "://" if "://" in uri and not uri.startswith("file://") else ""
     return [ShardRef(proto + p, posixpath.basename(p)[: -len(".parquet")]) for p in files]
 

@@ -59,7 +59,8 @@ def write_latents(records: list[dict], fs, path: str) -> int:
     return int(fs.size(path))
 
 
-def _files(uri: str, storage_options: dict | None):
+def latent_files(uri: str, storage_options: dict | None):
+    """(fs, Parquet paths) under a file, a latents/ folder, or a run's output (its latents/ only)."""
     fs, path = url_to_fs(uri, storage_options)
     try:
         if path.endswith(".parquet"):
@@ -74,7 +75,7 @@ def _files(uri: str, storage_options: dict | None):
 
 def read_latents(uri: str, storage_options: dict | None = None) -> Iterator[tuple[str, object]]:
     """Yield (key, Latent) for every sample under ``uri`` (a file, a latents/ folder, or a run's output)."""
-    fs, files = _files(uri, storage_options)
+    fs, files = latent_files(uri, storage_options)
     for path in files:
         yield from latents_from_table(pq.read_table(fs.open(path, "rb")))
 

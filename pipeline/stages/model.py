@@ -38,15 +38,26 @@ def load_model(section: ModelConfig, runtime_dtype: str):
     )
 
 
+def decode_with_target(target, z: Latent, cfg: JobConfig) -> torch.Tensor:
+    """Decode a dpm or ddim latent with the target model, condition and guidance of ``cfg``."""
+    t = cfg.target
+    if z.method == "dpm":
+        return dpm_decode(target, z, condition=t.condition, guidance_scale=t.guidance_scale,
+                          refine_steps=cfg.sampler.refine_steps)
+    return ddim_decode(target, z, condition=t.condition, guidance_scale=t.guidance_scale)
+
+
 class _Rows:
     """Column lists for the stage's output batch."""
 
     def __init__(self):
         self.cols = {c: [] for c in OUT_COLUMNS}
 
+    DEFAULTS = {"index": -1, "step": -1, "payload": b""}
+
     def add(self, **row):
         for c in OUT_COLUMNS:
-            self.cols[c].append(row.get(c, "" if c not in ("index", "step", "payload") else (b"" if c == "payload" else -1)))
+            self.cols[c].append(row.get(c, self.DEFAULTS.get(c, "")))
 
     def batch(self) -> dict:
         out = {c: np.array(v, dtype=object) for c, v in self.cols.items()}
@@ -141,11 +152,7 @@ class TranslateStage(EncodeStage):
         self.target = self.source if same else load_model(self.cfg.target, self.cfg.runtime.dtype)
 
     def decode(self, z: Latent) -> torch.Tensor:
-        t = self.cfg.target
-        if z.method == "dpm":
-            return dpm_decode(self.target, z, condition=t.condition, guidance_scale=t.guidance_scale,
-                              refine_steps=self.cfg.sampler.refine_steps)
-        return ddim_decode(self.target, z, condition=t.condition, guidance_scale=t.guidance_scale)
+        return decode_with_target(self.target, z, self.cfg)
 
     def __call__(self, batch: dict) -> dict:
         rows = _Rows()
@@ -197,11 +204,7 @@ class DecodeStage(_Stage):
             z = Latent.from_rows(flat, shape, first["timesteps"], method=first["method"], eta=first["eta"],
                                  seeds=[infos[i]["seed"] for i in members])
             try:
-                if z.method == "dpm":
-                    x = dpm_decode(self.target, z, condition=t.condition, guidance_scale=t.guidance_scale,
-                                   refine_steps=self.cfg.sampler.refine_steps)
-                else:
-                    x = ddim_decode(self.target, z, condition=t.condition, guidance_scale=t.guidance_scale)
+                x = decode_with_target(self.target, z, self.cfg)
             except ValueError as exc:  # e.g. a start-only latent, or a latent of another model kind
                 for i in members:
                     rows.add(shard=batch["shard"][i], key=batch["key"][i], index=int(batch["index"][i]), step=-1,

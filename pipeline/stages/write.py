@@ -21,6 +21,7 @@ from pipeline.data.latents import LATENT_SCHEMA
 from pipeline.data.outputs import OutputStore
 from pipeline.data.shards import write_samples
 
+PSNR_OF_IDENTICAL = 100.0  # dB counted for identical images in the run's mean PSNR
 PROVENANCE_MEMBER = "latentshift.json"  # the input's own .json member is carried through unchanged
 
 MANIFEST_COLUMNS = ("shard", "part", "samples", "latent_rows", "latent_rows_expected", "images", "rejected",
@@ -60,8 +61,8 @@ def write_parts(batch: dict, store: OutputStore, run_id: str, image_format: str)
                 continue
             info = json.loads(batch["info"][i])
             expected_latents += int(info.get("latent_rows", 0))
-            if info.get("psnr") is not None or info.get("ssim") is not None:
-                psnr_sum += info["psnr"] if info.get("psnr") is not None else 100.0
+            if "ssim" in info:  # translate: psnr is None where output == input (infinite PSNR)
+                psnr_sum += info["psnr"] if info["psnr"] is not None else PSNR_OF_IDENTICAL
                 ssim_sum += info.get("ssim") or 0.0
                 metric_count += 1
             payload = bytes(batch["payload"][i])
