@@ -128,6 +128,9 @@ def test_translate_s3_to_s3_exactly_once_with_rejects(ray_cluster, s3, s3_server
         assert TEST_SECRET.encode() not in s3.cat_file(path), path
     logs = capfd.readouterr()
     assert TEST_SECRET not in logs.out + logs.err
+    ray_logs = Path("/tmp/ray/session_latest/logs")  # this session's workers, raylet, GCS
+    for f in (p for p in ray_logs.rglob("*") if p.is_file()):
+        assert TEST_SECRET.encode() not in f.read_bytes(), f
 
     # re-run: no model work (a missing target model is never loaded), outputs byte-identical
     before = {p: s3.cat_file(p) for p in s3.find(f"{bucket}/out") if "/_ledger/runs/" not in p}
