@@ -71,6 +71,18 @@ def cmd_shards_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ood(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.ood_jobs import ood_fit, ood_sample
+
+    cfg = load_config(args.config, args.overrides)
+    if args.ood_command == "fit":
+        ood_fit(cfg, reference=args.reference, overwrite=args.overwrite)
+        return 0
+    summary = ood_sample(cfg, overwrite=args.overwrite)
+    return 1 if summary.get("incomplete_shards") else 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import run_bench
     from pipeline.config import load_config
@@ -107,6 +119,18 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--overwrite", action="store_true", help="redo shards that are already committed")
         p.set_defaults(func=cmd_job)
+
+    ood = sub.add_parser("ood", help="unseen-domain synthesis: fit OOD latent statistics, sample from them")
+    ood_sub = ood.add_subparsers(dest="ood_command", metavar="SUBCOMMAND", required=True)
+    p = ood_sub.add_parser("fit", help="DDIM-invert input.uri to ood.t0 with source.model; write ood.stats")
+    _add_config_args(p)
+    p.add_argument("--reference", metavar="URI", help="in-domain shards: also write an ID-vs-OOD report")
+    p.add_argument("--overwrite", action="store_true", help="fit again even if ood.stats is up to date")
+    p.set_defaults(func=cmd_ood)
+    p = ood_sub.add_parser("sample", help="sample ood.count latents from ood.stats and decode them to shards")
+    _add_config_args(p)
+    p.add_argument("--overwrite", action="store_true", help="redo shards that are already committed")
+    p.set_defaults(func=cmd_ood)
 
     p = sub.add_parser("bench", help="pipeline images/s vs a bare in-process loop on generated images")
     _add_config_args(p)

@@ -149,6 +149,9 @@ class OODConfig(Section):
     stats: str | None = None
     count: int = Field(1000, ge=1)
     geometric: bool = True
+    tolerance: float = Field(2.0, gt=0)  # keep candidates within tolerance × the data's spread
+    reservoir: int = Field(256, ge=3, le=65536)  # inverted latents kept for geometry (bounded)
+    shard_size: int = Field(256, ge=1)  # synthesized samples per output shard
 
 
 class JobConfig(Section):

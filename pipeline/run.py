@@ -133,43 +133,63 @@ def run_job(cfg: JobConfig, job: str, overwrite: bool = False, out=sys.stdout) -
     return summary
 
 
-def _run_pipeline(cfg: JobConfig, job: str, todo: list[ShardRef], store: OutputStore, run_id: str, summary: dict):
-    import ray
+def read_images(cfg: JobConfig, todo: list[ShardRef], store: OutputStore, run_id: str):
+    """Stages 1–2: one read task per shard (rows per sample, rejects included), then decode."""
     import ray.data
 
     from pipeline.stages.decode import decode_images
+    from pipeline.stages.read import read_shard
+
+    io_args = {"storage_options": cfg.input.storage_options, "store": store, "run_id": run_id}
+    ds = ray.data.from_items([{"uri": s.uri, "name": s.name} for s in todo], override_num_blocks=len(todo))
+    ds = ds.flat_map(read_shard, fn_kwargs=io_args)
+    return ds.map_batches(decode_images, batch_format="numpy", batch_size=cfg.runtime.batch_size,
+                          fn_kwargs={"size": cfg.image.size, "resize": cfg.image.resize,
+                                     "max_pixels": cfg.image.max_pixels})
+
+
+def model_stage(ds, cfg: JobConfig, stage_cls, **kwargs):
+    """Stage 3: an actor pool, models loaded once per actor, fixed-size tensor batches."""
+    import ray.data
+
+    actors = cfg.runtime.actors
+    pool = (ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]) if isinstance(actors, list)
+            else ray.data.ActorPoolStrategy(size=actors))
+    gpus = _gpus_per_actor(cfg)
+    return ds.map_batches(stage_cls, batch_format="numpy", batch_size=cfg.runtime.batch_size, compute=pool,
+                          num_gpus=gpus, num_cpus=0 if gpus else 1,
+                          fn_constructor_kwargs={"config": cfg.to_dict(), "config_hash": cfg.config_hash(), **kwargs})
+
+
+def _run_pipeline(cfg: JobConfig, job: str, todo: list[ShardRef], store: OutputStore, run_id: str, summary: dict):
+    import ray.data
+
     from pipeline.stages.model import DecodeStage, EncodeStage, TranslateStage
-    from pipeline.stages.read import EXPECTED, read_latent_file, read_shard
-    from pipeline.stages.write import write_parts
+    from pipeline.stages.read import read_latent_file
 
     init_ray()
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
-    io_args = {"storage_options": cfg.input.storage_options, "store": store, "run_id": run_id}
-
-    # 1. read: one task per shard, rows per sample (rejects included)
-    ds = ray.data.from_items([{"uri": s.uri, "name": s.name} for s in todo], override_num_blocks=len(todo))
+    ray.data.DataContext.get_current().enable_progress_bars = True
     if job == "decode":
+        io_args = {"storage_options": cfg.input.storage_options, "store": store, "run_id": run_id}
+        ds = ray.data.from_items([{"uri": s.uri, "name": s.name} for s in todo], override_num_blocks=len(todo))
         ds = ds.flat_map(read_latent_file, fn_kwargs=io_args)
     else:
-        ds = ds.flat_map(read_shard, fn_kwargs=io_args)
-        # 2. decode + validate + resize (CPU tasks)
-        ds = ds.map_batches(decode_images, batch_format="numpy", batch_size=cfg.runtime.batch_size,
-                            fn_kwargs={"size": cfg.image.size, "resize": cfg.image.resize,
-                                       "max_pixels": cfg.image.max_pixels})
-    # 3. model stage: an actor pool, models loaded once per actor, fixed-size tensor batches
+        ds = read_images(cfg, todo, store, run_id)
     stage = {"translate": TranslateStage, "encode": EncodeStage, "decode": DecodeStage}[job]
-    actors = cfg.runtime.actors
-    gpus = _gpus_per_actor(cfg)
-    ds = ds.map_batches(stage, batch_format="numpy", batch_size=cfg.runtime.batch_size,
-                        concurrency=tuple(actors) if isinstance(actors, list) else actors,
-                        num_gpus=gpus, num_cpus=0 if gpus else 1,
-                        fn_constructor_kwargs={"config": cfg.to_dict(), "config_hash": cfg.config_hash()})
-    # 4. stage parts per shard (CPU tasks); the driver only sees one small row per part
+    ds = model_stage(ds, cfg, stage)
+    write_and_commit(ds, cfg, job, todo, store, run_id, summary)
+
+
+def write_and_commit(ds, cfg: JobConfig, job: str, todo: list[ShardRef], store: OutputStore, run_id: str,
+                     summary: dict) -> None:
+    """Stages 4–5: stage parts per shard (CPU tasks), commit each shard once all its rows are staged."""
+    import ray
+
+    from pipeline.stages.read import EXPECTED
+    from pipeline.stages.write import write_parts
+
     ds = ds.map_batches(write_parts, batch_format="numpy", batch_size=None,
                         fn_kwargs={"store": store, "run_id": run_id, "image_format": cfg.output.image_format})
-
-    # 5. commit each shard as soon as all its rows are staged
     progress = {s.name: ShardProgress(s) for s in todo}
     remote_commit = ray.remote(num_cpus=0.25, max_retries=3)(commit_shard)
     pending = []

@@ -46,8 +46,11 @@ def ddim_invert_model_space(
     t0: int | None = None,
     condition=None,
     guidance_scale: float = 1.0,
+    timesteps: list[int] | None = None,
 ) -> Latent:
-    timesteps = inversion_grid(den, steps, strength, t0)
+    """``timesteps`` (descending) overrides the grid that steps/strength/t0 would choose."""
+    if timesteps is None:
+        timesteps = inversion_grid(den, steps, strength, t0)
     x = x0.to(den.device, torch.float32)
     for step in reversed(den.schedule.steps_along(timesteps)):
         eps = den.eps(x, step.t, condition, guidance_scale)
