@@ -66,34 +66,42 @@ def _store(cfg: JobConfig) -> OutputStore:
     return store
 
 
-def _fit_pass(cfg: JobConfig, input_uri, store: OutputStore) -> dict:
-    """One streaming pass: invert every image to t0 and merge the partial fits."""
-    from pipeline.stages.ood import InvertAndFitStage, partial_from_row
+def _fit_pass(cfg: JobConfig, input_uri, store: OutputStore, write_latents: bool) -> dict:
+    """One streaming pass: invert every image to t0; merge the partial fits the stage forwards.
+
+    Inverted latents (``output.latents``) and rejects are written and committed per input
+    shard like any job's outputs; a fit always covers every shard, so nothing is skipped.
+    """
+    from pipeline.stages.ood import InvertAndFitStage, partial_from_bytes
 
     shards = list_shards(input_uri, cfg.input.storage_options)
     if not shards:
         raise StorageError(f"{input_uri}: no .tar shards found; check the URI")
     job_cfg = cfg.model_copy(deep=True)
     job_cfg.input.uri = input_uri
+    if not write_latents:
+        job_cfg.output.latents = "none"
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    state = {"moments": MomentFit(), "reservoir": Reservoir(cfg.ood.reservoir), "shape": None, "timesteps": None}
+
+    def merge(payload: bytes) -> None:
+        m, r, shape, grid = partial_from_bytes(payload, cfg.ood.reservoir)
+        state["moments"] = state["moments"].merge(m)
+        state["reservoir"] = state["reservoir"].merge(r)
+        state["shape"] = state["shape"] or (shape or None)
+        state["timesteps"] = state["timesteps"] or (grid or None)
+
+    summary = {"shards_done": 0, "images": 0, "rejected": 0, "latent_samples": 0}
+    store.remove_tree(store.path("_staging"))
     init_ray()
     ds = model_stage(read_images(job_cfg, shards, store, run_id), job_cfg, InvertAndFitStage)
-    moments, reservoir = MomentFit(), Reservoir(cfg.ood.reservoir)
-    shape, timesteps, rejected, reasons = None, None, 0, []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for i in range(len(batch["count"])):
-            row = {k: batch[k][i] for k in batch}
-            m, r, s = partial_from_row(row, cfg.ood.reservoir)
-            moments, reservoir = moments.merge(m), reservoir.merge(r)
-            shape = shape or s
-            timesteps = timesteps or json.loads(row["timesteps"])
-            rejected += int(row["rejected"])
-            reasons += json.loads(row["reject_reasons"])
-    store.remove_tree(store.staging(run_id))
-    if moments.count == 0:
-        raise StorageError(f"{input_uri}: no image could be inverted ({rejected} rejected, e.g. {reasons[:1]}); nothing to fit")
-    return {"moments": moments, "reservoir": reservoir, "shape": list(shape), "timesteps": timesteps,
-            "rejected": rejected, "reject_examples": reasons[:5], "shards": len(shards)}
+    write_and_commit(ds, job_cfg, "ood-fit", shards, store, run_id, summary, on_forward=merge)
+    if state["moments"].count == 0:
+        raise StorageError(f"{input_uri}: no image could be inverted ({summary['rejected']} rejected, "
+                           f"see {store.path('_rejects')}); nothing to fit")
+    return {"moments": state["moments"], "reservoir": state["reservoir"], "shape": list(state["shape"]),
+            "timesteps": state["timesteps"],
+            "rejected": summary["rejected"], "latent_samples": summary["latent_samples"], "shards": len(shards)}
 
 
 def ood_fit(cfg: JobConfig, reference: str | None = None, overwrite: bool = False, out=sys.stdout) -> dict:
@@ -111,7 +119,7 @@ def ood_fit(cfg: JobConfig, reference: str | None = None, overwrite: bool = Fals
         except StorageError:
             pass
     started = time.time()
-    fit = _fit_pass(cfg, cfg.input.uri, store)
+    fit = _fit_pass(cfg, cfg.input.uri, store, write_latents=cfg.output.latents != "none")
     moments, reservoir = fit["moments"], fit["reservoir"]
     if fit["timesteps"][0] != cfg.ood.t0:
         log.info("ood.t0 = %d is not on the model's grid; snapped to %d", cfg.ood.t0, fit["timesteps"][0])
@@ -122,6 +130,7 @@ def ood_fit(cfg: JobConfig, reference: str | None = None, overwrite: bool = Fals
         "condition": cfg.source.condition, "guidance_scale": cfg.source.guidance_scale,
         "variance_kind": cfg.ood.variance, "shape": fit["shape"], "reservoir": len(reservoir.priorities),
         "image_size": cfg.image.size, "input": cfg.input.uri, "rejected": fit["rejected"], "geometry": geometry,
+        "latents_written": fit["latent_samples"],
         "fit_hash": wanted, "created_at": time.time(),
     }
     write_stats(target, cfg.output.storage_options, {
@@ -145,7 +154,10 @@ def ood_fit(cfg: JobConfig, reference: str | None = None, overwrite: bool = Fals
 
 def _report(cfg: JobConfig, reference: str, ood: dict, store: OutputStore) -> dict:
     """Fit the in-domain reference the same way and compare: JSON + PNG under report/."""
-    ind = _fit_pass(cfg, reference, store)
+    # the reference's own outputs (ledger, rejects) go under report/reference/: its shard names may
+    # repeat the OOD input's
+    ref_store = OutputStore(posixpath.join(cfg.output.uri.rstrip("/"), "report", "reference"), cfg.output.storage_options)
+    ind = _fit_pass(cfg, reference, ref_store, write_latents=False)
     ood_lat, id_lat = ood["reservoir"].latents, ind["reservoir"].latents
     sep = separability(ood["moments"].mean, ind["moments"].mean)
     stats = {}

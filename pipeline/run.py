@@ -181,8 +181,11 @@ def _run_pipeline(cfg: JobConfig, job: str, todo: list[ShardRef], store: OutputS
 
 
 def write_and_commit(ds, cfg: JobConfig, job: str, todo: list[ShardRef], store: OutputStore, run_id: str,
-                     summary: dict) -> None:
-    """Stages 4–5: stage parts per shard (CPU tasks), commit each shard once all its rows are staged."""
+                     summary: dict, on_forward=None) -> None:
+    """Stages 4–5: stage parts per shard (CPU tasks), commit each shard once all its rows are staged.
+
+    ``on_forward(payload)`` receives the rows a stage forwards to the driver (e.g. partial fits).
+    """
     import ray
 
     from pipeline.stages.read import EXPECTED
@@ -210,6 +213,10 @@ def write_and_commit(ds, cfg: JobConfig, job: str, todo: list[ShardRef], store: 
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         touched = set()
         for i in range(len(batch["part"])):
+            if not batch["part"][i]:
+                if on_forward is not None:
+                    on_forward(batch["forward"][i])
+                continue
             p = progress[str(batch["shard"][i])]
             p.parts.append(str(batch["part"][i]))
             p.samples += int(batch["samples"][i])

@@ -12,11 +12,37 @@ from pipeline.diffusion.ood import MomentFit, Reservoir, draw_candidates, ood_gr
 from pipeline.stages.model import _Rows, _Stage, load_model
 from pipeline.stages.tensors import to_model_range, to_uint8
 
+FIT_STEP = -2  # the row that carries a batch's partial fit to the driver
+
+
+def partial_to_bytes(fit: MomentFit, res: Reservoir, shape, grid: list[int]) -> bytes:
+    """A partial fit as safetensors bytes (never pickle): moments, reservoir, latent shape, grid."""
+    if fit.count == 0:
+        return b""
+    from safetensors.torch import save
+
+    return save({"count": torch.tensor([fit.count], dtype=torch.int64), "mean": fit.mean, "m2": fit.m2,
+                 "res_pri": torch.tensor(res.priorities, dtype=torch.float64), "res_lat": res.latents.contiguous(),
+                 "shape": torch.tensor(list(shape), dtype=torch.int64),
+                 "timesteps": torch.tensor(grid, dtype=torch.int64)})
+
+
+def partial_from_bytes(data: bytes, capacity: int) -> tuple[MomentFit, Reservoir, tuple, list[int]]:
+    if not data:
+        return MomentFit(), Reservoir(capacity), (), []
+    from safetensors.torch import load
+
+    t = load(bytes(data))
+    fit = MomentFit(int(t["count"][0]), t["mean"], t["m2"])
+    res = Reservoir(capacity, t["res_pri"].tolist(), t["res_lat"])
+    return fit, res, tuple(t["shape"].tolist()), t["timesteps"].tolist()
+
 
 class InvertAndFitStage(_Stage):
-    """Images → DDIM latents at t0 → one partial fit per batch (moments + reservoir offer).
+    """Images → DDIM latents at t0 → rows for the writer (inverted latents if output.latents asks,
+    rejects) and one partial fit per batch (moments + reservoir offer).
 
-    Only these partials leave the actor: the latents themselves never gather on one node.
+    Only partial fits reach the driver: the latents themselves never gather on one node.
     """
 
     def __init__(self, config: dict, config_hash: str):
@@ -25,24 +51,30 @@ class InvertAndFitStage(_Stage):
         self.grid = ood_grid(self.source.schedule, self.cfg.ood.t0, self.cfg.ood.inversion_steps)
 
     def __call__(self, batch: dict) -> dict:
+        rows = _Rows()
         ok = np.array([not e for e in batch["error"]], dtype=bool)
         idx = np.flatnonzero(ok)
-        out = {"count": [0], "mean": [b""], "m2": [b""], "res_pri": ["[]"], "res_lat": [b""], "shape": [""],
-               "timesteps": [json.dumps(self.grid)], "rejected": [int((~ok).sum())],
-               "reject_reasons": [json.dumps([f"{batch['shard'][i]}/{batch['key'][i]}: {batch['error'][i]}"
-                                              for i in np.flatnonzero(~ok)][:20])]}
+        self._pass_rejects(rows, batch, ok)
+        payload = b""
         if len(idx):
             x0 = self.source.to_model_space(to_model_range(batch["pixels"][idx]))
             z = ddim_invert_model_space(self.source, x0, timesteps=self.grid, condition=self.cfg.source.condition,
                                         guidance_scale=self.cfg.source.guidance_scale)
+            shards = [str(batch["shard"][i]) for i in idx]
+            keys = [str(batch["key"][i]) for i in idx]
+            z.seeds = [0] * len(idx)
             flat = z.x_start.reshape(len(idx), -1)
-            fit = MomentFit.of(flat)
-            keys = [f"{batch['shard'][i]}/{batch['key'][i]}" for i in idx]
-            res = Reservoir(self.cfg.ood.reservoir).offer(flat, keys)
-            out.update(count=[fit.count], mean=[fit.mean.numpy().tobytes()], m2=[fit.m2.numpy().tobytes()],
-                       res_pri=[json.dumps(res.priorities)], res_lat=[res.latents.numpy().tobytes()],
-                       shape=[",".join(map(str, z.x_start.shape[1:]))])
-        return {k: np.array(v, dtype=object if k not in ("count", "rejected") else np.int64) for k, v in out.items()}
+            res = Reservoir(self.cfg.ood.reservoir).offer(flat, [f"{s}/{k}" for s, k in zip(shards, keys, strict=True)])
+            payload = partial_to_bytes(MomentFit.of(flat), res, z.x_start.shape[1:], self.grid)
+            n_lat = self._latent_rows(rows, z, shards, keys, batch["index"][idx], self.cfg.source.model,
+                                      self.cfg.source.condition)
+            for j, i in enumerate(idx):
+                info = {"source_shard": shards[j], "key": keys[j], "method": "ddim", "t0": self.grid[0],
+                        "timesteps": self.grid, "source_model": self.cfg.source.model,
+                        "config_hash": self.config_hash, "latentshift": self.version, "latent_rows": n_lat}
+                rows.add(shard=shards[j], key=keys[j], index=int(batch["index"][i]), step=-1, info=json.dumps(info))
+        rows.add(shard="", key="", index=-1, step=FIT_STEP, payload=payload)
+        return rows.batch()
 
 
 class SampleDecodeStage(_Stage):
@@ -80,15 +112,3 @@ class SampleDecodeStage(_Stage):
             rows.add(shard=shards[j], key=keys[j], index=int(batch["index"][j]), step=-1, extras="",
                      payload=images[j].tobytes(), shape=",".join(map(str, images[j].shape)), info=json.dumps(info))
         return rows.batch()
-
-
-def partial_from_row(row: dict, capacity: int) -> tuple[MomentFit, Reservoir, tuple]:
-    """Rebuild a partial fit (and reservoir offer) from one InvertAndFitStage row."""
-    if int(row["count"]) == 0:
-        return MomentFit(), Reservoir(capacity), ()
-    mean = torch.from_numpy(np.frombuffer(row["mean"], np.float64).copy())
-    m2 = torch.from_numpy(np.frombuffer(row["m2"], np.float64).copy())
-    pri = json.loads(row["res_pri"])
-    lat = torch.from_numpy(np.frombuffer(row["res_lat"], np.float32).copy()).reshape(len(pri), -1)
-    shape = tuple(int(v) for v in str(row["shape"]).split(","))
-    return MomentFit(int(row["count"]), mean, m2), Reservoir(capacity, pri, lat), shape

@@ -25,18 +25,24 @@ PSNR_OF_IDENTICAL = 100.0  # dB counted for identical images in the run's mean P
 PROVENANCE_MEMBER = "latentshift.json"  # the input's own .json member is carried through unchanged
 
 MANIFEST_COLUMNS = ("shard", "part", "samples", "latent_rows", "latent_rows_expected", "images", "rejected",
-                    "psnr_sum", "ssim_sum", "metric_count")
+                    "psnr_sum", "ssim_sum", "metric_count", "forward")
+FORWARD_STEP = -2  # rows a stage sends to the driver as they are (e.g. partial fits), not to storage
 
 
 def write_parts(batch: dict, store: OutputStore, run_id: str, image_format: str) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    manifest_rows = {c: [] for c in MANIFEST_COLUMNS}
     by_shard: dict[str, list[int]] = {}
     for i, shard in enumerate(batch["shard"]):
+        if int(batch["step"][i]) == FORWARD_STEP:
+            for col in MANIFEST_COLUMNS:
+                manifest_rows[col].append({"shard": "", "part": "", "forward": bytes(batch["payload"][i])}.get(
+                    col, 0.0 if col.endswith("_sum") else 0))
+            continue
         by_shard.setdefault(str(shard), []).append(i)
 
-    manifest_rows = {c: [] for c in MANIFEST_COLUMNS}
     for shard, members in by_shard.items():
         part = f"part-{uuid.uuid4().hex}"
         base = posixpath.join(store.staging(run_id, shard), part)
@@ -87,7 +93,7 @@ def write_parts(batch: dict, store: OutputStore, run_id: str, image_format: str)
         store.put_json(base + ".json", {"indices": indices, "keys": [[i, k] for i, k in keys], "rejects": rejects,
                                         "has_tar": bool(samples), "has_latents": bool(latents)})
         for col, value in zip(MANIFEST_COLUMNS, (shard, part, len(indices), len(latents), expected_latents,
-                                                 len(samples), len(rejects), psnr_sum, ssim_sum, metric_count),
+                                                 len(samples), len(rejects), psnr_sum, ssim_sum, metric_count, b""),
                               strict=True):
             manifest_rows[col].append(value)
-    return {c: np.array(v, dtype=object if c in ("shard", "part") else None) for c, v in manifest_rows.items()}
+    return {c: np.array(v, dtype=object if c in ("shard", "part", "forward") else None) for c, v in manifest_rows.items()}

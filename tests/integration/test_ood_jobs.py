@@ -13,6 +13,7 @@ from PIL import Image
 from shard_builders import tar_bytes
 
 from pipeline.config import validate
+from pipeline.data.latents import read_latents
 from pipeline.data.shards import iter_tar_samples
 from pipeline.data.stats import read_stats
 from pipeline.errors import ConfigError, StorageError
@@ -68,6 +69,12 @@ def test_fit_then_sample_exactly_count_and_rerun_noop(ray_cluster, s3, ood_setup
     g = header["geometry"]
     assert g["distance_std"] > 0 and 0 < g["angle_origin_mean"] < 180 and 0 < g["angle_point_mean"] < 180
 
+    # output.latents (default full): the inverted latents are written per input shard, as encode does
+    assert header["latents_written"] == 20
+    latents = dict(read_latents(f"s3://{bucket}/unseen/latents/", opts))
+    assert len(latents) == 20 and all(z.method == "ddim" and z.timesteps[0] == 500 for z in latents.values())
+    assert next(iter(latents.values())).x_start.shape == (1, 3, 16, 16)
+
     report = json.loads(s3.cat_file(f"{bucket}/unseen/report/ood_vs_id.json"))
     assert report["separability"]["mean_distance"] > 0 and report["separability"]["d_quarter"] == pytest.approx(768**0.25)
     assert report["ood"]["count"] == 20 and report["id"]["count"] == 20 and isinstance(report["distinguishable"], bool)
@@ -121,6 +128,7 @@ def test_bad_inputs(ray_cluster, s3, ood_setup, pixel_model, other_pixel_model):
     broken.input.uri = f"s3://{bucket}/broken/"
     with pytest.raises(StorageError, match=r"no image could be inverted \(1 rejected"):
         ood_fit(broken, overwrite=True)
+    assert "undecodable image" in s3.cat_file(f"{bucket}/unseen/_rejects/x.jsonl").decode()
     missing = config(bucket, opts, pixel_model)
     missing.ood.stats = f"s3://{bucket}/no/such.safetensors"
     with pytest.raises(StorageError, match="not found"):
