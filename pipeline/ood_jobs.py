@@ -30,8 +30,15 @@ from pipeline.diffusion.ood import (
     sample_latents,
     separability,
 )
-from pipeline.errors import ConfigError, LatentshiftError, StorageError
-from pipeline.run import init_ray, model_stage, print_summary, read_images, write_and_commit
+from pipeline.errors import ConfigError, StorageError
+from pipeline.run import (
+    init_ray,
+    model_stage,
+    open_output,
+    print_summary,
+    read_images,
+    write_and_commit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +58,6 @@ def fit_hash(cfg: JobConfig, input_uri) -> str:
             "variance": cfg.ood.variance, "reservoir": cfg.ood.reservoir, "size": cfg.image.size,
             "resize": cfg.image.resize}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _store(cfg: JobConfig) -> OutputStore:
-    from pipeline.data.filesystems import explain_storage_error
-
-    store = OutputStore(cfg.output.uri, cfg.output.storage_options)
-    try:
-        store.probe_writable()
-    except LatentshiftError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise explain_storage_error(cfg.output.uri, exc) from None
-    return store
 
 
 def _fit_pass(cfg: JobConfig, input_uri, store: OutputStore, write_latents: bool) -> dict:
@@ -107,7 +101,7 @@ def _fit_pass(cfg: JobConfig, input_uri, store: OutputStore, write_latents: bool
 def ood_fit(cfg: JobConfig, reference: str | None = None, overwrite: bool = False, out=sys.stdout) -> dict:
     cfg.require("input.uri", "output.uri", "source.model")
     target = stats_uri(cfg)
-    store = _store(cfg)
+    store = open_output(cfg)
     list_shards(cfg.input.uri, cfg.input.storage_options)  # fail fast on bad input, before any model
     wanted = fit_hash(cfg, cfg.input.uri)
     if not overwrite and reference is None:
@@ -213,7 +207,7 @@ def ood_sample(cfg: JobConfig, overwrite: bool = False, out=sys.stdout) -> dict:
     source = stats_uri(cfg)
     tensors, header = read_stats(source, cfg.output.storage_options)
     _check_stats(cfg, header, source)
-    store = _store(cfg)
+    store = open_output(cfg)
     started = time.time()
     size, count = cfg.ood.shard_size, cfg.ood.count
     names = [f"unseen-{j:05d}" for j in range(math.ceil(count / size))]

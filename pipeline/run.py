@@ -84,6 +84,11 @@ def preflight(cfg: JobConfig, job: str) -> tuple[list[ShardRef], OutputStore]:
         shards = list_shards(cfg.input.uri, cfg.input.storage_options)
         if not shards:
             raise StorageError(f"{cfg.input.uri}: no .tar shards found; check input.uri (pack images with `latentshift shards pack`)")
+    return shards, open_output(cfg)
+
+
+def open_output(cfg: JobConfig) -> OutputStore:
+    """The output store, after a probe write: a bad bucket or credentials fail here, before any model."""
     store = OutputStore(cfg.output.uri, cfg.output.storage_options)
     try:
         store.probe_writable()
@@ -93,7 +98,7 @@ def preflight(cfg: JobConfig, job: str) -> tuple[list[ShardRef], OutputStore]:
         from pipeline.data.filesystems import explain_storage_error
 
         raise explain_storage_error(cfg.output.uri, exc) from None
-    return shards, store
+    return store
 
 
 def _gpus_per_actor(cfg: JobConfig) -> float:

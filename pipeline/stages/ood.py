@@ -11,8 +11,7 @@ from pipeline.diffusion import Latent, ddim_decode_model_space, ddim_invert_mode
 from pipeline.diffusion.ood import MomentFit, Reservoir, draw_candidates, ood_grid
 from pipeline.stages.model import _Rows, _Stage, load_model
 from pipeline.stages.tensors import to_model_range, to_uint8
-
-FIT_STEP = -2  # the row that carries a batch's partial fit to the driver
+from pipeline.stages.write import FORWARD_STEP
 
 
 def partial_to_bytes(fit: MomentFit, res: Reservoir, shape, grid: list[int]) -> bytes:
@@ -73,7 +72,7 @@ class InvertAndFitStage(_Stage):
                         "timesteps": self.grid, "source_model": self.cfg.source.model,
                         "config_hash": self.config_hash, "latentshift": self.version, "latent_rows": n_lat}
                 rows.add(shard=shards[j], key=keys[j], index=int(batch["index"][i]), step=-1, info=json.dumps(info))
-        rows.add(shard="", key="", index=-1, step=FIT_STEP, payload=payload)
+        rows.add(shard="", key="", index=-1, step=FORWARD_STEP, payload=payload)  # the partial fit, for the driver
         return rows.batch()
 
 
