@@ -26,6 +26,7 @@ from pipeline.diffusion.ood import (
     MomentFit,
     Reservoir,
     measure_geometry,
+    pairwise_distributions,
     point_geometry,
     sample_latents,
     separability,
@@ -156,13 +157,13 @@ def _report(cfg: JobConfig, reference: str, ood: dict, store: OutputStore) -> di
     sep = separability(ood["moments"].mean, ind["moments"].mean)
     stats = {}
     for name, lat in (("ood", ood_lat), ("id", id_lat)):
-        per = point_geometry(lat, lat, exclude_self=True)
+        raw = pairwise_distributions(lat)
         stats[name] = {"count": (ood if name == "ood" else ind)["moments"].count, "geometry": measure_geometry(lat),
-                       "per_point": {k: v.tolist() for k, v in per.items()},
+                       "raw": {k: v.tolist() for k, v in raw.items()},
                        "variance": float((ood if name == "ood" else ind)["moments"].variance("isotropic"))}
     cross = point_geometry(ood_lat, id_lat)
-    report = {"separability": sep, "ood": {k: v for k, v in stats["ood"].items() if k != "per_point"},
-              "id": {k: v for k, v in stats["id"].items() if k != "per_point"},
+    report = {"separability": sep, "ood": {k: v for k, v in stats["ood"].items() if k != "raw"},
+              "id": {k: v for k, v in stats["id"].items() if k != "raw"},
               "ood_to_id_distance_mean": float(cross["distance"].mean()),
               "distinguishable": sep["mean_distance"] > sep["d_quarter"],
               "input": cfg.input.uri, "reference": reference, "model": cfg.source.model, "t0": ood["timesteps"][0]}
@@ -182,12 +183,12 @@ def _report_figure(stats: dict, sep: dict) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    titles = {"norm": "norm ‖x‖", "distance": "mean distance to others", "angle_origin": "mean angle at origin (°)",
-              "angle_point": "mean angle at a point (°)"}
+    titles = {"norm": "norm ‖x‖", "distance": "pairwise distance", "angle_origin": "pairwise angle at origin (°)",
+              "angle_point": "angle at a point between two others (°)"}
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for ax, (key, title) in zip(axes, titles.items(), strict=True):
         for name, colour in (("id", "tab:blue"), ("ood", "tab:orange")):
-            ax.hist(stats[name]["per_point"][key], bins=30, alpha=0.6, color=colour, label=name.upper())
+            ax.hist(stats[name]["raw"][key], bins=40, alpha=0.6, color=colour, label=name.upper())
         ax.set_title(title)
     axes[0].legend()
     fig.suptitle(f"ID vs OOD latents at t0: ‖μ_OOD − μ_ID‖ = {sep['mean_distance']:.2f}, d^¼ = {sep['d_quarter']:.2f}")

@@ -187,6 +187,24 @@ def point_geometry(x: torch.Tensor, ref: torch.Tensor, exclude_self: bool = Fals
 GEOMETRY_KEYS = ("norm", "distance", "angle_origin", "angle_point")
 
 
+def pairwise_distributions(x: torch.Tensor, max_triplets: int = 4096, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Raw values for histograms: norms, every pairwise distance and angle at the origin (i < j),
+    and the angle at a point between two others over random triplets (degrees)."""
+    x = x.reshape(x.shape[0], -1).to(F64)
+    n = x.shape[0]
+    i, j = torch.triu_indices(n, n, offset=1)
+    norms = x.norm(dim=1)
+    dist = torch.cdist(x, x)
+    cos0 = (x @ x.T) / (norms[:, None] * norms[None])
+    g = torch.Generator().manual_seed(seed)
+    a, b, c = (torch.randint(0, n, (max_triplets,), generator=g) for _ in range(3))
+    keep = (a != b) & (a != c) & (b != c)
+    a, b, c = a[keep], b[keep], c[keep]
+    u, v = x[b] - x[a], x[c] - x[a]
+    cos_p = (u * v).sum(1) / (u.norm(dim=1) * v.norm(dim=1))
+    return {"norm": norms, "distance": dist[i, j], "angle_origin": _angles(cos0[i, j]), "angle_point": _angles(cos_p)}
+
+
 def measure_geometry(ref: torch.Tensor, seed: int = 0) -> dict[str, float]:
     """The reservoir's geometry: mean and spread (std over points) of each per-point statistic."""
     per_point = point_geometry(ref, ref, exclude_self=True, seed=seed)

@@ -72,6 +72,18 @@ def test_geometry_matches_high_dimensional_closed_forms():
     assert 0 < g["distance_std"] < 0.01 * g["distance_mean"]  # concentration of measure
 
 
+def test_pairwise_distributions_closed_forms():
+    from pipeline.diffusion.ood import pairwise_distributions
+
+    d, sigma = 10_000, 1.0
+    x = torch.randn(60, d, generator=torch.Generator().manual_seed(7), dtype=torch.float64) * sigma
+    raw = pairwise_distributions(x)
+    assert raw["distance"].numel() == 60 * 59 // 2 and raw["angle_origin"].numel() == 60 * 59 // 2
+    assert raw["distance"].mean().item() == pytest.approx(math.sqrt(2 * d) * sigma, rel=0.01)
+    assert raw["angle_origin"].mean().item() == pytest.approx(90.0, abs=0.5)
+    assert raw["angle_point"].mean().item() == pytest.approx(60.0, abs=0.5)
+
+
 def test_reservoir_is_bounded_and_independent_of_partition():
     x = torch.randn(100, 8, generator=torch.Generator().manual_seed(4))
     keys = [f"k{i}" for i in range(100)]
