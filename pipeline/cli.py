@@ -83,6 +83,26 @@ def cmd_ood(args: argparse.Namespace) -> int:
     return 1 if summary.get("incomplete_shards") else 0
 
 
+def cmd_shapes(args: argparse.Namespace) -> int:
+    from pipeline.data.shapes import write_shapes
+
+    for path in write_shapes(args.domain, args.count, args.out, seed=args.seed, per_shard=args.per_shard):
+        print(path)
+    return 0
+
+
+def cmd_train_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.train_demo import TrainConfig, train
+
+    out = args.out or str(Path(__file__).parent / "assets" / args.domain)
+    record = train(TrainConfig(domain=args.domain, out=out, steps=args.steps, batch=args.batch, seed=args.seed),
+                   resume=not args.restart)
+    print(f"saved {out}: final loss {record['final_loss_last200']:.4f} after {args.steps} steps")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import run_bench
     from pipeline.config import load_config
@@ -131,6 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already committed")
     p.set_defaults(func=cmd_ood)
+
+    p = sub.add_parser("shapes", help="generate a demo shape domain as WebDataset shards")
+    p.add_argument("--domain", required=True, choices=["discs", "squares", "triangles"])
+    p.add_argument("--count", type=int, required=True)
+    p.add_argument("--out", required=True, metavar="URI")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-shard", type=int, default=256)
+    p.set_defaults(func=cmd_shapes)
+
+    p = sub.add_parser("train-demo", help="train a bundled demo DDPM on a shape domain (resumes from its checkpoint)")
+    p.add_argument("--domain", required=True, choices=["discs", "squares", "triangles"])
+    p.add_argument("--out", help="diffusers folder to write (default: pipeline/assets/<domain>)")
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
+    p.set_defaults(func=cmd_train_demo)
 
     p = sub.add_parser("bench", help="pipeline images/s vs a bare in-process loop on generated images")
     _add_config_args(p)
