@@ -103,6 +103,39 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    if not args.s3:
+        run_demo(args.out, discs=args.discs, triangles=args.triangles, unseen=args.unseen, steps=args.steps)
+        return 0
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        print("latentshift: --s3 needs moto's server: pip install 'moto[server]'", file=sys.stderr)
+        return 2
+    import os
+    import socket
+
+    import s3fs
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for var, value in (("AWS_ACCESS_KEY_ID", "demo"), ("AWS_SECRET_ACCESS_KEY", "demo"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(var, value)  # the throwaway server accepts any credentials
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        s3fs.S3FileSystem(endpoint_url=endpoint).mkdir("latentshift-demo")
+        run_demo(args.out, discs=args.discs, triangles=args.triangles, unseen=args.unseen, steps=args.steps,
+                 s3_endpoint=endpoint)
+    finally:
+        server.stop()
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from pipeline.bench import run_bench
     from pipeline.config import load_config
@@ -151,6 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already committed")
     p.set_defaults(func=cmd_ood)
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the bundled shape models, with a report")
+    p.add_argument("--out", default="latentshift-demo", help="output folder (default: ./latentshift-demo)")
+    p.add_argument("--s3", action="store_true", help="run against a throwaway local S3 server (needs moto[server])")
+    p.add_argument("--discs", type=int, default=256)
+    p.add_argument("--triangles", type=int, default=64)
+    p.add_argument("--unseen", type=int, default=64)
+    p.add_argument("--steps", type=int, default=None, help="override sampler steps (faster, rougher)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("shapes", help="generate a demo shape domain as WebDataset shards")
     p.add_argument("--domain", required=True, choices=["discs", "squares", "triangles"])

@@ -226,6 +226,13 @@ def resolve_model_folder(source: str, storage_options: dict | None = None, cache
     """A local folder for ``source``: local path, file://, object storage (cached) or hub id."""
     from pipeline.data.filesystems import is_remote
 
+    if source.startswith("bundled:"):  # models this project trained and ships (pipeline/assets/<name>)
+        name = source.split(":", 1)[1]
+        folder = Path(__file__).resolve().parents[1] / "assets" / name
+        if not (folder / "model_index.json").exists():
+            raise ModelLoadError(f"model {source!r}: no bundled model {name!r} in {folder.parent}; "
+                                 f"train it with `latentshift train-demo --domain {name}`")
+        return folder
     if is_remote(source):
         from pipeline.data.model_cache import materialize
 
