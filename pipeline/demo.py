@@ -56,6 +56,16 @@ def plain_samples(model: str, count: int, steps: int, seed: int = 0) -> np.ndarr
         return to_uint8(ddim_decode(den, z))
 
 
+def quality_gate(model: str, shape: str, count: int = 256, steps: int = 50) -> dict:
+    """Share of ``count`` unconditional samples the shape metric labels as ``shape`` (gate: ≥ 90%)."""
+    from pipeline.metrics.shapes import measure_shapes
+
+    labels = measure_shapes(plain_samples(model, count, steps))["label"].astype(str)
+    values, counts = np.unique(labels, return_counts=True)
+    return {"model": model, "shape": shape, "samples": count, "steps": steps,
+            "rate": float((labels == shape).mean()), "labels": dict(zip(values.tolist(), counts.tolist(), strict=True))}
+
+
 def translation_metrics(sources: dict, outputs: dict, target_shape: str) -> dict:
     from pipeline.metrics.shapes import hue_error, measure_shapes
 
