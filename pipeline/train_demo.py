@@ -125,7 +125,9 @@ def train(cfg: TrainConfig, resume: bool = True, progress: bool = True) -> dict:
             _save_checkpoint(ckpt, step + 1, model, ema, opt)
     final_loss = sum(losses[-200:]) / max(1, len(losses[-200:])) if losses else float("nan")
     DDPMPipeline(unet=ema, scheduler=demo_scheduler()).save_pretrained(out, safe_serialization=True)
-    record = {**asdict(cfg), "final_loss_last200": final_loss, "seconds_this_run": round(time.time() - t0, 1),
+    where = out.resolve()
+    shown = where.relative_to(Path.cwd()) if where.is_relative_to(Path.cwd()) else Path(where.name)
+    record = {**asdict(cfg), "out": str(shown), "final_loss_last200": final_loss, "seconds_this_run": round(time.time() - t0, 1),
               "resumed_from": start, "parameters": sum(p.numel() for p in model.parameters())}
     (out / "training.json").write_text(json.dumps(record, indent=1))
     return record
