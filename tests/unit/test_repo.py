@@ -19,7 +19,7 @@ def readme_commands() -> list[str]:
 def test_readme_has_exactly_two_setup_commands():
     cmds = readme_commands()
     assert len(cmds) == 2
-    assert cmds[0].endswith("latentshift --help") and "pip install -e ." in cmds[0]
+    assert cmds[0].endswith("latentshift demo") and "pip install -e ." in cmds[0]
     assert "pip install -e '.[dev]'" in cmds[1] and cmds[1].endswith(".venv/bin/pytest")
 
 
