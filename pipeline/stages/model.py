@@ -72,6 +72,13 @@ class _Stage:
         self.config_hash = config_hash
         self.version = version("latentshift")
 
+    @staticmethod
+    def _valid(batch: dict):
+        """(mask of rows without an error, their indices, their shards, their keys)."""
+        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        idx = np.flatnonzero(ok)
+        return ok, idx, [str(batch["shard"][i]) for i in idx], [str(batch["key"][i]) for i in idx]
+
     def _pass_rejects(self, rows: _Rows, batch: dict, ok: np.ndarray) -> None:
         for i in np.flatnonzero(~ok):
             rows.add(shard=batch["shard"][i], key=batch["key"][i], index=int(batch["index"][i]), step=-1,
@@ -120,10 +127,7 @@ class EncodeStage(_Stage):
         return z
 
     def _inputs(self, batch):
-        ok = np.array([not e for e in batch["error"]], dtype=bool)
-        idx = np.flatnonzero(ok)
-        shards = [str(batch["shard"][i]) for i in idx]
-        keys = [str(batch["key"][i]) for i in idx]
+        ok, idx, shards, keys = self._valid(batch)
         seeds = [sample_seed(self.cfg.sampler.seed, f"{sh}/{k}") for sh, k in zip(shards, keys, strict=True)]
         return ok, idx, shards, keys, seeds
 
@@ -188,7 +192,7 @@ class DecodeStage(_Stage):
 
     def __call__(self, batch: dict) -> dict:
         rows = _Rows()
-        ok = np.array([not e for e in batch["error"]], dtype=bool)
+        ok = self._valid(batch)[0]
         self._pass_rejects(rows, batch, ok)
         groups: dict[str, list[int]] = {}
         infos = {}

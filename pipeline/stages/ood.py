@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import torch
 
 from pipeline.diffusion import Latent, ddim_decode_model_space, ddim_invert_model_space
@@ -51,16 +50,13 @@ class InvertAndFitStage(_Stage):
 
     def __call__(self, batch: dict) -> dict:
         rows = _Rows()
-        ok = np.array([not e for e in batch["error"]], dtype=bool)
-        idx = np.flatnonzero(ok)
+        ok, idx, shards, keys = self._valid(batch)
         self._pass_rejects(rows, batch, ok)
         payload = b""
         if len(idx):
             x0 = self.source.to_model_space(to_model_range(batch["pixels"][idx]))
             z = ddim_invert_model_space(self.source, x0, timesteps=self.grid, condition=self.cfg.source.condition,
                                         guidance_scale=self.cfg.source.guidance_scale)
-            shards = [str(batch["shard"][i]) for i in idx]
-            keys = [str(batch["key"][i]) for i in idx]
             z.seeds = [0] * len(idx)
             flat = z.x_start.reshape(len(idx), -1)
             res = Reservoir(self.cfg.ood.reservoir).offer(flat, [f"{s}/{k}" for s, k in zip(shards, keys, strict=True)])
