@@ -42,12 +42,19 @@ LATENT_SCHEMA = pa.schema(
 )
 
 
+def latent_row(*, key: str, shard: str, model: str, method: str, timesteps: list[int], eta: float, cond, seed: int,
+               step: int, shape, dtype: str, latent: bytes) -> dict:
+    """One Parquet row: one map (C, h, w) of one sample's latent, in LATENT_SCHEMA's columns."""
+    return {"key": key, "shard": shard, "model": model, "method": method, "timesteps": [int(t) for t in timesteps],
+            "eta": float(eta), "cond": json.dumps(cond), "seed": int(seed), "step": int(step),
+            "shape": [int(v) for v in shape], "dtype": str(dtype), "latent": latent}
+
+
 def latent_records(key: str, shard: str, stacked: np.ndarray, *, model: str, method: str, timesteps: list[int],
                    eta: float, cond, seed: int) -> list[dict]:
     """Rows for one sample from its stacked latent (1 + K, C, h, w) in the storage dtype."""
-    base = dict(key=key, shard=shard, model=model, method=method, timesteps=[int(t) for t in timesteps],
-                eta=float(eta), cond=json.dumps(cond), seed=int(seed), dtype=str(stacked.dtype))
-    return [dict(base, step=i, shape=list(m.shape), latent=np.ascontiguousarray(m).tobytes())
+    return [latent_row(key=key, shard=shard, model=model, method=method, timesteps=timesteps, eta=eta, cond=cond,
+                       seed=seed, step=i, shape=m.shape, dtype=stacked.dtype, latent=np.ascontiguousarray(m).tobytes())
             for i, m in enumerate(stacked)]
 
 
@@ -96,11 +103,3 @@ def latents_from_table(table: pa.Table) -> Iterator[tuple[str, object]]:
         z = Latent.from_rows(stacked.reshape(1, -1), stacked.shape[1:], cols["timesteps"][first],
                              method=cols["method"][first], eta=float(cols["eta"][first]), seeds=[cols["seed"][first]])
         yield key, z
-
-
-def latent_info(table: pa.Table) -> dict:
-    """Model, method, timesteps, eta of a latent table (first row), for decode provenance."""
-    if table.num_rows == 0:
-        return {}
-    row = table.slice(0, 1).to_pylist()[0]
-    return {k: row[k] for k in ("model", "method", "timesteps", "eta", "cond")}

@@ -8,7 +8,6 @@ can read a shape off its fill ratio. Seeded and vectorised: a batch is a few num
 
 from __future__ import annotations
 
-import colorsys
 import io
 import json
 
@@ -91,7 +90,3 @@ def write_shapes(domain: str, count: int, out: str, seed: int = 0, per_shard: in
         written.append(path)
     return written
 
-
-def hue_of(rgb: np.ndarray) -> float:
-    """Hue in degrees of one RGB colour in [0, 1]."""
-    return colorsys.rgb_to_hsv(*[float(c) for c in rgb])[0] * 360.0

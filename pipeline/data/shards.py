@@ -8,7 +8,6 @@ tar yields the samples before the damage plus a reject row saying what went wron
 from __future__ import annotations
 
 import io
-import json
 import os
 import posixpath
 import tarfile
@@ -176,6 +175,3 @@ def count_samples(ref: ShardRef, storage_options: dict | None = None) -> tuple[i
                 n += 1
     return n, damage
 
-
-def provenance_json(**fields) -> bytes:
-    return json.dumps(fields, sort_keys=True, default=str).encode()

@@ -17,7 +17,7 @@ import uuid
 import numpy as np
 
 from pipeline.data.images import encode_image
-from pipeline.data.latents import LATENT_SCHEMA
+from pipeline.data.latents import LATENT_SCHEMA, latent_row
 from pipeline.data.outputs import OutputStore
 from pipeline.data.shards import write_samples
 
@@ -53,12 +53,10 @@ def write_parts(batch: dict, store: OutputStore, run_id: str, image_format: str)
             key, index, step = str(batch["key"][i]), int(batch["index"][i]), int(batch["step"][i])
             if step >= 0:
                 info = json.loads(batch["info"][i])
-                latents.append({
-                    "key": key, "shard": shard, "model": info["model"], "method": info["method"],
-                    "timesteps": info["timesteps"], "eta": info["eta"], "cond": json.dumps(info["cond"]),
-                    "seed": info["seed"], "step": step, "shape": [int(v) for v in batch["shape"][i].split(",")],
-                    "dtype": info["dtype"], "latent": bytes(batch["payload"][i]),
-                })
+                latents.append(latent_row(
+                    key=key, shard=shard, model=info["model"], method=info["method"], timesteps=info["timesteps"],
+                    eta=info["eta"], cond=info["cond"], seed=info["seed"], step=step,
+                    shape=batch["shape"][i].split(","), dtype=info["dtype"], latent=bytes(batch["payload"][i])))
                 continue
             indices.append(index)
             keys.append((index, key))
