@@ -41,19 +41,26 @@ def _read_images(folder: str | Path) -> dict[str, np.ndarray]:
     return out
 
 
-def plain_samples(model: str, count: int, steps: int, seed: int = 0) -> np.ndarray:
-    """Unconditional DDIM samples of a model (what it makes without any guidance)."""
+def plain_samples(model: str, count: int, steps: int, seed: int = 0, eta: float = 1.0) -> np.ndarray:
+    """Unconditional samples of a model (what it makes without any guidance).
+
+    η = 1 is DDPM's own ancestral sampler on a ``steps``-long subsequence. The deterministic
+    DDIM sampler (η = 0) shows these small models' low-frequency errors as washed-out colours
+    and tinted backgrounds, which is the sampler, not the model.
+    """
     import torch
 
-    from pipeline.diffusion import Latent, ddim_decode, load_denoiser, per_sample_noise, sample_seed
+    from pipeline.diffusion import load_denoiser, per_sample_noise, sample_seed
+    from pipeline.diffusion.sampling import denoise
     from pipeline.stages.tensors import to_uint8
 
     den = load_denoiser(model)
     grid = den.schedule.grid(steps)
-    x = per_sample_noise([sample_seed(seed, f"plain/{i}") for i in range(count)], (3, 32, 32))
-    z = Latent(x, x.new_zeros((count, 0, 3, 32, 32)), grid, method="ddim")
+    noise = per_sample_noise([sample_seed(seed, f"plain/{i}") for i in range(count)], (1 + len(grid), 3, 32, 32))
+    noise[:, -1] = 0  # the last step lands on x0 without noise, as DDPM's sampler does at t = 0
     with torch.no_grad():
-        return to_uint8(ddim_decode(den, z))
+        x0 = denoise(den, noise[:, 0], grid, eta=eta, noise=noise[:, 1:] if eta > 0 else None)
+        return to_uint8(den.to_pixels(x0))
 
 
 def quality_gate(model: str, shape: str, count: int = 256, steps: int = 50) -> dict:

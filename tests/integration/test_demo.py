@@ -37,3 +37,15 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path, stand_in_models):
     assert sheet.size[0] > 16 * 96 and sheet.size[1] > 6 * 96  # six rows of 16 tiles
     assert "target-shape rate" in format_table(report)
     assert (tmp_path / "demo" / "inputs" / "discs").is_dir() and (tmp_path / "demo" / "translated" / "images").is_dir()
+
+
+def test_reduced_demo_on_object_storage(ray_cluster, tmp_path, stand_in_models, s3, s3_server):
+    """`latentshift demo --s3`: the same run with every input and output on a real (local) S3 server."""
+    s3.mkdir("latentshift-demo")
+    report = run_demo(tmp_path / "demo", discs=8, triangles=8, unseen=4, steps=4, models=stand_in_models,
+                      s3_endpoint=s3_server)
+    assert report["translation"]["images"] == 8 and report["unseen"]["count"] == 4
+    s3.invalidate_cache()
+    assert len(s3.glob("latentshift-demo/translated/images/*.tar")) == 1
+    assert s3.glob("latentshift-demo/unseen/images/*.tar") and s3.glob("latentshift-demo/inputs/triangles/*.tar")
+    assert (tmp_path / "demo" / "report.png").is_file()  # the report stays local

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,3 +31,22 @@ def test_bundled_model_loads_and_is_small(name):
 def test_unknown_bundled_model_names_the_fix():
     with pytest.raises(ModelLoadError, match=r"train-demo --domain triangles"):
         load_denoiser("bundled:triangles")
+
+
+@pytest.mark.parametrize("name", ["discs", "squares"])
+def test_bundled_model_passes_a_reduced_quality_gate(name):
+    """32 ancestral samples (the full gate is 256; see pipeline/assets/README.md): ≥ 90% its own shape."""
+    from pipeline.demo import quality_gate
+
+    gate = quality_gate(f"bundled:{name}", name, count=32, steps=50)
+    assert gate["rate"] >= 0.9, gate
+
+
+def test_plain_samples_are_seeded_and_the_last_step_adds_no_noise():
+    from pipeline.demo import plain_samples
+
+    a = plain_samples("bundled:discs", 4, steps=10, seed=3)
+    assert (a == plain_samples("bundled:discs", 4, steps=10, seed=3)).all()
+    assert (a != plain_samples("bundled:discs", 4, steps=10, seed=4)).any()
+    # flat shapes on a flat background: unit noise added after the last step would make neighbours differ by ~100
+    assert np.abs(np.diff(a.astype(int), axis=2)).mean() < 20
