@@ -49,6 +49,15 @@ def cmd_job(args: argparse.Namespace) -> int:
     return 1 if summary.get("incomplete_shards") else 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Submit a job to a running Ray cluster (Ray Jobs SDK), guarded against double submission."""
+    from pipeline.submit import submit
+
+    ship = {"auto": None, "yes": True, "no": False}[args.ship_source]
+    return submit(args.config, args.overrides, job=args.job, address=args.address, wait=args.wait,
+                  ship_source=ship, window_minutes=args.window, rerun=args.rerun)
+
+
 def cmd_shards_pack(args: argparse.Namespace) -> int:
     from pipeline.data.shards import pack_folder
 
@@ -184,6 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--overwrite", action="store_true", help="redo shards that are already committed")
     p.set_defaults(func=cmd_ood)
+
+    from pipeline.submit import JOBS
+
+    p = sub.add_parser("submit", help="submit a job to a running Ray cluster (RAY_ADDRESS or --address)")
+    _add_config_args(p)
+    p.add_argument("--address", help="Ray dashboard address, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
+    p.add_argument("--job", choices=list(JOBS), default="translate", help="which job to run (default: translate)")
+    p.add_argument("--wait", action="store_true", help="stream the job's logs; exit non-zero if it fails")
+    p.add_argument("--window", type=int, default=60, metavar="MINUTES",
+                   help="an identical submission within this window is refused (default: 60)")
+    p.add_argument("--rerun", action="store_true",
+                   help="submit even if an identical submission exists in this window (committed shards are skipped)")
+    p.add_argument("--ship-source", choices=["auto", "yes", "no"], default="auto",
+                   help="ship this checkout's code as working_dir (auto: yes when run from a checkout; "
+                        "no: use the code in the cluster's image)")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the bundled shape models, with a report")
     p.add_argument("--out", default="latentshift-demo", help="output folder (default: ./latentshift-demo)")
