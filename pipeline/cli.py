@@ -58,6 +58,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
                   ship_source=ship, window_minutes=args.window, rerun=args.rerun)
 
 
+def cmd_fire_rayjob(args: argparse.Namespace) -> int:
+    """One firing of a plain-CronJob schedule: create a RayJob from a suspended template RayJob."""
+    from pipeline.fire_rayjob import main as fire_main
+
+    return fire_main(args.template, args.namespace, args.firing, args.api_server)
+
+
 def cmd_shards_pack(args: argparse.Namespace) -> int:
     from pipeline.data.shards import pack_folder
 
@@ -209,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ship this checkout's code as working_dir (auto: yes when run from a checkout; "
                         "no: use the code in the cluster's image)")
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("fire-rayjob", help="(in a CronJob pod) create this firing's RayJob from a suspended template")
+    p.add_argument("--template", required=True, help="name of the suspended template RayJob")
+    p.add_argument("--namespace", help="default: the pod's own namespace")
+    p.add_argument("--firing", help="firing id (default: $FIRING, the CronJob's Job name)")
+    p.add_argument("--api-server", help="Kubernetes API URL (default: in-cluster); token from $KUBE_TOKEN")
+    p.set_defaults(func=cmd_fire_rayjob)
 
     p = sub.add_parser("demo", help="run the whole pipeline on the bundled shape models, with a report")
     p.add_argument("--out", default="latentshift-demo", help="output folder (default: ./latentshift-demo)")

@@ -102,11 +102,22 @@ def open_output(cfg: JobConfig) -> OutputStore:
 
 
 def _gpus_per_actor(cfg: JobConfig) -> float:
+    """``auto``: $LATENTSHIFT_GPUS_PER_ACTOR if set, else 1 if the cluster has GPUs now, else 0.
+
+    A cluster whose GPU workers scale from zero shows no GPU when the job starts, so its head
+    sets the variable (k8s/base does) and the actors' GPU requests make the autoscaler add them.
+    """
     import ray
 
-    if cfg.runtime.gpus_per_actor == "auto":
-        return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    return float(cfg.runtime.gpus_per_actor)
+    if cfg.runtime.gpus_per_actor != "auto":
+        return float(cfg.runtime.gpus_per_actor)
+    declared = os.environ.get("LATENTSHIFT_GPUS_PER_ACTOR", "").strip()
+    if declared:
+        try:
+            return max(0.0, float(declared))
+        except ValueError:
+            raise ConfigError(f"LATENTSHIFT_GPUS_PER_ACTOR = {declared!r}: expected a number such as 1 or 0.5") from None
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
 def init_ray() -> None:

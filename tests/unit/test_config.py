@@ -104,6 +104,6 @@ def test_hash_is_stable_and_sensitive(tmp_path):
     assert a.config_hash() == b.config_hash() != c.config_hash()
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.name != "kustomization.yaml"), ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     load_config(path)
