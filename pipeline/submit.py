@@ -107,12 +107,9 @@ def submit(
     command, _ = JOBS[job]
     entrypoint = " ".join(["python", "-m", "pipeline.cli", *command, "--config", SHIPPED_CONFIG])
     try:
-        client.submit_job(
-            entrypoint=entrypoint,
-            submission_id=job_id,
-            runtime_env={"working_dir": str(stage)},
-            metadata={"latentshift_job": job, "config_hash": digest},
-        )
+        _submit_when_ready(client, entrypoint=entrypoint, submission_id=job_id,
+                           runtime_env={"working_dir": str(stage)},
+                           metadata={"latentshift_job": job, "config_hash": digest})
     except RuntimeError as exc:
         if "already exists" in str(exc):  # a concurrent twin won the race for this id
             raise SubmissionRefused(f"refused: submission {job_id} already exists (submitted concurrently)") from None
@@ -126,6 +123,19 @@ def submit(
         out.write(f"  follow: ray job logs --address {address} --follow {job_id}\n")
         return 0
     return follow(client, job_id, out)
+
+
+def _submit_when_ready(client, timeout_s: float = 90.0, **job) -> None:
+    """A freshly started head answers HTTP before its job agent is up ("No available agent"): wait."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.submit_job(**job)
+            return
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def follow(client, job_id: str, out=sys.stdout) -> int:

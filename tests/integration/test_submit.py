@@ -66,6 +66,12 @@ def ray_head():
                 log.flush()
                 pytest.fail(f"ray head did not come up:\n{(Path(temp) / 'head.log').read_text()[-3000:]}")
             time.sleep(1)
+    # the dashboard answers before the node's job agent is up; a first trivial job proves it is
+    while subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"], env=env,
+                         capture_output=True, timeout=120).returncode != 0:
+        if time.monotonic() > deadline:
+            pytest.fail(f"ray head takes no jobs:\n{(Path(temp) / 'head.log').read_text()[-3000:]}")
+        time.sleep(2)
     yield Head(address, token)
     head.send_signal(signal.SIGTERM)  # `ray start --block` stops every process it started
     try:

@@ -35,7 +35,7 @@ def test_package_metadata():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert meta["name"] == "latentshift" and meta["scripts"]["latentshift"] == "pipeline.cli:main"
     deps = " ".join(meta["dependencies"])
-    for dep in ("ray[data]>=2.60", "torch", "diffusers", "transformers", "pyarrow", "webdataset", "s3fs",
+    for dep in ("ray[default,data]>=2.60", "torch", "diffusers", "transformers", "pyarrow", "webdataset", "s3fs",
                 "open_clip_torch", "safetensors", "pydantic", "pyyaml"):
         assert dep in deps, dep
     assert not re.search(r"==", deps), "pin lower bounds, not exact versions"
