@@ -136,15 +136,26 @@ class EncodeStage(_Stage):
         ok, idx, shards, keys, seeds = self._inputs(batch)
         self._pass_rejects(rows, batch, ok)
         if len(idx):
-            z = self.encode(to_model_range(batch["pixels"][idx]), seeds)
+            src_pixels = batch["pixels"][idx]
+            z = self.encode(to_model_range(src_pixels), seeds)
+            images, per_sample = self.outputs(src_pixels, z)
             n_lat = self._latent_rows(rows, z, shards, keys, batch["index"][idx], self.cfg.source.model,
                                       self.cfg.source.condition)
             for j, i in enumerate(idx):
-                info = self._provenance(shards[j], keys[j], seeds[j], z, source_model=self.cfg.source.model,
-                                        source_condition=self.cfg.source.condition, latent_rows=n_lat)
+                info = self._provenance(shards[j], keys[j], seeds[j], z, **self.models_used(), **per_sample[j],
+                                        latent_rows=n_lat)
+                image = {} if images is None else {"payload": images[j].tobytes(),
+                                                   "shape": ",".join(map(str, images[j].shape))}
                 rows.add(shard=shards[j], key=keys[j], index=int(batch["index"][i]), step=-1,
-                         extras=batch["extras"][i], info=json.dumps(info))
+                         extras=batch["extras"][i], info=json.dumps(info), **image)
         return rows.batch()
+
+    def outputs(self, src_pixels: np.ndarray, z: Latent) -> tuple[np.ndarray | None, list[dict]]:
+        """Images to write (uint8 NHWC) and per-sample provenance; encoding writes latents only."""
+        return None, [{} for _ in range(len(z))]
+
+    def models_used(self) -> dict:
+        return {"source_model": self.cfg.source.model, "source_condition": self.cfg.source.condition}
 
 
 class TranslateStage(EncodeStage):
@@ -158,29 +169,17 @@ class TranslateStage(EncodeStage):
     def decode(self, z: Latent) -> torch.Tensor:
         return decode_with_target(self.target, z, self.cfg)
 
-    def __call__(self, batch: dict) -> dict:
-        rows = _Rows()
-        ok, idx, shards, keys, seeds = self._inputs(batch)
-        self._pass_rejects(rows, batch, ok)
-        if len(idx):
-            src_pixels = batch["pixels"][idx]
-            z = self.encode(to_model_range(src_pixels), seeds)
-            out = to_uint8(self.decode(z))
-            a = torch.from_numpy(src_pixels).permute(0, 3, 1, 2)
-            b = torch.from_numpy(out).permute(0, 3, 1, 2)
-            p, q = psnr(a, b).tolist(), ssim(a, b).tolist()
-            n_lat = self._latent_rows(rows, z, shards, keys, batch["index"][idx], self.cfg.source.model,
-                                      self.cfg.source.condition)
-            for j, i in enumerate(idx):
-                info = self._provenance(
-                    shards[j], keys[j], seeds[j], z, source_model=self.cfg.source.model,
-                    target_model=self.cfg.target.model, source_condition=self.cfg.source.condition,
-                    target_condition=self.cfg.target.condition, source_guidance=self.cfg.source.guidance_scale,
-                    target_guidance=self.cfg.target.guidance_scale, psnr=_finite(p[j]), ssim=q[j], latent_rows=n_lat)
-                rows.add(shard=shards[j], key=keys[j], index=int(batch["index"][i]), step=-1,
-                         extras=batch["extras"][i], payload=out[j].tobytes(), shape=",".join(map(str, out[j].shape)),
-                         info=json.dumps(info))
-        return rows.batch()
+    def outputs(self, src_pixels: np.ndarray, z: Latent) -> tuple[np.ndarray, list[dict]]:
+        out = to_uint8(self.decode(z))
+        a = torch.from_numpy(src_pixels).permute(0, 3, 1, 2)
+        b = torch.from_numpy(out).permute(0, 3, 1, 2)
+        p, q = psnr(a, b).tolist(), ssim(a, b).tolist()
+        return out, [{"psnr": _finite(pj), "ssim": qj} for pj, qj in zip(p, q, strict=True)]
+
+    def models_used(self) -> dict:
+        t = self.cfg.target
+        return {**super().models_used(), "target_model": t.model, "target_condition": t.condition,
+                "source_guidance": self.cfg.source.guidance_scale, "target_guidance": t.guidance_scale}
 
 
 class DecodeStage(_Stage):

@@ -51,7 +51,12 @@ def ray_head():
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2", f"--temp-dir={temp}",
-         "--disable-usage-stats"],
+         "--disable-usage-stats",
+         # the test session's own Ray holds the default agent ports: this head's agents need others
+         *(f"--{flag}={free_port()}" for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                 "metrics-export-port", "runtime-env-agent-port",
+                                                 "ray-client-server-port", "node-manager-port",
+                                                 "object-manager-port"))],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
@@ -67,10 +72,10 @@ def ray_head():
                 pytest.fail(f"ray head did not come up:\n{(Path(temp) / 'head.log').read_text()[-3000:]}")
             time.sleep(1)
     # the dashboard answers before the node's job agent is up; a first trivial job proves it is
-    while subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"], env=env,
-                         capture_output=True, timeout=120).returncode != 0:
+    while (probe := subprocess.run([str(BIN / "ray"), "job", "submit", "--address", address, "--", "true"],
+                                   env=env, capture_output=True, text=True, timeout=120)).returncode != 0:
         if time.monotonic() > deadline:
-            pytest.fail(f"ray head takes no jobs:\n{(Path(temp) / 'head.log').read_text()[-3000:]}")
+            pytest.fail(f"ray head takes no jobs: {probe.stderr[-1500:]}\n{(Path(temp) / 'head.log').read_text()[-1500:]}")
         time.sleep(2)
     yield Head(address, token)
     head.send_signal(signal.SIGTERM)  # `ray start --block` stops every process it started
