@@ -45,8 +45,8 @@ def plain_samples(model: str, count: int, steps: int, seed: int = 0, eta: float 
     """Unconditional samples of a model (what it makes without any guidance).
 
     η = 1 is DDPM's own ancestral sampler on a ``steps``-long subsequence. The deterministic
-    DDIM sampler (η = 0) shows these small models' low-frequency errors as washed-out colours
-    and tinted backgrounds, which is the sampler, not the model.
+    DDIM sampler (η = 0) lays bare these small models' errors at high noise (washed-out colours,
+    tinted backgrounds); the fresh noise of every ancestral step corrects much of them.
     """
     import torch
 
