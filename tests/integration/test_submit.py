@@ -157,8 +157,10 @@ def test_submit_wait_succeeds_and_a_double_submission_is_refused(ray_head, tmp_p
     assert len(ledger(data / "out")[1]) == 1  # nothing ran
 
     # run it again on purpose: committed shards are skipped, no output is written twice
-    rerun = submit("--config", str(config), "--wait", "--rerun", head=ray_head)
+    # (and with the code the cluster has installed, as against the project image: only the config is shipped)
+    rerun = submit("--config", str(config), "--wait", "--rerun", "--ship-source", "no", head=ray_head)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "code from the cluster image" in rerun.stdout
     assert "0 done, 2 skipped" in rerun.stdout
     assert output_files(data / "out") == before
     assert len(ledger(data / "out")[1]) == 2
