@@ -98,8 +98,8 @@ def submit(
     base = submission_id(job, digest, time.time(), window_minutes)
     if rerun:
         base = f"{base}-rerun{int(time.time())}"
-    earlier = {j.submission_id: str(j.status.value if hasattr(j.status, "value") else j.status)
-               for j in client.list_jobs() if j.submission_id and j.submission_id.startswith(base)}
+    earlier = {j.submission_id: str(j.status) for j in client.list_jobs()
+               if j.submission_id and j.submission_id.startswith(base)}
     job_id = next_free_id(base, earlier)
 
     with_source = running_from_checkout() if ship_source is None else ship_source
@@ -164,8 +164,7 @@ def _wait_terminal(client, job_id: str, timeout_s: float = 60.0) -> str:
     """The log stream can close a moment before the status turns terminal."""
     deadline = time.monotonic() + timeout_s
     while True:
-        status = client.get_job_status(job_id)
-        status = str(status.value if hasattr(status, "value") else status)
+        status = str(client.get_job_status(job_id))  # JobStatus is a str enum: "SUCCEEDED", …
         if status in ("SUCCEEDED", "FAILED", "STOPPED") or time.monotonic() > deadline:
             return status
         time.sleep(0.5)
