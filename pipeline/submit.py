@@ -19,13 +19,13 @@ from pathlib import Path
 
 from pipeline.errors import LatentshiftError
 
-# job → (command line of `python -m pipeline.cli`, file in jobs/)
+# job → its command line under `python -m pipeline.cli` (the same as jobs/<job>.py runs)
 JOBS = {
-    "translate": (["translate"], "translate.py"),
-    "encode": (["encode"], "encode.py"),
-    "decode": (["decode"], "decode.py"),
-    "ood-fit": (["ood", "fit"], "ood_fit.py"),
-    "ood-sample": (["ood", "sample"], "ood_sample.py"),
+    "translate": ["translate"],
+    "encode": ["encode"],
+    "decode": ["decode"],
+    "ood-fit": ["ood", "fit"],
+    "ood-sample": ["ood", "sample"],
 }
 SHIPPED_CONFIG = "latentshift-job.yaml"  # the resolved config, inside the shipped working_dir
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -104,8 +104,7 @@ def submit(
 
     with_source = running_from_checkout() if ship_source is None else ship_source
     stage = stage_working_dir(cfg.to_yaml(), with_source)
-    command, _ = JOBS[job]
-    entrypoint = " ".join(["python", "-m", "pipeline.cli", *command, "--config", SHIPPED_CONFIG])
+    entrypoint = " ".join(["python", "-m", "pipeline.cli", *JOBS[job], "--config", SHIPPED_CONFIG])
     try:
         _submit_when_ready(client, entrypoint=entrypoint, submission_id=job_id,
                            runtime_env={"working_dir": str(stage)},

@@ -92,7 +92,7 @@ def ray_head():
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def write_config(path: Path, data_dir: Path, source: Path, target: Path, **sections) -> Path:
+def write_config(path: Path, data_dir: Path, source: Path, target: Path) -> Path:
     cfg = {
         "input": {"uri": str(data_dir / "in")},
         "output": {"uri": str(data_dir / "out")},
@@ -102,8 +102,6 @@ def write_config(path: Path, data_dir: Path, source: Path, target: Path, **secti
         "image": {"size": 16},
         "runtime": {"batch_size": 4, "actors": 1},
     }
-    for k, v in sections.items():
-        cfg[k].update(v)
     path.write_text(yaml.safe_dump(cfg))
     return path
 
