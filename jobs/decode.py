@@ -5,7 +5,7 @@ Same as `latentshift decode`; on a cluster it connects to the running Ray (RAY_A
 
 import sys
 
-from pipeline.cli import main
+from pipeline.cli import run_registered
 
 if __name__ == "__main__":
-    sys.exit(main(["decode", *sys.argv[1:]]))
+    sys.exit(run_registered("decode", sys.argv[1:]))

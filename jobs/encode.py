@@ -5,7 +5,7 @@ Same as `latentshift encode`; on a cluster it connects to the running Ray (RAY_A
 
 import sys
 
-from pipeline.cli import main
+from pipeline.cli import run_registered
 
 if __name__ == "__main__":
-    sys.exit(main(["encode", *sys.argv[1:]]))
+    sys.exit(run_registered("encode", sys.argv[1:]))

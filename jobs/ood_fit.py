@@ -5,7 +5,7 @@ Same as `latentshift ood fit`; on a cluster it connects to the running Ray (RAY_
 
 import sys
 
-from pipeline.cli import main
+from pipeline.cli import run_registered
 
 if __name__ == "__main__":
-    sys.exit(main(["ood", "fit", *sys.argv[1:]]))
+    sys.exit(run_registered("ood-fit", sys.argv[1:]))

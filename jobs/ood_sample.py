@@ -5,7 +5,7 @@ Same as `latentshift ood sample`; on a cluster it connects to the running Ray (R
 
 import sys
 
-from pipeline.cli import main
+from pipeline.cli import run_registered
 
 if __name__ == "__main__":
-    sys.exit(main(["ood", "sample", *sys.argv[1:]]))
+    sys.exit(run_registered("ood-sample", sys.argv[1:]))

@@ -5,7 +5,7 @@ Same as `latentshift translate`; on a cluster it connects to the running Ray (RA
 
 import sys
 
-from pipeline.cli import main
+from pipeline.cli import run_registered
 
 if __name__ == "__main__":
-    sys.exit(main(["translate", *sys.argv[1:]]))
+    sys.exit(run_registered("translate", sys.argv[1:]))

@@ -40,18 +40,19 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_job(args: argparse.Namespace) -> int:
-    """translate | encode | decode: run the Ray Data pipeline over every uncommitted shard."""
+    """Any registered job: run it through the run envelope over every uncommitted shard."""
     from pipeline.config import load_config
-    from pipeline.run import run_job
+    from pipeline.jobs import run_job
 
     cfg = load_config(args.config, args.overrides)
-    summary = run_job(cfg, args.command, overwrite=args.overwrite)
+    options = {o.dest: getattr(args, o.dest) for o in args.job.options}
+    summary = run_job(cfg, args.job.name, overwrite=args.overwrite, **options)
     return 1 if summary.get("incomplete_shards") else 0
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Submit a job to a running Ray cluster (Ray Jobs SDK), guarded against double submission."""
-    from pipeline.submit import submit
+    from pipeline.cluster.submit import submit
 
     ship = {"auto": None, "yes": True, "no": False}[args.ship_source]
     return submit(args.config, args.overrides, job=args.job, address=args.address, wait=args.wait,
@@ -60,7 +61,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_fire_rayjob(args: argparse.Namespace) -> int:
     """One firing of a plain-CronJob schedule: create a RayJob from a suspended template RayJob."""
-    from pipeline.fire_rayjob import main as fire_main
+    from pipeline.cluster.fire_rayjob import main as fire_main
 
     return fire_main(args.template, args.namespace, args.firing, args.api_server)
 
@@ -87,20 +88,8 @@ def cmd_shards_ls(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_ood(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.ood_jobs import ood_fit, ood_sample
-
-    cfg = load_config(args.config, args.overrides)
-    if args.ood_command == "fit":
-        ood_fit(cfg, reference=args.reference, overwrite=args.overwrite)
-        return 0
-    summary = ood_sample(cfg, overwrite=args.overwrite)
-    return 1 if summary.get("incomplete_shards") else 0
-
-
 def cmd_shapes(args: argparse.Namespace) -> int:
-    from pipeline.data.shapes import write_shapes
+    from pipeline.demo.shapes import write_shapes
 
     for path in write_shapes(args.domain, args.count, args.out, seed=args.seed, per_shard=args.per_shard):
         print(path)
@@ -110,7 +99,7 @@ def cmd_shapes(args: argparse.Namespace) -> int:
 def cmd_train_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.train_demo import TrainConfig, train
+    from pipeline.demo.train import TrainConfig, train
 
     out = args.out or str(Path(__file__).parent / "assets" / args.domain)
     record = train(TrainConfig(domain=args.domain, out=out, steps=args.steps, batch=args.batch, seed=args.seed),
@@ -120,7 +109,7 @@ def cmd_train_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.demo.run import run_demo
 
     if not args.s3:
         run_demo(args.out, discs=args.discs, triangles=args.triangles, unseen=args.unseen, steps=args.steps)
@@ -153,18 +142,36 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.bench import run_bench
     from pipeline.config import load_config
+    from pipeline.tools.bench import run_bench
 
     run_bench(load_config(args.config, args.overrides), images=args.images, per_shard=args.per_shard)
     return 0
 
 
-JOB_HELP = {
-    "translate": "encode with source.model, decode with target.model (CycleDiffusion); write shards + latents",
-    "encode": "write latents only (sampler.method dpm, or ddim to the t0 that strength sets)",
-    "decode": "decode a latents dataset (input.uri = an encode run's output.uri) with target.model",
-}
+def _add_job_commands(sub) -> None:
+    """One command per registered job; jobs whose command has two words share a group (``ood fit``)."""
+    from pipeline.jobs import JOBS
+
+    groups = {}
+    for job in JOBS.values():
+        parent = sub
+        if len(job.command) == 2:
+            group = job.command[0]
+            if group not in groups:
+                g = sub.add_parser(group, help=GROUP_HELP.get(group, ""))
+                groups[group] = g.add_subparsers(dest=f"{group}_command", metavar="SUBCOMMAND", required=True)
+            parent = groups[group]
+        p = parent.add_parser(job.command[-1], help=job.help)
+        _add_config_args(p)
+        p.add_argument("--overwrite", action="store_true",
+                       help="redo shards that are already committed (ood fit: fit again even if up to date)")
+        for o in job.options:
+            p.add_argument(o.flag, dest=o.dest, metavar=o.metavar, help=o.help)
+        p.set_defaults(func=cmd_job, job=job)
+
+
+GROUP_HELP = {"ood": "unseen-domain synthesis: fit OOD latent statistics, sample from them"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,25 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_config)
 
-    for job, text in JOB_HELP.items():
-        p = sub.add_parser(job, help=text)
-        _add_config_args(p)
-        p.add_argument("--overwrite", action="store_true", help="redo shards that are already committed")
-        p.set_defaults(func=cmd_job)
+    _add_job_commands(sub)
 
-    ood = sub.add_parser("ood", help="unseen-domain synthesis: fit OOD latent statistics, sample from them")
-    ood_sub = ood.add_subparsers(dest="ood_command", metavar="SUBCOMMAND", required=True)
-    p = ood_sub.add_parser("fit", help="DDIM-invert input.uri to ood.t0 with source.model; write ood.stats")
-    _add_config_args(p)
-    p.add_argument("--reference", metavar="URI", help="in-domain shards: also write an ID-vs-OOD report")
-    p.add_argument("--overwrite", action="store_true", help="fit again even if ood.stats is up to date")
-    p.set_defaults(func=cmd_ood)
-    p = ood_sub.add_parser("sample", help="sample ood.count latents from ood.stats and decode them to shards")
-    _add_config_args(p)
-    p.add_argument("--overwrite", action="store_true", help="redo shards that are already committed")
-    p.set_defaults(func=cmd_ood)
-
-    from pipeline.submit import JOBS
+    from pipeline.jobs import JOBS
 
     p = sub.add_parser("submit", help="submit a job to a running Ray cluster (RAY_ADDRESS or --address)")
     _add_config_args(p)
@@ -285,6 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     except LatentshiftError as exc:
         print(f"latentshift: {exc}", file=sys.stderr)
         return 2
+
+
+def run_registered(name: str, argv: list[str]) -> int:
+    """A ``jobs/<name>.py`` entrypoint: the registered job's own command with ``argv``."""
+    from pipeline.jobs import get
+
+    return main([*get(name).command, *argv])
 
 
 if __name__ == "__main__":  # pragma: no cover

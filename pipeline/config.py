@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from pipeline.data.filesystems import secret_keys_in
+from pipeline.data.filesystems import is_secret_name, secret_keys_in
 from pipeline.errors import ConfigError
 
 REDACTED = "<redacted>"
@@ -211,10 +211,6 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def _is_secret_key(loc: tuple) -> bool:
-    return any(str(p).lower() in {"secret", "key", "token", "password"} or "secret" in str(p).lower() for p in loc)
-
-
 def _model_class(annotation: Any) -> type[BaseModel] | None:
     try:
         return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
@@ -240,7 +236,7 @@ def _describe(err: dict, model: type[BaseModel]) -> tuple[str, str]:
         fields = [str(p) for p in loc]
     key = ".".join(fields) or ".".join(str(p) for p in loc)
     value = err.get("input")
-    shown = REDACTED if "storage_options" in key or _is_secret_key(loc) else json.dumps(value, default=str)
+    shown = REDACTED if "storage_options" in key or any(is_secret_name(p) for p in loc) else json.dumps(value, default=str)
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         parent: Any = model

@@ -28,6 +28,15 @@ SECRET_OPTION_KEYS = frozenset(
 )
 
 
+SECRET_WORDS = ("secret", "password", "token", "credential")  # any key holding one of these is secret too
+
+
+def is_secret_name(name: object) -> bool:
+    """The one test of whether a setting's name marks a credential (refused in configs, never shown)."""
+    low = str(name).lower()
+    return low in SECRET_OPTION_KEYS or any(w in low for w in SECRET_WORDS)
+
+
 def secret_keys_in(options: dict | None) -> list[str]:
     """Names of credential-looking keys in ``storage_options`` (searched recursively)."""
     found: list[str] = []
@@ -35,7 +44,7 @@ def secret_keys_in(options: dict | None) -> list[str]:
     def walk(d: dict, prefix: str) -> None:
         for k, v in d.items():
             name = f"{prefix}{k}"
-            if str(k).lower() in SECRET_OPTION_KEYS:
+            if is_secret_name(k):
                 found.append(name)
             if isinstance(v, dict):
                 walk(v, name + ".")

@@ -10,13 +10,15 @@ holds one map: ``step`` 0 is x_start, step i ≥ 1 is the noise used when leavin
   step int32 · shape list<int32> (C, h, w) · dtype string · latent binary (C·h·w values)
 
 Plain pyarrow reads it: ``np.frombuffer(row["latent"], row["dtype"]).reshape(row["shape"])``;
-``read_latents`` does the grouping and yields ``(key, Latent)``. zstd-compressed.
+``read_latents`` does the grouping and yields ``(key, StoredLatent)``: numpy arrays, no torch
+(``pipeline.diffusion.Latent.from_rows`` turns one into tensors). zstd-compressed.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -80,26 +82,44 @@ def latent_files(uri: str, storage_options: dict | None):
         raise explain_storage_error(uri, exc) from None
 
 
-def read_latents(uri: str, storage_options: dict | None = None) -> Iterator[tuple[str, object]]:
-    """Yield (key, Latent) for every sample under ``uri`` (a file, a latents/ folder, or a run's output)."""
+@dataclass
+class StoredLatent:
+    """One sample's latent as stored: its maps (x_start, then one noise per step) and settings."""
+
+    maps: np.ndarray  # (1 + K, C, h, w) in the stored dtype; K = 0 for ddim or ``latents: start``
+    timesteps: list[int]
+    method: str
+    eta: float
+    seed: int
+    model: str
+    cond: object  # the condition (class index, prompt or None)
+
+    @property
+    def x_start(self) -> np.ndarray:
+        return self.maps[0]
+
+    @property
+    def noise(self) -> np.ndarray:
+        return self.maps[1:]
+
+
+def read_latents(uri: str, storage_options: dict | None = None) -> Iterator[tuple[str, StoredLatent]]:
+    """Yield (key, StoredLatent) for every sample under ``uri`` (a file, a latents/ folder, or a run's output)."""
     fs, files = latent_files(uri, storage_options)
     for path in files:
         yield from latents_from_table(pq.read_table(fs.open(path, "rb")))
 
 
-def latents_from_table(table: pa.Table) -> Iterator[tuple[str, object]]:
-    """Group a latent table's rows by key (in file order) into Latent objects."""
-    from pipeline.diffusion.latent import Latent  # torch only when latents are materialised
-
+def latents_from_table(table: pa.Table) -> Iterator[tuple[str, StoredLatent]]:
+    """Group a latent table's rows by key (in file order), each sample's maps in step order."""
     cols = table.to_pydict()
     order: dict[str, list[int]] = {}
     for i, key in enumerate(cols["key"]):
         order.setdefault(key, []).append(i)
     for key, rows in order.items():
         rows.sort(key=lambda i: cols["step"][i])
-        maps = [np.frombuffer(cols["latent"][i], dtype=cols["dtype"][i]).reshape(cols["shape"][i]) for i in rows]
-        stacked = np.stack(maps)[None]
+        maps = np.stack([np.frombuffer(cols["latent"][i], dtype=cols["dtype"][i]).reshape(cols["shape"][i]) for i in rows])
         first = rows[0]
-        z = Latent.from_rows(stacked.reshape(1, -1), stacked.shape[1:], cols["timesteps"][first],
-                             method=cols["method"][first], eta=float(cols["eta"][first]), seeds=[cols["seed"][first]])
-        yield key, z
+        yield key, StoredLatent(maps, [int(t) for t in cols["timesteps"][first]], cols["method"][first],
+                                float(cols["eta"][first]), int(cols["seed"][first]), cols["model"][first],
+                                json.loads(cols["cond"][first]))

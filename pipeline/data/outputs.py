@@ -7,14 +7,12 @@
   _ledger/runs/<run>.json    one summary per run
   _staging/<run>/<shard>/    parts written by workers, merged by the commit, then removed
 
-A shard is committed by merging its staged parts into the final files (each a single
-atomic write), then writing its ledger record. A run skips shards that have a record; a
-killed run leaves only staging behind, which the next run clears and redoes.
+How a shard gets there, exactly once, is the ledger's rule (``pipeline/data/ledger.py``);
+this module only names the paths and does the storage I/O.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import posixpath
 import time
@@ -104,66 +102,3 @@ class OutputStore:
         except FileNotFoundError:
             pass
 
-
-def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str]) -> dict:
-    """Merge staged parts of one shard into its final outputs; return counts for the ledger.
-
-    Parts may overlap (a retried task writes its batch twice): each sample index is taken
-    once, from the first part that has it. Samples are written in input order.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.data.latents import LATENT_SCHEMA
-    from pipeline.data.shards import iter_tar_samples, write_samples
-
-    staging = store.staging(run_id, shard)
-    samples: dict[int, tuple[str, dict]] = {}
-    rejects: dict[int, dict] = {}
-    latent_tables = []
-    seen_latent: set[tuple[str, int]] = set()
-    for part in sorted(parts):
-        manifest = store.get_json(f"{staging}/{part}.json")
-        fresh = {int(i) for i in manifest["indices"]} - set(samples) - set(rejects)
-        key_index = {k: int(i) for i, k in manifest["keys"]}
-        if manifest.get("has_tar"):
-            for item in iter_tar_samples(io.BytesIO(store.get(f"{staging}/{part}.tar"))):
-                if isinstance(item, Exception):
-                    raise RuntimeError(f"staged part {part} of {shard} is damaged: {item}")
-                idx = key_index[item.key]
-                if idx in fresh:
-                    samples[idx] = (item.key, item.members)
-        for line in manifest.get("rejects", []):
-            if int(line["index"]) in fresh:
-                rejects[int(line["index"])] = line
-        if manifest.get("has_latents"):
-            table = pq.read_table(io.BytesIO(store.get(f"{staging}/{part}.parquet")))
-            keep = []
-            for i, (k, s) in enumerate(zip(table["key"].to_pylist(), table["step"].to_pylist(), strict=True)):
-                if (k, s) not in seen_latent:
-                    seen_latent.add((k, s))
-                    keep.append(i)
-            latent_tables.append((table.take(keep), key_index))
-
-    out = {"images": 0, "rejected": len(rejects), "bytes_images": 0, "bytes_latents": 0}
-    if samples:
-        buf = io.BytesIO()
-        out["images"] = write_samples(buf, (samples[i] for i in sorted(samples)))
-        store.put(store.images(shard), buf.getvalue())
-        out["bytes_images"] = buf.tell()
-    if latent_tables:
-        order = {}
-        for _, key_index in latent_tables:
-            order.update(key_index)
-        table = pa.concat_tables([t for t, _ in latent_tables]).cast(LATENT_SCHEMA)
-        rank = [(order.get(k, 1 << 62), s) for k, s in zip(table["key"].to_pylist(), table["step"].to_pylist(), strict=True)]
-        table = table.take(sorted(range(len(rank)), key=rank.__getitem__))
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd", row_group_size=256)
-        store.put(store.latents(shard), buf.getvalue())
-        out["bytes_latents"] = buf.tell()
-        out["latent_samples"] = len({k for k in table["key"].to_pylist()})
-    if rejects:
-        body = "".join(json.dumps(rejects[i], sort_keys=True) + "\n" for i in sorted(rejects))
-        store.put(store.rejects(shard), body.encode())
-    return out

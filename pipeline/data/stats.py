@@ -2,16 +2,16 @@
 
 The header (safetensors metadata key ``latentshift``) holds count, t0 (requested and on-grid),
 the timesteps of the inversion, model, inversion settings, latent shape and the measured
-geometry the sampler targets. No pickle anywhere.
+geometry the sampler targets. No pickle anywhere; arrays in and out are numpy.
 """
 
 from __future__ import annotations
 
 import json
 
-import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+import numpy as np
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
 
 from pipeline.data.filesystems import explain_storage_error, get_bytes, put_bytes, url_to_fs
 from pipeline.errors import StorageError
@@ -19,8 +19,8 @@ from pipeline.errors import StorageError
 HEADER_KEY = "latentshift"
 
 
-def write_stats(uri: str, storage_options: dict | None, tensors: dict[str, torch.Tensor], header: dict) -> None:
-    data = save_safetensors({k: v.contiguous() for k, v in tensors.items()},
+def write_stats(uri: str, storage_options: dict | None, tensors: dict[str, np.ndarray], header: dict) -> None:
+    data = save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                             metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
     fs, path = url_to_fs(uri, storage_options)
     try:
@@ -32,7 +32,7 @@ def write_stats(uri: str, storage_options: dict | None, tensors: dict[str, torch
         raise explain_storage_error(uri, exc) from None
 
 
-def read_stats(uri: str, storage_options: dict | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def read_stats(uri: str, storage_options: dict | None = None) -> tuple[dict[str, np.ndarray], dict]:
     fs, path = url_to_fs(uri, storage_options)
     try:
         data = get_bytes(fs, path)

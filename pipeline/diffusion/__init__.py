@@ -1,6 +1,9 @@
 """Pure torch diffusion maths: schedules, encoders, decoders. No Ray, no data I/O.
 
-``models.load_denoiser`` is the one entry that reads files (model weights).
+``denoiser.load_denoiser`` is the one entry that reads files: the weights and configs of a
+*local* diffusers folder. It resolves no model sources and imports nothing from
+``pipeline.data``; ``pipeline.data.model_store.resolve_model`` turns ``bundled:``, ``s3://``,
+``gs://`` and hub-id sources into a checked local folder (and applies the pickle policy) first.
 """
 
 from pipeline.diffusion.ddim import (
@@ -9,6 +12,7 @@ from pipeline.diffusion.ddim import (
     ddim_invert,
     ddim_invert_model_space,
 )
+from pipeline.diffusion.denoiser import Denoiser, load_denoiser
 from pipeline.diffusion.dpm import (
     dpm_decode,
     dpm_decode_model_space,
@@ -16,7 +20,6 @@ from pipeline.diffusion.dpm import (
     dpm_encode_model_space,
 )
 from pipeline.diffusion.latent import Latent
-from pipeline.diffusion.models import Denoiser, load_denoiser
 from pipeline.diffusion.noise import per_sample_noise, sample_seed
 
 __all__ = [

@@ -26,14 +26,11 @@ def ddim_decode(den, z: Latent, **kwargs) -> torch.Tensor:
 
 
 def inversion_grid(den, steps: int, strength: float = 1.0, t0: int | None = None) -> list[int]:
-    """The descending grid an inversion walks: cut by ``strength``, or ending at ``t0`` exactly."""
+    """The descending grid an inversion walks: cut by ``strength``, or from ``t0`` (snapped to
+    the grid, ``Schedule.grid_from``; the latent's ``timesteps[0]`` is the t0 used)."""
     if t0 is None:
         return den.schedule.grid(steps, strength)
-    full = den.schedule.grid(steps)
-    if t0 not in full:
-        nearest = den.schedule.snap(t0, steps)
-        raise ValueError(f"t0 = {t0} is not on the {steps}-step grid of model {den.source!r}; the nearest is {nearest}")
-    return full[full.index(t0) :]
+    return den.schedule.grid_from(t0, steps)
 
 
 @torch.no_grad()

@@ -28,17 +28,13 @@ F64 = torch.float64
 def ood_grid(schedule, t0: int, steps: int) -> list[int]:
     """A descending DDIM grid from (about) t0 down to the end, about ``steps`` long.
 
-    Uses the scheduler's own grid of round(steps · T / t0) steps over the whole range and
-    snaps t0 to its nearest timestep (callers log when it moved): every grid timestep is one
-    the model's scheduler produces.
+    The scheduler's own grid of round(steps · T / t0) steps over the whole range, from t0
+    snapped to it (``Schedule.grid_from``: callers log when it moved).
     """
     total = schedule.num_train_timesteps
     if not 0 < t0 < total:
         raise ValueError(f"t0 = {t0} must lie in 1..{total - 1} (the model's training timesteps)")
-    full_steps = max(steps, round(steps * total / t0))
-    full = schedule.grid(full_steps)
-    start = schedule.snap(t0, full_steps)
-    return full[full.index(start) :]
+    return schedule.grid_from(t0, max(steps, round(steps * total / t0)))
 
 
 # ---- moments: Chan et al. (1979) parallel variance -----------------------------------

@@ -82,6 +82,17 @@ class Schedule:
         full = self.grid(steps)
         return min(full, key=lambda t: (abs(t - t0), t))
 
+    def grid_from(self, t0: int, steps: int) -> list[int]:
+        """The ``steps``-step grid from t0 down: the one t0 policy of the project.
+
+        A t0 off the grid is snapped to the nearest grid timestep (the lower on a tie); the
+        returned grid's first entry is the t0 actually used, and callers record both.
+        """
+        if not 0 <= t0 < self.num_train_timesteps:
+            raise ValueError(f"t0 = {t0} must lie in 0..{self.num_train_timesteps - 1} (the model's training timesteps)")
+        full = self.grid(steps)
+        return full[full.index(self.snap(t0, steps)) :]
+
     def process_x0(self, x0: torch.Tensor) -> torch.Tensor:
         """The scheduler's clip_sample / dynamic thresholding of x̂0, applied identically everywhere."""
         if self.thresholding:

@@ -1,10 +1,11 @@
 """Ray Data stages: callables that wrap diffusion/ and data/ for batches of rows.
 
-Rows flowing between stages (numpy batches):
-  read    → shard, key, index, image (bytes), extras (JSON of carried members), error
-  decode  → shard, key, index, extras, error, pixels (uint8 S×S×3)
-  model   → shard, key, index, step, error, extras, payload (bytes), shape, info (JSON)
-            step −1 is the sample row (payload: output pixels, or empty for encode);
-            steps 0…K are latent rows (payload: one latent map), so rows stay small
-  write   → one manifest row per staged part (small: all the driver ever sees)
+  read.py     one task per shard (or latent file) → INPUT rows; tells the ledger the row count
+  images.py   CPU tasks: image bytes → fixed-size uint8 pixels (or a REJECT row)
+  codec.py    actor pools: encode / translate / decode latents
+  ood.py      actor pools: invert and fit (PARTIAL rows for the driver); decode sampled latents
+  write.py    CPU tasks: stage parts per shard through the ledger → one manifest row per part
+  base.py     what every model stage shares (model loading, rejects, LATENT rows)
+
+The columns of each boundary are defined once, in ``pipeline.data.rows``.
 """

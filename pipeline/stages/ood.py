@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
-
+import numpy as np
 import torch
 
+from pipeline.config import ModelConfig, OODConfig, OutputConfig
+from pipeline.data.rows import RowBuffer, RowKind
 from pipeline.diffusion import Latent, ddim_decode_model_space, ddim_invert_model_space
 from pipeline.diffusion.ood import MomentFit, Reservoir, draw_candidates, ood_grid
-from pipeline.stages.model import _Rows, _Stage, load_model
+from pipeline.stages.base import ModelStage, load_model
 from pipeline.stages.tensors import to_model_range, to_uint8
-from pipeline.stages.write import FORWARD_STEP
 
 
 def partial_to_bytes(fit: MomentFit, res: Reservoir, shape, grid: list[int]) -> bytes:
@@ -19,8 +19,9 @@ def partial_to_bytes(fit: MomentFit, res: Reservoir, shape, grid: list[int]) -> 
         return b""
     from safetensors.torch import save
 
+    latents = res.latents if res.latents is not None else torch.zeros((0, fit.mean.numel()))
     return save({"count": torch.tensor([fit.count], dtype=torch.int64), "mean": fit.mean, "m2": fit.m2,
-                 "res_pri": torch.tensor(res.priorities, dtype=torch.float64), "res_lat": res.latents.contiguous(),
+                 "res_pri": torch.tensor(res.priorities, dtype=torch.float64), "res_lat": latents.contiguous(),
                  "shape": torch.tensor(list(shape), dtype=torch.int64),
                  "timesteps": torch.tensor(grid, dtype=torch.int64)})
 
@@ -32,78 +33,82 @@ def partial_from_bytes(data: bytes, capacity: int) -> tuple[MomentFit, Reservoir
 
     t = load(bytes(data))
     fit = MomentFit(int(t["count"][0]), t["mean"], t["m2"])
-    res = Reservoir(capacity, t["res_pri"].tolist(), t["res_lat"])
+    res = Reservoir(capacity, t["res_pri"].tolist(), t["res_lat"] if len(t["res_pri"]) else None)
     return fit, res, tuple(t["shape"].tolist()), t["timesteps"].tolist()
 
 
-class InvertAndFitStage(_Stage):
+class InvertAndFitStage(ModelStage):
     """Images → DDIM latents at t0 → rows for the writer (inverted latents if output.latents asks,
-    rejects) and one partial fit per batch (moments + reservoir offer).
+    rejects) and one PARTIAL row per batch for the driver: the batch's moments, and those of its
+    latents that entered this actor's own bottom-k reservoir.
 
-    Only partial fits reach the driver: the latents themselves never gather on one node.
+    Every latent of the final reservoir enters its actor's reservoir when it arrives, so the
+    driver's merge is exact; and it receives about k·(1 + ln(n/k)) latents from an actor that
+    inverts n images (reservoir k), not n. Batches smaller than k still send all their latents
+    until the actor's reservoir is full.
     """
 
-    def __init__(self, config: dict, config_hash: str):
-        super().__init__(config, config_hash)
-        self.source = load_model(self.cfg.source, self.cfg.runtime.dtype)
-        self.grid = ood_grid(self.source.schedule, self.cfg.ood.t0, self.cfg.ood.inversion_steps)
+    def __init__(self, source: ModelConfig, ood: OODConfig, output: OutputConfig, dtype: str = "auto"):
+        super().__init__(output)
+        self.source_cfg, self.ood = source, ood
+        self.source = load_model(source, dtype)
+        self.grid = ood_grid(self.source.schedule, ood.t0, ood.inversion_steps)
+        self.reservoir = Reservoir(ood.reservoir)  # this actor's, across its batches
 
     def __call__(self, batch: dict) -> dict:
-        rows = _Rows()
-        ok, idx, shards, keys = self._valid(batch)
-        self._pass_rejects(rows, batch, ok)
+        rows = RowBuffer()
+        self.pass_rejects(rows, batch)
+        idx = self.samples(batch)
         payload = b""
         if len(idx):
-            x0 = self.source.to_model_space(to_model_range(batch["pixels"][idx]))
-            z = ddim_invert_model_space(self.source, x0, timesteps=self.grid, condition=self.cfg.source.condition,
-                                        guidance_scale=self.cfg.source.guidance_scale)
+            x0 = self.source.to_model_space(to_model_range(np.stack(batch["pixels"][idx])))
+            z = ddim_invert_model_space(self.source, x0, timesteps=self.grid, condition=self.source_cfg.condition,
+                                        guidance_scale=self.source_cfg.guidance_scale)
             z.seeds = [0] * len(idx)
             flat = z.x_start.reshape(len(idx), -1)
-            res = Reservoir(self.cfg.ood.reservoir).offer(flat, [f"{s}/{k}" for s, k in zip(shards, keys, strict=True)])
-            payload = partial_to_bytes(MomentFit.of(flat), res, z.x_start.shape[1:], self.grid)
-            n_lat = self._latent_rows(rows, z, shards, keys, batch["index"][idx], self.cfg.source.model,
-                                      self.cfg.source.condition)
-            for j, i in enumerate(idx):
-                info = {"source_shard": shards[j], "key": keys[j], "method": "ddim", "t0": self.grid[0],
-                        "timesteps": self.grid, "source_model": self.cfg.source.model,
-                        "config_hash": self.config_hash, "latentshift": self.version, "latent_rows": n_lat}
-                rows.add(shard=shards[j], key=keys[j], index=int(batch["index"][i]), step=-1, info=json.dumps(info))
-        rows.add(shard="", key="", index=-1, step=FORWARD_STEP, payload=payload)  # the partial fit, for the driver
+            payload = partial_to_bytes(MomentFit.of(flat), self._entrants(flat, batch, idx), z.x_start.shape[1:],
+                                       self.grid)
+            n_lat = self.add_latent_rows(rows, z, batch, idx)
+            for i in idx:
+                rows.add(shard=batch["shard"][i], key=batch["key"][i], index=int(batch["index"][i]),
+                         kind=RowKind.SAMPLE, timesteps=self.grid, latent_rows=n_lat)
+        rows.add(kind=RowKind.PARTIAL, partial=payload)
         return rows.batch()
 
+    def _entrants(self, flat: torch.Tensor, batch: dict, idx: np.ndarray) -> Reservoir:
+        offered = Reservoir(self.ood.reservoir).offer(flat, [f"{batch['shard'][i]}/{batch['key'][i]}" for i in idx])
+        self.reservoir = self.reservoir.merge(offered)
+        kept = set(self.reservoir.priorities)
+        take = [j for j, p in enumerate(offered.priorities) if p in kept]
+        return Reservoir(self.ood.reservoir, [offered.priorities[j] for j in take],
+                         offered.latents[take] if take else None)
 
-class SampleDecodeStage(_Stage):
+
+class SampleDecodeStage(ModelStage):
     """Candidate indices → latents μ + σ·n(seed) at t0 (regenerated, never shipped) → DDIM decode."""
 
-    def __init__(self, config: dict, config_hash: str, stats_uri: str, stats_options: dict, acceptance: float):
-        super().__init__(config, config_hash)
+    def __init__(self, source: ModelConfig, output: OutputConfig, run_seed: int, stats_uri: str,
+                 stats_options: dict, dtype: str = "auto"):
+        super().__init__(output)
         from pipeline.data.stats import read_stats
 
-        tensors, self.header = read_stats(stats_uri, stats_options)
-        self.mean, self.variance = tensors["mean"], tensors["variance"]
-        self.shape = tuple(self.header["shape"])
-        self.timesteps = list(self.header["timesteps"])
-        self.acceptance = acceptance
-        self.stats_uri = stats_uri
-        self.source = load_model(self.cfg.source, self.cfg.runtime.dtype)
+        tensors, header = read_stats(stats_uri, stats_options)
+        self.mean, self.variance = torch.tensor(tensors["mean"]), torch.tensor(tensors["variance"])
+        self.shape = tuple(header["shape"])
+        self.timesteps = list(header["timesteps"])
+        self.source_cfg, self.run_seed = source, run_seed
+        self.source = load_model(source, dtype)
 
     def __call__(self, batch: dict) -> dict:
-        rows = _Rows()
-        cands = [int(c) for c in batch["candidate"]]
-        x = draw_candidates(self.mean, self.variance, cands, self.cfg.sampler.seed)
-        x = x.float().reshape(len(cands), *self.shape)
-        empty = x.new_zeros((len(cands), 0, *self.shape))
-        z = Latent(x, empty, self.timesteps, method="ddim", eta=0.0, seeds=cands)
+        rows = RowBuffer()
+        idx = self.samples(batch)
+        cands = [int(batch["candidate"][i]) for i in idx]
+        x = draw_candidates(self.mean, self.variance, cands, self.run_seed).float().reshape(len(cands), *self.shape)
+        z = Latent(x, x.new_zeros((len(cands), 0, *self.shape)), self.timesteps, method="ddim", eta=0.0, seeds=cands)
         images = to_uint8(self.source.to_pixels(ddim_decode_model_space(
-            self.source, z, condition=self.cfg.source.condition, guidance_scale=self.cfg.source.guidance_scale)))
-        shards, keys = [str(s) for s in batch["shard"]], [str(k) for k in batch["key"]]
-        n_lat = self._latent_rows(rows, z, shards, keys, batch["index"], self.cfg.source.model, self.cfg.source.condition)
-        for j in range(len(cands)):
-            info = {"source_shard": shards[j], "key": keys[j], "candidate": cands[j], "seed": self.cfg.sampler.seed,
-                    "source_model": self.cfg.source.model, "stats": self.stats_uri, "t0": self.timesteps[0],
-                    "timesteps": self.timesteps, "geometric": self.cfg.ood.geometric,
-                    "tolerance": self.cfg.ood.tolerance, "acceptance_rate": self.acceptance,
-                    "config_hash": self.config_hash, "latentshift": self.version, "latent_rows": n_lat}
-            rows.add(shard=shards[j], key=keys[j], index=int(batch["index"][j]), step=-1, extras="",
-                     payload=images[j].tobytes(), shape=",".join(map(str, images[j].shape)), info=json.dumps(info))
+            self.source, z, condition=self.source_cfg.condition, guidance_scale=self.source_cfg.guidance_scale)))
+        n_lat = self.add_latent_rows(rows, z, batch, idx)
+        for j, i in enumerate(idx):
+            rows.add(shard=batch["shard"][i], key=batch["key"][i], index=int(batch["index"][i]), kind=RowKind.SAMPLE,
+                     pixels=images[j], timesteps=self.timesteps, seed=cands[j], candidate=cands[j], latent_rows=n_lat)
         return rows.batch()

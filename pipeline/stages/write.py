@@ -1,97 +1,88 @@
 """Write stage (CPU tasks): stage each batch's rows as parts of their shards.
 
-Per (batch, shard) it writes ``part-<id>.tar`` (samples), ``part-<id>.parquet`` (latent rows)
-and, last, ``part-<id>.json`` (the part's manifest), under ``_staging/<run>/<shard>/``. It
-returns one small manifest row per part; the driver counts them and commits a shard when
-all its rows are staged (pipeline.run).
+Per (batch, shard) it stages one part through the shard ledger: ``tar`` (samples, with their
+provenance serialised here, once), ``parquet`` (LATENT rows), then the part's manifest. It
+returns one small manifest row per part; PARTIAL rows go on to the driver as they are.
 """
 
 from __future__ import annotations
 
-import base64
 import io
-import json
-import posixpath
-import uuid
+import math
 
 import numpy as np
 
 from pipeline.data.images import encode_image
 from pipeline.data.latents import LATENT_SCHEMA, latent_row
-from pipeline.data.outputs import OutputStore
+from pipeline.data.ledger import ShardLedger
+from pipeline.data.rows import MANIFEST_COLUMNS, Provenance, RowBuffer, RowKind, members
 from pipeline.data.shards import write_samples
 
 PSNR_OF_IDENTICAL = 100.0  # dB counted for identical images in the run's mean PSNR
 PROVENANCE_MEMBER = "latentshift.json"  # the input's own .json member is carried through unchanged
 
-MANIFEST_COLUMNS = ("shard", "part", "samples", "latent_rows", "latent_rows_expected", "images", "rejected",
-                    "psnr_sum", "ssim_sum", "metric_count", "forward")
-FORWARD_STEP = -2  # rows a stage sends to the driver as they are (e.g. partial fits), not to storage
+
+def write_parts(batch: dict, ledger: ShardLedger, image_format: str, provenance: Provenance) -> dict:
+    manifest = RowBuffer(MANIFEST_COLUMNS)
+    kinds = np.asarray(batch["kind"])
+    by_shard: dict[str, list[int]] = {}
+    for i, shard in enumerate(batch["shard"]):
+        if kinds[i] == RowKind.PARTIAL:
+            manifest.add(kind=RowKind.PARTIAL, partial=bytes(batch["partial"][i]))
+        else:
+            by_shard.setdefault(str(shard), []).append(i)
+    for shard, idx in by_shard.items():
+        manifest.add(**_stage_part(batch, idx, shard, ledger, image_format, provenance))
+    return manifest.batch()
 
 
-def write_parts(batch: dict, store: OutputStore, run_id: str, image_format: str) -> dict:
+def _stage_part(batch: dict, idx: list[int], shard: str, ledger: ShardLedger, image_format: str,
+                provenance: Provenance) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    manifest_rows = {c: [] for c in MANIFEST_COLUMNS}
-    by_shard: dict[str, list[int]] = {}
-    for i, shard in enumerate(batch["shard"]):
-        if int(batch["step"][i]) == FORWARD_STEP:
-            for col in MANIFEST_COLUMNS:
-                manifest_rows[col].append({"shard": "", "part": "", "forward": bytes(batch["payload"][i])}.get(
-                    col, 0.0 if col.endswith("_sum") else 0))
+    samples, rejects, latents, keys = [], [], [], []
+    psnr_sum = ssim_sum = 0.0
+    metric_count = expected_latents = 0
+    for i in idx:
+        key, index, kind = str(batch["key"][i]), int(batch["index"][i]), int(batch["kind"][i])
+        if kind == RowKind.LATENT:
+            meta, m = provenance.latents, batch["latent"][i]
+            latents.append(latent_row(
+                key=key, shard=shard, model=meta.model, method=meta.method, timesteps=batch["timesteps"][i],
+                eta=meta.eta, cond=meta.cond, seed=int(batch["seed"][i]), step=int(batch["step"][i]),
+                shape=m.shape, dtype=m.dtype.name, latent=np.ascontiguousarray(m).tobytes()))
             continue
-        by_shard.setdefault(str(shard), []).append(i)
+        keys.append((index, key))
+        if kind == RowKind.REJECT:
+            rejects.append({"shard": shard, "key": key, "index": index, "reason": str(batch["error"][i])})
+            continue
+        expected_latents += int(batch["latent_rows"][i])
+        psnr, ssim = float(batch["psnr"][i]), float(batch["ssim"][i])
+        if not math.isnan(ssim):  # translate: psnr is inf where output == input
+            psnr_sum += psnr if math.isfinite(psnr) else PSNR_OF_IDENTICAL
+            ssim_sum += ssim
+            metric_count += 1
+        pixels = batch["pixels"][i]
+        if pixels.size == 0:  # encode: latents only, no image
+            continue
+        out = {image_format: encode_image(pixels, image_format),
+               PROVENANCE_MEMBER: provenance.to_json(batch, i, int(batch["latent_rows"][i]))}
+        for ext, data in members(batch, i).items():
+            out.setdefault(ext, data)
+        samples.append((key, out))
 
-    for shard, members in by_shard.items():
-        part = f"part-{uuid.uuid4().hex}"
-        base = posixpath.join(store.staging(run_id, shard), part)
-        samples, rejects, latents, keys, indices = [], [], [], [], []
-        psnr_sum = ssim_sum = 0.0
-        metric_count = expected_latents = 0
-        for i in members:
-            key, index, step = str(batch["key"][i]), int(batch["index"][i]), int(batch["step"][i])
-            if step >= 0:
-                info = json.loads(batch["info"][i])
-                latents.append(latent_row(
-                    key=key, shard=shard, model=info["model"], method=info["method"], timesteps=info["timesteps"],
-                    eta=info["eta"], cond=info["cond"], seed=info["seed"], step=step,
-                    shape=batch["shape"][i].split(","), dtype=info["dtype"], latent=bytes(batch["payload"][i])))
-                continue
-            indices.append(index)
-            keys.append((index, key))
-            if batch["error"][i]:
-                rejects.append({"shard": shard, "key": key, "index": index, "reason": str(batch["error"][i])})
-                continue
-            info = json.loads(batch["info"][i])
-            expected_latents += int(info.get("latent_rows", 0))
-            if "ssim" in info:  # translate: psnr is None where output == input (infinite PSNR)
-                psnr_sum += info["psnr"] if info["psnr"] is not None else PSNR_OF_IDENTICAL
-                ssim_sum += info.get("ssim") or 0.0
-                metric_count += 1
-            payload = bytes(batch["payload"][i])
-            if not payload:  # encode: latents only, no image
-                continue
-            shape = tuple(int(v) for v in batch["shape"][i].split(","))
-            members_out = {image_format: encode_image(np.frombuffer(payload, np.uint8).reshape(shape), image_format),
-                           PROVENANCE_MEMBER: json.dumps(info, sort_keys=True).encode()}
-            carried = json.loads(batch["extras"][i]) if batch["extras"][i] else {}
-            for ext, b64 in carried.items():
-                members_out.setdefault(ext, base64.b64decode(b64))
-            samples.append((key, members_out))
-
-        if samples:
-            buf = io.BytesIO()
-            write_samples(buf, samples)
-            store.put(base + ".tar", buf.getvalue())
-        if latents:
-            buf = io.BytesIO()
-            pq.write_table(pa.Table.from_pylist(latents, schema=LATENT_SCHEMA), buf, compression="zstd")
-            store.put(base + ".parquet", buf.getvalue())
-        store.put_json(base + ".json", {"indices": indices, "keys": [[i, k] for i, k in keys], "rejects": rejects,
-                                        "has_tar": bool(samples), "has_latents": bool(latents)})
-        for col, value in zip(MANIFEST_COLUMNS, (shard, part, len(indices), len(latents), expected_latents,
-                                                 len(samples), len(rejects), psnr_sum, ssim_sum, metric_count, b""),
-                              strict=True):
-            manifest_rows[col].append(value)
-    return {c: np.array(v, dtype=object if c in ("shard", "part", "forward") else None) for c, v in manifest_rows.items()}
+    files = {}
+    if samples:
+        buf = io.BytesIO()
+        write_samples(buf, samples)
+        files["tar"] = buf.getvalue()
+    if latents:
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(latents, schema=LATENT_SCHEMA), buf, compression="zstd")
+        files["parquet"] = buf.getvalue()
+    part = ledger.stage_part(shard, files, {"indices": [i for i, _ in keys], "keys": [[i, k] for i, k in keys],
+                                            "rejects": rejects})
+    return {"shard": shard, "part": part, "kind": RowKind.SAMPLE, "rows": len(keys), "latent_rows": len(latents),
+            "latent_rows_expected": expected_latents, "images": len(samples), "rejected": len(rejects),
+            "psnr_sum": psnr_sum, "ssim_sum": ssim_sum, "metric_count": metric_count}

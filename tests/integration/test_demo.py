@@ -8,8 +8,8 @@ import json
 import pytest
 from PIL import Image
 
-from pipeline.demo import format_table, run_demo
-from pipeline.train_demo import TrainConfig, train
+from pipeline.demo.run import format_table, run_demo
+from pipeline.demo.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""load_denoiser from object storage: a real S3 API (moto server) on loopback."""
+"""Models in object storage: resolve_model (copy, cache, checks) against a real S3 API (moto server)
+on loopback, then load_denoiser on the local copy."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.data.model_cache import COMPLETE_MARKER, materialize
+from pipeline.data.model_store import resolve_model
 from pipeline.diffusion import load_denoiser
 from pipeline.errors import ModelLoadError, StorageError
 
@@ -23,11 +25,18 @@ def bucket(s3):
 
 def test_load_from_s3_folder_equals_local(s3, s3_server, bucket, pixel_model, tmp_path):
     s3.put(str(pixel_model), f"{bucket}/ddpm-pixel", recursive=True)
-    den = load_denoiser(f"s3://{bucket}/ddpm-pixel", storage_options={"endpoint_url": s3_server}, cache_dir=tmp_path)
+    uri, opts = f"s3://{bucket}/ddpm-pixel", {"endpoint_url": s3_server}
+    resolved = resolve_model(uri, opts, cache_dir=tmp_path)
+    assert resolved.source == uri and resolved.path.parent == tmp_path and (resolved.path / COMPLETE_MARKER).exists()
+    assert resolved.components == ("unet", "scheduler")
+    den = load_denoiser(resolved)
     local = load_denoiser(str(pixel_model))
     x = torch.randn(2, 3, 16, 16)
     assert torch.allclose(den.eps(x, 100), local.eps(x, 100), atol=1e-6)
-    assert den.source == f"s3://{bucket}/ddpm-pixel"
+    assert den.source == uri
+    # resolving again reuses the cached copy: same folder, still one copy
+    assert resolve_model(uri, opts, cache_dir=tmp_path).path == resolved.path
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1
 
 
 def test_cache_is_keyed_by_object_version_and_shared_by_processes(s3, s3_server, bucket, pixel_model, tmp_path):
@@ -59,16 +68,21 @@ def test_pickle_only_weights_in_s3_are_refused(s3, s3_server, bucket, pixel_mode
     local_bin = tmp_path / "w.bin"
     torch.save(load_file(pixel_model / "unet" / "diffusion_pytorch_model.safetensors"), local_bin)
     s3.put(str(local_bin), f"{prefix}/unet/diffusion_pytorch_model.bin")
-    with pytest.raises(ModelLoadError, match="pickle-based weights"):
-        load_denoiser(f"s3://{prefix}", storage_options={"endpoint_url": s3_server}, cache_dir=tmp_path / "c")
+    with pytest.raises(ModelLoadError, match=r"'s3://.*/pickled'.*pickle-based weights.*allow_pickle: true"):
+        resolve_model(f"s3://{prefix}", {"endpoint_url": s3_server}, cache_dir=tmp_path / "c")
+    resolved = resolve_model(f"s3://{prefix}", {"endpoint_url": s3_server}, allow_pickle=True, cache_dir=tmp_path / "c")
+    x = torch.randn(1, 3, 16, 16)
+    assert torch.allclose(load_denoiser(resolved).eps(x, 5), load_denoiser(str(pixel_model)).eps(x, 5), atol=1e-5)
 
 
 def test_missing_prefix_and_bucket_are_clear_errors(s3, s3_server, bucket, tmp_path):
     opts = {"endpoint_url": s3_server}
     with pytest.raises(ModelLoadError, match=r"no files under this prefix"):
-        load_denoiser(f"s3://{bucket}/nothing-here", storage_options=opts, cache_dir=tmp_path)
+        resolve_model(f"s3://{bucket}/nothing-here", opts, cache_dir=tmp_path)
     with pytest.raises((StorageError, ModelLoadError), match=r"s3://no-such-bucket-x/m"):
-        load_denoiser("s3://no-such-bucket-x/m", storage_options=opts, cache_dir=tmp_path)
+        resolve_model("s3://no-such-bucket-x/m", opts, cache_dir=tmp_path)
+    with pytest.raises(ModelLoadError, match=r"resolve_model"):  # load_denoiser never reaches storage itself
+        load_denoiser(f"s3://{bucket}/nothing-here")
 
 
 def test_missing_credentials_name_the_fix(s3_server, monkeypatch, tmp_path):
@@ -81,4 +95,4 @@ def test_missing_credentials_name_the_fix(s3_server, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     s3fs.S3FileSystem.clear_instance_cache()
     with pytest.raises(StorageError, match=r"s3://models/m: no credentials found: set AWS_ACCESS_KEY_ID"):
-        load_denoiser("s3://models/m", storage_options={"endpoint_url": s3_server}, cache_dir=tmp_path)
+        resolve_model("s3://models/m", {"endpoint_url": s3_server}, cache_dir=tmp_path)

@@ -17,7 +17,7 @@ from pipeline.data.latents import read_latents
 from pipeline.data.shards import iter_tar_samples
 from pipeline.data.stats import read_stats
 from pipeline.errors import ConfigError, StorageError
-from pipeline.ood_jobs import ood_fit, ood_sample
+from pipeline.jobs import run_job
 
 
 def shapes_shard(shard: int, n: int, bright: bool) -> bytes:
@@ -57,8 +57,8 @@ def config(bucket, opts, model, **ood):
 def test_fit_then_sample_exactly_count_and_rerun_noop(ray_cluster, s3, ood_setup, pixel_model, caplog):
     bucket, opts = ood_setup
     cfg = config(bucket, opts, pixel_model, t0=510)
-    with caplog.at_level(logging.INFO, logger="pipeline.ood_jobs"):
-        fit = ood_fit(cfg, reference=f"s3://{bucket}/id/")
+    with caplog.at_level(logging.INFO, logger="pipeline.jobs.ood_fit"):
+        fit = run_job(cfg, "ood-fit", reference=f"s3://{bucket}/id/")
     # t0 = 510 is not on this model's grid (20 leading steps over 1000: …, 500, 550, …): snapped and logged
     assert "ood.t0 = 510 is not on the model's grid; snapped to 500" in caplog.text
 
@@ -73,7 +73,7 @@ def test_fit_then_sample_exactly_count_and_rerun_noop(ray_cluster, s3, ood_setup
     assert header["latents_written"] == 20
     latents = dict(read_latents(f"s3://{bucket}/unseen/latents/", opts))
     assert len(latents) == 20 and all(z.method == "ddim" and z.timesteps[0] == 500 for z in latents.values())
-    assert next(iter(latents.values())).x_start.shape == (1, 3, 16, 16)
+    assert next(iter(latents.values())).x_start.shape == (3, 16, 16)
 
     report = json.loads(s3.cat_file(f"{bucket}/unseen/report/ood_vs_id.json"))
     assert report["separability"]["mean_distance"] > 0 and report["separability"]["d_quarter"] == pytest.approx(768**0.25)
@@ -81,10 +81,10 @@ def test_fit_then_sample_exactly_count_and_rerun_noop(ray_cluster, s3, ood_setup
     assert s3.cat_file(f"{bucket}/unseen/report/ood_vs_id.png")[:8] == b"\x89PNG\r\n\x1a\n"
     assert fit["report"]["distinguishable"] == report["distinguishable"]
 
-    again = ood_fit(cfg)  # same inputs and settings: up to date
+    again = run_job(cfg, "ood-fit")  # same inputs and settings: up to date
     assert again.get("up_to_date") is True
 
-    summary = ood_sample(cfg)
+    summary = run_job(cfg, "ood-sample")
     assert summary["images"] == 7 and summary["shards_done"] == 3 and 0 < summary["acceptance_rate"] <= 1
     keys = []
     for name in ("unseen-00000", "unseen-00001", "unseen-00002"):
@@ -95,15 +95,15 @@ def test_fit_then_sample_exactly_count_and_rerun_noop(ray_cluster, s3, ood_setup
             assert np.asarray(Image.open(io.BytesIO(s.members["png"]))).shape == (16, 16, 3)
     assert len(keys) == len(set(keys)) == 7
 
-    rerun = ood_sample(cfg)
+    rerun = run_job(cfg, "ood-sample")
     assert rerun["shards_done"] == 0 and rerun["shards_skipped"] == 3 and rerun["images"] == 0
 
 
 def test_sampling_without_geometric_selection_keeps_every_candidate(ray_cluster, s3, ood_setup, pixel_model):
     bucket, opts = ood_setup
     cfg = config(bucket, opts, pixel_model, geometric=False, count=4, shard_size=4)
-    ood_fit(cfg)
-    s = ood_sample(cfg)
+    run_job(cfg, "ood-fit")
+    s = run_job(cfg, "ood-sample")
     assert s["acceptance_rate"] == 1.0 and s["images"] == 4
     keys = [x.key for x in iter_tar_samples(io.BytesIO(s3.cat_file(f"{bucket}/unseen/images/unseen-00000.tar")))]
     assert keys == ["000000000", "000000001", "000000002", "000000003"]
@@ -112,24 +112,24 @@ def test_sampling_without_geometric_selection_keeps_every_candidate(ray_cluster,
 def test_bad_inputs(ray_cluster, s3, ood_setup, pixel_model, other_pixel_model):
     bucket, opts = ood_setup
     cfg = config(bucket, opts, pixel_model, count=2)
-    ood_fit(cfg)
+    run_job(cfg, "ood-fit")
     other_model = config(bucket, opts, other_pixel_model, count=2)
     with pytest.raises(ConfigError, match=r"ood\.stats .*fitted with model .*not source\.model"):
-        ood_sample(other_model)
+        run_job(other_model, "ood-sample")
     other_t0 = config(bucket, opts, pixel_model, count=2, t0=300)
     with pytest.raises(ConfigError, match=r"fitted at t0 = 500, not ood\.t0 = 300"):
-        ood_sample(other_t0)
+        run_job(other_t0, "ood-sample")
     empty = config(bucket, opts, pixel_model)
     empty.input.uri = f"s3://{bucket}/nothing/"
     with pytest.raises(StorageError, match="no .tar shards found"):
-        ood_fit(empty)
+        run_job(empty, "ood-fit")
     s3.pipe(f"{bucket}/broken/x.tar", tar_bytes([("a", {"png": b"not a png"})]))
     broken = config(bucket, opts, pixel_model)
     broken.input.uri = f"s3://{bucket}/broken/"
     with pytest.raises(StorageError, match=r"no image could be inverted \(1 rejected"):
-        ood_fit(broken, overwrite=True)
+        run_job(broken, "ood-fit", overwrite=True)
     assert "undecodable image" in s3.cat_file(f"{bucket}/unseen/_rejects/x.jsonl").decode()
     missing = config(bucket, opts, pixel_model)
     missing.ood.stats = f"s3://{bucket}/no/such.safetensors"
     with pytest.raises(StorageError, match="not found"):
-        ood_sample(missing)
+        run_job(missing, "ood-sample")

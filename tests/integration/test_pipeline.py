@@ -23,7 +23,7 @@ from pipeline.config import validate
 from pipeline.data.latents import read_latents
 from pipeline.data.shards import iter_tar_samples
 from pipeline.errors import ConfigError, StorageError
-from pipeline.run import run_job
+from pipeline.jobs import run_job
 
 
 def tar_members(data: bytes) -> dict[str, dict[str, bytes]]:
@@ -113,7 +113,7 @@ def test_translate_s3_to_s3_exactly_once_with_rejects(ray_cluster, s3, s3_server
     latents = dict(read_latents(f"s3://{bucket}/out/latents/", {"endpoint_url": s3_server}))
     assert set(latents) == set(out_a) | set(out_b)
     z = latents["s00-001"]
-    assert z.x_start.shape == (1, 3, 16, 16) and z.noise.shape == (1, 4, 3, 16, 16)
+    assert z.x_start.shape == (3, 16, 16) and z.noise.shape == (4, 3, 16, 16) and z.maps.dtype == np.float16
 
     # ledger and summary
     ledger = {n: json.loads(s3.cat_file(f"{bucket}/out/_ledger/{n}.json")) for n in ("shard-a", "shard-b")}

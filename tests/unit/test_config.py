@@ -111,15 +111,15 @@ def test_shipped_configs_validate(path):
 
 def test_gpus_per_actor_auto_follows_the_declared_variable_before_the_cluster(monkeypatch):
     """GPU workers that scale from zero show no GPU at job start; the head's variable says they will come."""
-    from pipeline.run import _gpus_per_actor
+    from pipeline.runtime.ray_env import gpus_per_actor
 
     cfg = load_config(ROOT / "configs" / "afhq-cat2dog.yaml")
     monkeypatch.setenv("LATENTSHIFT_GPUS_PER_ACTOR", "1")
-    assert _gpus_per_actor(cfg) == 1.0
+    assert gpus_per_actor(cfg.runtime) == 1.0
     monkeypatch.setenv("LATENTSHIFT_GPUS_PER_ACTOR", "0.5")
-    assert _gpus_per_actor(cfg) == 0.5
+    assert gpus_per_actor(cfg.runtime) == 0.5
     monkeypatch.setenv("LATENTSHIFT_GPUS_PER_ACTOR", "one")
     with pytest.raises(ConfigError, match="LATENTSHIFT_GPUS_PER_ACTOR = 'one'"):
-        _gpus_per_actor(cfg)
+        gpus_per_actor(cfg.runtime)
     explicit = load_config(ROOT / "configs" / "afhq-cat2dog.yaml", ["runtime.gpus_per_actor=0"])
-    assert _gpus_per_actor(explicit) == 0.0  # an explicit number wins over the variable
+    assert gpus_per_actor(explicit.runtime) == 0.0  # an explicit number wins over the variable

@@ -51,9 +51,15 @@ def test_inversion_to_a_named_t0_on_the_grid(unclipped_model):
     assert errors[1] < errors[0], errors  # approximate: measured, and shrinking with steps
 
 
-def test_t0_off_the_grid_is_an_error_naming_the_nearest(unclipped_model):
-    with pytest.raises(ValueError, match=r"t0 = 500 is not on the 20-step grid.*nearest is 501"):
-        ddim_invert(unclipped_model, torch.zeros(1, 3, 16, 16), steps=20, t0=500)
+def test_t0_off_the_grid_snaps_to_the_nearest_as_the_ood_jobs_do(unclipped_model):
+    from pipeline.diffusion.ood import ood_grid
+
+    den = unclipped_model
+    z = ddim_invert(den, torch.zeros(1, 3, 16, 16), steps=20, t0=500)  # 20 steps, offset 1: …, 451, 501, …
+    assert z.timesteps[0] == 501 and z.timesteps == den.schedule.grid(20)[den.schedule.grid(20).index(501):]
+    assert ood_grid(den.schedule, 500, 10)[0] == den.schedule.snap(500, 20)  # one policy: the same snap
+    with pytest.raises(ValueError, match=r"t0 = 1000 must lie in 0\.\.999"):
+        ddim_invert(den, torch.zeros(1, 3, 16, 16), steps=20, t0=1000)
 
 
 def test_ddim_decode_refuses_a_dpm_latent(unclipped_model):

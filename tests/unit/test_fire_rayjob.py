@@ -9,8 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from pipeline.cluster.fire_rayjob import ApiServer, fire, fired_rayjob, firing_name
 from pipeline.errors import LatentshiftError
-from pipeline.fire_rayjob import ApiServer, fire, fired_rayjob, firing_name
 
 TEMPLATE = {
     "apiVersion": "ray.io/v1", "kind": "RayJob",

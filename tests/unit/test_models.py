@@ -1,15 +1,25 @@
-"""load_denoiser: model kinds, prediction types, CFG, pickle refusal, clear errors."""
+"""resolve_model (sources, layout, pickle policy) and load_denoiser (assembly): model kinds,
+prediction types, CFG, pickle refusal, clear errors, and the layer rule between them."""
 
 from __future__ import annotations
 
+import ast
+import json
+import logging
 import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline.data.model_store import ModelFolder, resolve_model
 from pipeline.diffusion import load_denoiser
 from pipeline.errors import ModelLoadError
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_pixel_model_from_pipeline_folder(pixel_model):
@@ -82,33 +92,139 @@ def test_unconditional_model_rejects_a_condition(pixel_model):
         load_denoiser(str(pixel_model)).eps(torch.zeros(1, 3, 16, 16), 10, "a cat")
 
 
-def test_pickle_only_weights_are_refused_unless_allowed(pixel_model, tmp_path):
+def _pickled_copy(pixel_model, folder):
     from safetensors.torch import load_file
 
-    folder = tmp_path / "pickled"
     shutil.copytree(pixel_model, folder)
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     torch.save(load_file(weights), folder / "unet" / "diffusion_pytorch_model.bin")
     weights.unlink()
+    return folder
+
+
+def test_pickle_only_weights_are_refused_unless_allowed(pixel_model, tmp_path, caplog):
+    folder = _pickled_copy(pixel_model, tmp_path / "pickled")
     with pytest.raises(ModelLoadError, match=r"pickle-based weights \(diffusion_pytorch_model\.bin\).*allow_pickle: true"):
-        load_denoiser(str(folder))
-    den = load_denoiser(str(folder), allow_pickle=True)
+        resolve_model(str(folder))
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.model_store"):
+        resolved = resolve_model(str(folder), allow_pickle=True)
+    assert resolved.allow_pickle and "pickle-based weights from unet/" in caplog.text
+    den = load_denoiser(resolved)
     x = torch.randn(1, 3, 16, 16)
     assert torch.allclose(den.eps(x, 5), load_denoiser(str(pixel_model)).eps(x, 5), atol=1e-5)
+    # an unresolved local folder cannot slip pickle weights past the policy either
+    with pytest.raises(ModelLoadError, match=r"no \*\.safetensors weights in unet/.*resolve_model"):
+        load_denoiser(str(folder))
+    assert load_denoiser(str(folder), allow_pickle=True).eps(x, 5).shape == x.shape
+
+
+def test_resolve_model_refuses_pickle_without_torch(pixel_model, tmp_path):
+    """resolve_model is the cheap preflight: a pickle-only folder fails before torch/diffusers load."""
+    folder = _pickled_copy(pixel_model, tmp_path / "pickled")
+    code = (
+        "import sys\n"
+        "from pipeline.data.model_store import resolve_model\n"
+        "from pipeline.errors import ModelLoadError\n"
+        "try:\n"
+        f"    resolve_model({str(folder)!r})\n"
+        "except ModelLoadError as e:\n"
+        "    print('ERR', e)\n"
+        "print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'transformers')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "ERR" in out and "pickle-based weights (diffusion_pytorch_model.bin)" in out
+    assert "LOADED []" in out
+
+
+def _imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return names
+
+
+def test_model_store_imports_no_torch_diffusers_or_transformers():
+    imports = _imports(ROOT / "pipeline" / "data" / "model_store.py")
+    assert "pipeline.errors" in imports  # the parse saw the file's imports
+    heavy = [m for m in imports if m.split(".")[0] in ("torch", "diffusers", "transformers", "safetensors")]
+    assert not heavy, heavy
+
+
+def test_diffusion_imports_nothing_from_pipeline_data():
+    files = sorted((ROOT / "pipeline" / "diffusion").glob("*.py"))
+    assert any(f.name == "denoiser.py" for f in files)
+    bad = {f.name: m for f in files for m in _imports(f) if m == "pipeline.data" or m.startswith("pipeline.data.")}
+    assert not bad, bad
+
+
+def test_load_denoiser_takes_local_folders_only():
+    for source in ("s3://x/y", "gs://bucket/model", "bundled:discs", "someone/ddpm-cats"):
+        with pytest.raises(ModelLoadError, match=r"resolve_model"):
+            load_denoiser(source)
 
 
 def test_missing_and_malformed_sources_are_clear_errors(tmp_path):
     with pytest.raises(ModelLoadError, match=r"no such folder"):
+        resolve_model(str(tmp_path / "nope"))
+    with pytest.raises(ModelLoadError, match=r"not a local folder.*resolve_model"):
         load_denoiser(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match=r"not a diffusers model folder"):
+        resolve_model(str(tmp_path / "empty"))
+    with pytest.raises(ModelLoadError, match=r"not a diffusers model folder"):
         load_denoiser(str(tmp_path / "empty"))
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"is a file; give the diffusers folder"):
+        resolve_model(str(tmp_path / "weights.safetensors"))
+
+
+def test_resolve_model_checks_layout_and_classes(pixel_model, sd_model, tmp_path):
+    resolved = resolve_model(f"file://{pixel_model}")
+    assert resolved == ModelFolder(f"file://{pixel_model}", pixel_model, ("unet", "scheduler"), False)
+    assert resolve_model(str(sd_model)).components == ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
+
+    listed = shutil.copytree(pixel_model, tmp_path / "listed")
+    index = json.loads((listed / "model_index.json").read_text())
+    (listed / "model_index.json").write_text(json.dumps({**index, "vae": ["diffusers", "AutoencoderKL"]}))
+    with pytest.raises(ModelLoadError, match=r"component 'vae' is listed but vae/ is missing"):
+        resolve_model(str(listed))
+
+    empty = shutil.copytree(pixel_model, tmp_path / "noweights")
+    (empty / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match=r"no weights in unet/ \(expected \*\.safetensors\)"):
+        resolve_model(str(empty))
+
+    odd = shutil.copytree(pixel_model, tmp_path / "odd")
+    cfg = json.loads((odd / "unet" / "config.json").read_text())
+    (odd / "unet" / "config.json").write_text(json.dumps({**cfg, "_class_name": "UNet3DConditionModel"}))
+    with pytest.raises(ModelLoadError, match=r"unet class UNet3DConditionModel is not supported"):
+        resolve_model(str(odd))
+    with pytest.raises(ModelLoadError, match=r"unet class UNet3DConditionModel is not supported"):
+        load_denoiser(str(odd))
+
+    no_text = tmp_path / "no-text"
+    for sub in ("unet", "scheduler", "vae"):
+        shutil.copytree(sd_model / sub, no_text / sub)
+    with pytest.raises(ModelLoadError, match=r"UNet2DConditionModel needs text_encoder/ and tokenizer/"):
+        resolve_model(str(no_text))
+    with pytest.raises(ModelLoadError, match=r"UNet2DConditionModel needs text_encoder/ and tokenizer/"):
+        load_denoiser(str(no_text))
+
+
+def test_denoiser_source_names_the_source(pixel_model):
+    assert load_denoiser(str(pixel_model)).source == str(pixel_model)
+    assert load_denoiser(pixel_model).source == str(pixel_model)  # os.PathLike
+    assert load_denoiser(resolve_model(f"file://{pixel_model}")).source == f"file://{pixel_model}"
+    assert load_denoiser(pixel_model, source="s3://models/pixel").source == "s3://models/pixel"
 
 
 def test_hub_id_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match=r"'someone/ddpm-cats'.*local folder"):
-        load_denoiser("someone/ddpm-cats")
+        resolve_model("someone/ddpm-cats")
 
 
 def test_dtype_override(pixel_model):

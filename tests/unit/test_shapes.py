@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data.shapes import DOMAINS, render, write_shapes
 from pipeline.data.shards import iter_tar_samples
+from pipeline.demo.shapes import DOMAINS, render, write_shapes
 from pipeline.metrics.shapes import FILL, hue_error, measure_shapes, shape_rate
 
 

@@ -6,7 +6,7 @@ import calendar
 
 import pytest
 
-from pipeline.submit import SubmissionRefused, next_free_id, submission_id
+from pipeline.cluster.submit import SubmissionRefused, next_free_id, submission_id
 
 T = calendar.timegm((2026, 11, 22, 10, 17, 0))  # 10:17 UTC
 

@@ -6,8 +6,9 @@ import json
 
 import torch
 
+from pipeline.data.model_store import resolve_model
+from pipeline.demo.train import TrainConfig, train
 from pipeline.diffusion import load_denoiser
-from pipeline.train_demo import TrainConfig, train
 
 
 def test_train_resume_and_load(tmp_path):
@@ -21,4 +22,6 @@ def test_train_resume_and_load(tmp_path):
     assert json.loads((out / "training.json").read_text())["steps"] == 3
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").exists() and (out / "model_index.json").exists()
     den = load_denoiser(str(out))
+    assert den.eps(torch.zeros(1, 3, 32, 32), 10).shape == (1, 3, 32, 32)
+    den = load_denoiser(resolve_model(str(out)))  # passes the store's checks too (safetensors, layout)
     assert den.eps(torch.zeros(1, 3, 32, 32), 10).shape == (1, 3, 32, 32)

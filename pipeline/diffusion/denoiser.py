@@ -1,9 +1,10 @@
 """Frozen diffusers models behind one interface: ε_θ(x_t, t, condition) for a batch.
 
-``load_denoiser`` is the one place where this package touches files: it resolves a model
-source (local folder, object-storage folder, hub id) to a local folder, refuses
-pickle-based weights unless asked, and wraps the result in a ``Denoiser``. Everything
-else in ``pipeline.diffusion`` is tensors in, tensors out.
+``load_denoiser`` assembles a *local* diffusers folder into a ``Denoiser`` (frozen, eval
+mode). It does not resolve model sources: ``bundled:`` names, ``s3://`` / ``gs://`` folders
+and hub ids, and the pickle policy, belong to ``pipeline.data.model_store.resolve_model``,
+whose ``ModelFolder`` this function accepts. Everything else in ``pipeline.diffusion`` is
+tensors in, tensors out.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import logging
 import math
 import os
-import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,8 +26,7 @@ from pipeline.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 Condition = int | str | None
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
 
 
 @dataclass
@@ -222,42 +221,24 @@ def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.d
     return dev, dt
 
 
-def resolve_model_folder(source: str, storage_options: dict | None = None, cache_dir: Path | None = None) -> Path:
-    """A local folder for ``source``: local path, file://, object storage (cached) or hub id."""
-    from pipeline.data.filesystems import is_remote
-
-    if source.startswith("bundled:"):  # models this project trained and ships (pipeline/assets/<name>)
-        name = source.split(":", 1)[1]
-        folder = Path(__file__).resolve().parents[1] / "assets" / name
-        if not (folder / "model_index.json").exists():
-            raise ModelLoadError(f"model {source!r}: no bundled model {name!r} in {folder.parent}; "
-                                 f"train it with `latentshift train-demo --domain {name}`")
-        return folder
-    if is_remote(source):
-        from pipeline.data.model_cache import materialize
-
-        return materialize(source, storage_options, cache_dir)
-    local = Path(source[len("file://"):] if source.startswith("file://") else source).expanduser()
-    if local.is_dir():
-        return local
-    if local.exists():
-        raise ModelLoadError(f"model {source!r} is a file; give the diffusers folder that holds model_index.json")
-    if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
-        return _download_from_hub(source)
-    raise ModelLoadError(f"model {source!r}: no such folder; give a local diffusers folder, an s3:// or gs:// folder, or a hub id")
-
-
-def _download_from_hub(repo_id: str) -> Path:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    hint = f"model {repo_id!r} is neither a local folder nor reachable on the model hub"
-    if offline:
-        raise ModelLoadError(f"{hint} (HF_HUB_OFFLINE is set); download it elsewhere and pass its local folder or s3:// copy")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
-    except Exception as exc:  # noqa: BLE001 - offline, unknown repo or gated: one line either way
-        raise ModelLoadError(f"{hint} ({type(exc).__name__}); pass a local folder or an s3:// copy of it") from None
+def _local_folder(folder, source: str | None, allow_pickle: bool) -> tuple[Path, str, bool]:
+    """(path, source, allow_pickle) of a local folder or a ModelFolder-like object."""
+    if hasattr(folder, "path") and hasattr(folder, "source"):  # pipeline.data.model_store.ModelFolder
+        path = Path(folder.path)
+        src = source or str(folder.source)
+        allow_pickle = allow_pickle or bool(getattr(folder, "allow_pickle", False))
+    elif isinstance(folder, (str, os.PathLike)):
+        path = Path(folder)
+        src = source or str(folder)
+    else:
+        raise TypeError(f"load_denoiser takes a local folder or a ModelFolder, not {type(folder).__name__}")
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model {src!r}: not a local folder; load_denoiser reads local diffusers folders only: give one, or resolve "
+            f"the source first with pipeline.data.model_store.resolve_model({src!r}) (bundled:, s3://, gs://, hub ids) "
+            "and pass its result"
+        )
+    return path, src, allow_pickle
 
 
 def _read_json(path: Path) -> dict:
@@ -270,12 +251,11 @@ def _read_json(path: Path) -> dict:
 def _components(folder: Path, source: str) -> dict[str, Path]:
     """Component name → subfolder, from model_index.json or the unet/ + scheduler/ layout."""
     index = folder / "model_index.json"
-    names = ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
     if index.exists():
         spec = _read_json(index)
-        comps = {k: folder / k for k in names if isinstance(spec.get(k), list) and spec[k][0] is not None}
+        comps = {k: folder / k for k in COMPONENTS if isinstance(spec.get(k), list) and spec[k][0] is not None}
     else:
-        comps = {k: folder / k for k in names if (folder / k).is_dir()}
+        comps = {k: folder / k for k in COMPONENTS if (folder / k).is_dir()}
     if "unet" not in comps or "scheduler" not in comps:
         raise ModelLoadError(
             f"model {source!r}: not a diffusers model folder (expected model_index.json, or unet/ and scheduler/ subfolders)"
@@ -286,42 +266,45 @@ def _components(folder: Path, source: str) -> dict[str, Path]:
     return comps
 
 
-def _check_weights(component: Path, name: str, source: str, allow_pickle: bool) -> bool:
-    """True to load safetensors; refuse pickle-only weights unless explicitly allowed."""
-    files = [p.name for p in component.iterdir() if p.is_file()]
-    if any(f.endswith(".safetensors") for f in files):
+def _use_safetensors(component: Path, name: str, source: str, allow_pickle: bool) -> bool:
+    """Load safetensors whenever the folder has them; anything else only with ``allow_pickle``.
+
+    The pickle policy and its messages live in ``resolve_model``; this only makes sure an
+    unresolved local folder cannot slip pickle weights past it.
+    """
+    if any(p.suffix == ".safetensors" for p in component.iterdir() if p.is_file()):
         return True
-    pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
-    if not pickled:
-        raise ModelLoadError(f"model {source!r}: no weights in {name}/ (expected *.safetensors)")
     if not allow_pickle:
         raise ModelLoadError(
-            f"model {source!r}: {name}/ has only pickle-based weights ({pickled[0]}), which can run code when loaded; "
-            "convert them to safetensors, or set allow_pickle: true for this model if you trust the file"
+            f"model {source!r}: no *.safetensors weights in {name}/; check the folder with "
+            "pipeline.data.model_store.resolve_model, which explains the pickle policy (allow_pickle)"
         )
-    log.warning("model %s: loading pickle-based weights from %s/ because allow_pickle is set", source, name)
     return False
 
 
 def load_denoiser(
-    source: str,
+    folder,
     *,
-    storage_options: dict | None = None,
+    source: str | None = None,
     allow_pickle: bool = False,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     null_class: int | None = None,
-    cache_dir: Path | None = None,
 ) -> Denoiser:
-    """Load a diffusers pixel or latent model as a ``Denoiser`` (frozen, eval mode)."""
+    """Assemble a local diffusers pixel or latent model as a ``Denoiser`` (frozen, eval mode).
+
+    ``folder`` is a local diffusers folder (str or path) or the ``ModelFolder`` that
+    ``pipeline.data.model_store.resolve_model(source)`` returns; ``source`` overrides the
+    name used in messages and provenance (``Denoiser.source``).
+    """
     import diffusers
 
-    folder = resolve_model_folder(source, storage_options, cache_dir)
-    comps = _components(folder, source)
+    path, source, allow_pickle = _local_folder(folder, source, allow_pickle)
+    comps = _components(path, source)
     dev, dt = resolve_device_dtype(device, dtype)
 
     def load(cls, name):
-        safe = _check_weights(comps[name], name, source, allow_pickle)
+        safe = _use_safetensors(comps[name], name, source, allow_pickle)
         try:
             model = cls.from_pretrained(comps[name], use_safetensors=safe, local_files_only=True, torch_dtype=dt)
         except Exception as exc:  # noqa: BLE001
@@ -332,6 +315,8 @@ def load_denoiser(
     unet_cls_name = unet_cfg.get("_class_name", "UNet2DModel")
     if unet_cls_name not in ("UNet2DModel", "UNet2DConditionModel"):
         raise ModelLoadError(f"model {source!r}: unet class {unet_cls_name} is not supported (UNet2DModel, UNet2DConditionModel)")
+    if unet_cls_name == "UNet2DConditionModel" and ("text_encoder" not in comps or "tokenizer" not in comps):
+        raise ModelLoadError(f"model {source!r}: a UNet2DConditionModel needs text_encoder/ and tokenizer/")
     unet = load(getattr(diffusers, unet_cls_name), "unet")
 
     sched_cfg = _read_json(comps["scheduler"] / "scheduler_config.json")
@@ -362,8 +347,6 @@ def load_denoiser(
         den.vae_scaling_factor = float(den.vae.config.get("scaling_factor", 0.18215) or 1.0)
         den.vae_shift_factor = float(den.vae.config.get("shift_factor", 0.0) or 0.0)
     if unet_cls_name == "UNet2DConditionModel":
-        if "text_encoder" not in comps or "tokenizer" not in comps:
-            raise ModelLoadError(f"model {source!r}: a UNet2DConditionModel needs text_encoder/ and tokenizer/")
         import transformers
 
         te_cfg = _read_json(comps["text_encoder"] / "config.json")

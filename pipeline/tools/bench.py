@@ -76,9 +76,10 @@ def _bare_loop(cfg, n: int, batch_size: int) -> float:
     import torch
 
     from pipeline.diffusion import sample_seed
-    from pipeline.stages.model import TranslateStage
+    from pipeline.stages.codec import TranslateStage
 
-    stage = TranslateStage(cfg.to_dict(), cfg.config_hash())
+    stage = TranslateStage(source=cfg.source, target=cfg.target, sampler=cfg.sampler, output=cfg.output,
+                           dtype=cfg.runtime.dtype)
     size = cfg.image.size
     x_all = torch.rand(n, 3, size, size) * 2 - 1
     start = time.perf_counter()
@@ -92,7 +93,7 @@ def _bare_loop(cfg, n: int, batch_size: int) -> float:
 def run_bench(cfg, images: int = 64, per_shard: int = 16, out=None) -> dict:
     import sys
 
-    from pipeline.run import run_job
+    from pipeline.jobs import run_job
 
     out = out or sys.stdout
     cfg.require("source.model", "target.model")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def demo_config_dir() -> Path:
@@ -50,11 +50,12 @@ def plain_samples(model: str, count: int, steps: int, seed: int = 0, eta: float 
     """
     import torch
 
+    from pipeline.data.model_store import resolve_model
     from pipeline.diffusion import load_denoiser, per_sample_noise, sample_seed
     from pipeline.diffusion.sampling import denoise
     from pipeline.stages.tensors import to_uint8
 
-    den = load_denoiser(model)
+    den = load_denoiser(resolve_model(model))
     grid = den.schedule.grid(steps)
     noise = per_sample_noise([sample_seed(seed, f"plain/{i}") for i in range(count)], (1 + len(grid), 3, 32, 32))
     noise[:, -1] = 0  # the last step lands on x0 without noise, as DDPM's sampler does at t = 0
@@ -114,10 +115,10 @@ def run_demo(out_dir: str | Path, discs: int = 256, triangles: int = 64, unseen:
              models: dict | None = None, steps: int | None = None, s3_endpoint: str | None = None,
              out=sys.stdout) -> dict:
     from pipeline.config import load_config
-    from pipeline.data.shapes import write_shapes
+    from pipeline.demo.shapes import write_shapes
+    from pipeline.jobs import run_job
     from pipeline.metrics.shapes import shape_rate
-    from pipeline.ood_jobs import ood_fit, ood_sample
-    from pipeline.run import init_ray, run_job
+    from pipeline.runtime.ray_env import init_ray
 
     started = time.time()
     out_dir = Path(out_dir).resolve()
@@ -150,13 +151,13 @@ def run_demo(out_dir: str | Path, discs: int = 256, triangles: int = 64, unseen:
                                                   f"source.model={models['discs']}", f"ood.count={unseen}",
                                                   f"ood.shard_size={unseen}", *so,
                                                   *([f"ood.inversion_steps={steps}"] if steps else [])])
-    fit = ood_fit(ucfg, overwrite=True, out=out)
-    geo = ood_sample(ucfg, overwrite=True, out=out)
+    fit = run_job(ucfg, "ood-fit", overwrite=True, out=out)
+    geo = run_job(ucfg, "ood-sample", overwrite=True, out=out)
     plain_cfg = ucfg.model_copy(deep=True)
     plain_cfg.ood.geometric = False
     plain_cfg.ood.stats = fit["stats"]
     plain_cfg.output.uri = f"{base}/unseen-plain-gaussian"
-    nogeo = ood_sample(plain_cfg, overwrite=True, out=out)
+    nogeo = run_job(plain_cfg, "ood-sample", overwrite=True, out=out)
 
     step("4/4 measuring and writing the report")
     local = _localise(base, opts, out_dir) if s3_endpoint else out_dir

@@ -5,7 +5,7 @@ UNet2DModel at 32×32 (channels 16/32/64, one ResNet layer per level, no attenti
 a few thousand steps fit on a 2-core CPU), DDPM linear β schedule over 1000 steps
 (ε-prediction), AdamW (lr 1e-3 cosine to 2e-5 after a 200-step warm-up, wd 0), batch 64, EMA 0.999 of the
 weights (the EMA is what ships), gradient clipping at 1. Each step draws fresh images from
-``pipeline.data.shapes`` with a per-step seed, so a run is reproducible and resumable.
+``pipeline.demo.shapes`` with a per-step seed, so a run is reproducible and resumable.
 Checkpoints (safetensors weights + optimizer state) every ``--checkpoint-every`` steps.
 """
 
@@ -60,7 +60,7 @@ def _lr(step: int, cfg: TrainConfig) -> float:
 
 
 def batch_images(domain: str, n: int, step: int, seed: int) -> torch.Tensor:
-    from pipeline.data.shapes import render
+    from pipeline.demo.shapes import render
 
     images, _ = render(domain, n, seed=seed * 1_000_003 + step)
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

@@ -19,16 +19,8 @@ from pathlib import Path
 
 from pipeline.errors import LatentshiftError
 
-# job → its command line under `python -m pipeline.cli` (the same as jobs/<job>.py runs)
-JOBS = {
-    "translate": ["translate"],
-    "encode": ["encode"],
-    "decode": ["decode"],
-    "ood-fit": ["ood", "fit"],
-    "ood-sample": ["ood", "sample"],
-}
 SHIPPED_CONFIG = "latentshift-job.yaml"  # the resolved config, inside the shipped working_dir
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 BLOCKING = {"PENDING", "RUNNING", "SUCCEEDED"}  # an earlier submission in one of these refuses a new one
 
 
@@ -86,9 +78,9 @@ def submit(
 ) -> int:
     """Submit; with ``wait``, stream the logs and return 0 only if the job SUCCEEDED."""
     from pipeline.config import load_config
+    from pipeline.jobs import get
 
-    if job not in JOBS:
-        raise LatentshiftError(f"unknown job {job!r}; choose one of {', '.join(JOBS)}")
+    command = get(job).command  # its command line under `python -m pipeline.cli`, as jobs/<job>.py runs it
     cfg = load_config(config_path, overrides)  # a bad config is refused here, before the cluster sees it
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
@@ -104,7 +96,7 @@ def submit(
 
     with_source = running_from_checkout() if ship_source is None else ship_source
     stage = stage_working_dir(cfg.to_yaml(), with_source)
-    entrypoint = " ".join(["python", "-m", "pipeline.cli", *JOBS[job], "--config", SHIPPED_CONFIG])
+    entrypoint = " ".join(["python", "-m", "pipeline.cli", *command, "--config", SHIPPED_CONFIG])
     try:
         _submit_when_ready(client, entrypoint=entrypoint, submission_id=job_id,
                            runtime_env={"working_dir": str(stage)},

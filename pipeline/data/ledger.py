@@ -1,0 +1,186 @@
+"""The shard ledger: how a shard's outputs become visible exactly once. The rule lives here.
+
+  1. The reader of a shard says how many rows it has:   ``expect(shard, rows)``
+  2. Writers stage parts of it, each part's files first and its manifest last:   ``stage_part``
+  3. The driver counts what the manifests report (``CommitTracker``); when every expected row
+     and every latent row a sample announced is staged, the shard is complete.
+  4. ``commit``: merge the parts into the final files (one atomic write each), then write the
+     ledger record ``_ledger/<shard>.json``. The record is the commit point: a shard with a
+     record is done, and a re-run skips it; a shard without one is redone from scratch.
+
+Parts may overlap (a retried task stages its batch twice): each sample index is taken once.
+A killed run leaves only ``_staging/`` behind, which the next run clears.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from pipeline.data.outputs import OutputStore
+
+EXPECTED = "expected.json"
+
+
+@dataclass
+class ShardLedger:
+    """One run's view of the ledger under ``store``; picklable, so workers can use it."""
+
+    store: OutputStore
+    run_id: str
+
+    # ---- worker side ---------------------------------------------------------------
+    def expect(self, shard: str, rows: int) -> None:
+        """The reader's count of a shard's sample rows (REJECT rows included)."""
+        self.store.put_json(posixpath.join(self.store.staging(self.run_id, shard), EXPECTED), {"rows": int(rows)})
+
+    def stage_part(self, shard: str, files: dict[str, bytes], manifest: dict) -> str:
+        """Write a part's files (``tar``, ``parquet``), then its manifest (last). Returns the part name."""
+        part = f"part-{uuid.uuid4().hex}"
+        base = posixpath.join(self.store.staging(self.run_id, shard), part)
+        for ext, data in files.items():
+            self.store.put(f"{base}.{ext}", data)
+        self.store.put_json(f"{base}.json", {**manifest, "files": sorted(files)})
+        return part
+
+    # ---- driver side ---------------------------------------------------------------
+    def expected_rows(self, shard: str) -> int | None:
+        path = posixpath.join(self.store.staging(self.run_id, shard), EXPECTED)
+        return int(self.store.get_json(path)["rows"]) if self.store.exists(path) else None
+
+    def commit(self, shard: str, input_uri: str, parts: list[str], job: str, config_hash: str,
+               rows_in: int, versions: dict) -> dict:
+        """Merge one shard's parts into its outputs, then write its ledger record (the commit point)."""
+        counts = merge_parts(self.store, self.run_id, shard, parts)
+        record = {"shard": shard, "input": input_uri, "job": job, "run_id": self.run_id, "rows_in": rows_in,
+                  **counts, "config_hash": config_hash, "versions": versions, "committed_at": time.time()}
+        self.store.put_json(self.store.ledger(shard), record)
+        self.store.remove_tree(self.store.staging(self.run_id, shard))
+        return record
+
+    def committed(self) -> set[str]:
+        return self.store.committed()
+
+    def clear_staging(self) -> None:
+        """A killed run's parts (of every run): its uncommitted shards are redone."""
+        self.store.remove_tree(self.store.path("_staging"))
+
+    def finish(self) -> None:
+        self.store.remove_tree(self.store.staging(self.run_id))
+
+    def record_run(self, summary: dict) -> str:
+        path = self.store.path("_ledger", "runs", f"{self.run_id}.json")
+        self.store.put_json(path, summary)
+        return path
+
+
+@dataclass
+class ShardProgress:
+    parts: list[str] = field(default_factory=list)
+    rows: int = 0
+    latent_rows: int = 0
+    latent_rows_expected: int = 0
+    expected_rows: int | None = None
+    committed: bool = False
+
+
+class CommitTracker:
+    """The driver's count of staged rows per shard; says which shards are complete."""
+
+    def __init__(self, ledger: ShardLedger, shards: list[str]):
+        self.ledger = ledger
+        self.progress = {s: ShardProgress() for s in shards}
+
+    def add(self, shard: str, part: str, rows: int, latent_rows: int, latent_rows_expected: int) -> None:
+        p = self.progress[shard]
+        p.parts.append(part)
+        p.rows += rows
+        p.latent_rows += latent_rows
+        p.latent_rows_expected += latent_rows_expected
+
+    def complete(self, shard: str) -> bool:
+        """Every expected row and every announced latent row staged, and not yet handed to commit."""
+        p = self.progress[shard]
+        if p.committed:
+            return False
+        if p.expected_rows is None:
+            p.expected_rows = self.ledger.expected_rows(shard)  # written by the reader; may not exist yet
+            if p.expected_rows is None:
+                return False
+        return p.rows >= p.expected_rows and p.latent_rows >= p.latent_rows_expected
+
+    def take(self, shard: str) -> ShardProgress:
+        """Mark a complete shard as handed to commit."""
+        self.progress[shard].committed = True
+        return self.progress[shard]
+
+    def incomplete(self) -> list[str]:
+        return [s for s, p in self.progress.items() if not p.committed]
+
+
+def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str]) -> dict:
+    """Merge staged parts of one shard into its final outputs; return counts for the ledger.
+
+    Each sample index is taken once, from the first part that has it. Samples are written in
+    input order.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data.latents import LATENT_SCHEMA
+    from pipeline.data.shards import iter_tar_samples, write_samples
+
+    staging = store.staging(run_id, shard)
+    samples: dict[int, tuple[str, dict]] = {}
+    rejects: dict[int, dict] = {}
+    latent_tables = []
+    seen_latent: set[tuple[str, int]] = set()
+    for part in sorted(parts):
+        manifest = store.get_json(f"{staging}/{part}.json")
+        fresh = {int(i) for i in manifest["indices"]} - set(samples) - set(rejects)
+        key_index = {k: int(i) for i, k in manifest["keys"]}
+        if "tar" in manifest["files"]:
+            for item in iter_tar_samples(io.BytesIO(store.get(f"{staging}/{part}.tar"))):
+                if isinstance(item, Exception):
+                    raise RuntimeError(f"staged part {part} of {shard} is damaged: {item}")
+                idx = key_index[item.key]
+                if idx in fresh:
+                    samples[idx] = (item.key, item.members)
+        for line in manifest.get("rejects", []):
+            if int(line["index"]) in fresh:
+                rejects[int(line["index"])] = line
+        if "parquet" in manifest["files"]:
+            table = pq.read_table(io.BytesIO(store.get(f"{staging}/{part}.parquet")))
+            keep = []
+            for i, (k, s) in enumerate(zip(table["key"].to_pylist(), table["step"].to_pylist(), strict=True)):
+                if (k, s) not in seen_latent:
+                    seen_latent.add((k, s))
+                    keep.append(i)
+            latent_tables.append((table.take(keep), key_index))
+
+    out = {"images": 0, "rejected": len(rejects), "bytes_images": 0, "bytes_latents": 0}
+    if samples:
+        buf = io.BytesIO()
+        out["images"] = write_samples(buf, (samples[i] for i in sorted(samples)))
+        store.put(store.images(shard), buf.getvalue())
+        out["bytes_images"] = buf.tell()
+    if latent_tables:
+        order = {}
+        for _, key_index in latent_tables:
+            order.update(key_index)
+        table = pa.concat_tables([t for t, _ in latent_tables]).cast(LATENT_SCHEMA)
+        rank = [(order.get(k, 1 << 62), s) for k, s in zip(table["key"].to_pylist(), table["step"].to_pylist(), strict=True)]
+        table = table.take(sorted(range(len(rank)), key=rank.__getitem__))
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd", row_group_size=256)
+        store.put(store.latents(shard), buf.getvalue())
+        out["bytes_latents"] = buf.tell()
+        out["latent_samples"] = len(set(table["key"].to_pylist()))
+    if rejects:
+        body = "".join(json.dumps(rejects[i], sort_keys=True) + "\n" for i in sorted(rejects))
+        store.put(store.rejects(shard), body.encode())
+    return out

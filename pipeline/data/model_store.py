@@ -1,0 +1,145 @@
+"""Model sources → checked local diffusers folders, before any model is loaded.
+
+``resolve_model`` does everything about a model that can fail without torch: it turns a
+source (``bundled:<name>``, a local folder or ``file://``, an ``s3://`` / ``gs://`` folder,
+a hub id) into a local folder, reads its component layout, and applies the pickle policy
+(safetensors only unless ``allow_pickle``). It reads JSON and lists files only, so a
+preflight can call it cheaply before Ray starts; ``pipeline.diffusion.load_denoiser`` then
+assembles the returned folder into a ``Denoiser``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.data.filesystems import is_remote
+from pipeline.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
+UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+BUNDLED_DIR = Path(__file__).resolve().parents[1] / "assets"
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A local diffusers folder that passed every check ``load_denoiser`` would otherwise fail."""
+
+    source: str  # the source as the user wrote it (for messages and provenance)
+    path: Path  # a local diffusers folder
+    components: tuple[str, ...]  # e.g. ("unet", "scheduler") or ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
+    allow_pickle: bool
+
+
+def resolve_model(
+    source: str,
+    storage_options: dict | None = None,
+    *,
+    allow_pickle: bool = False,
+    cache_dir: Path | None = None,
+) -> ModelFolder:
+    """Resolve ``source`` to a local folder and check it; raises ModelLoadError / StorageError."""
+    folder = resolve_model_folder(source, storage_options, cache_dir)
+    comps = _components(folder, source)
+    unet_cls = _unet_class(comps["unet"], source)
+    conditional = unet_cls == "UNet2DConditionModel"
+    if conditional and ("text_encoder" not in comps or "tokenizer" not in comps):
+        raise ModelLoadError(f"model {source!r}: a UNet2DConditionModel needs text_encoder/ and tokenizer/")
+    # the weight-bearing components load_denoiser loads (a text encoder only for a conditional unet)
+    for name in ("unet", "vae", "text_encoder"):
+        if name in comps and (name != "text_encoder" or conditional):
+            _check_weights(comps[name], name, source, allow_pickle)
+    return ModelFolder(source=source, path=folder, components=tuple(comps), allow_pickle=allow_pickle)
+
+
+def resolve_model_folder(source: str, storage_options: dict | None = None, cache_dir: Path | None = None) -> Path:
+    """A local folder for ``source``: bundled, local path, file://, object storage (cached) or hub id."""
+    if source.startswith("bundled:"):  # models this project trained and ships (pipeline/assets/<name>)
+        name = source.split(":", 1)[1]
+        folder = BUNDLED_DIR / name
+        if not (folder / "model_index.json").exists():
+            raise ModelLoadError(f"model {source!r}: no bundled model {name!r} in {folder.parent}; "
+                                 f"train it with `latentshift train-demo --domain {name}`")
+        return folder
+    if is_remote(source):
+        from pipeline.data.model_cache import materialize
+
+        return materialize(source, storage_options, cache_dir)
+    local = Path(source[len("file://"):] if source.startswith("file://") else source).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise ModelLoadError(f"model {source!r} is a file; give the diffusers folder that holds model_index.json")
+    if HUB_ID.match(source) and not source.startswith((".", "/", "~")):
+        return _download_from_hub(source)
+    raise ModelLoadError(f"model {source!r}: no such folder; give a local diffusers folder, an s3:// or gs:// folder, or a hub id")
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    hint = f"model {repo_id!r} is neither a local folder nor reachable on the model hub"
+    if offline:
+        raise ModelLoadError(f"{hint} (HF_HUB_OFFLINE is set); download it elsewhere and pass its local folder or s3:// copy")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"]))
+    except Exception as exc:  # noqa: BLE001 - offline, unknown repo or gated: one line either way
+        raise ModelLoadError(f"{hint} ({type(exc).__name__}); pass a local folder or an s3:// copy of it") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc}") from None
+
+
+def _components(folder: Path, source: str) -> dict[str, Path]:
+    """Component name → subfolder, from model_index.json or the unet/ + scheduler/ layout."""
+    index = folder / "model_index.json"
+    if index.exists():
+        spec = _read_json(index)
+        comps = {k: folder / k for k in COMPONENTS if isinstance(spec.get(k), list) and spec[k][0] is not None}
+    else:
+        comps = {k: folder / k for k in COMPONENTS if (folder / k).is_dir()}
+    if "unet" not in comps or "scheduler" not in comps:
+        raise ModelLoadError(
+            f"model {source!r}: not a diffusers model folder (expected model_index.json, or unet/ and scheduler/ subfolders)"
+        )
+    for k, p in comps.items():
+        if not p.is_dir():
+            raise ModelLoadError(f"model {source!r}: component {k!r} is listed but {p.name}/ is missing")
+    return comps
+
+
+def _unet_class(unet: Path, source: str) -> str:
+    name = _read_json(unet / "config.json").get("_class_name", "UNet2DModel")
+    if name not in UNET_CLASSES:
+        raise ModelLoadError(f"model {source!r}: unet class {name} is not supported (UNet2DModel, UNet2DConditionModel)")
+    return name
+
+
+def _check_weights(component: Path, name: str, source: str, allow_pickle: bool) -> bool:
+    """True when safetensors load; refuse pickle-only weights unless explicitly allowed."""
+    files = [p.name for p in component.iterdir() if p.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return True
+    pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if not pickled:
+        raise ModelLoadError(f"model {source!r}: no weights in {name}/ (expected *.safetensors)")
+    if not allow_pickle:
+        raise ModelLoadError(
+            f"model {source!r}: {name}/ has only pickle-based weights ({pickled[0]}), which can run code when loaded; "
+            "convert them to safetensors, or set allow_pickle: true for this model if you trust the file"
+        )
+    log.warning("model %s: loading pickle-based weights from %s/ because allow_pickle is set", source, name)
+    return False

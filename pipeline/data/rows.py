@@ -1,0 +1,177 @@
+"""The rows that flow between pipeline stages: one schema, stated once.
+
+Every stage boundary is a numpy batch (Ray Data ``batch_format="numpy"``) whose columns are
+listed here with their types. Tensors travel as tensor columns (Ray stores an object column of
+ndarrays as an Arrow tensor column, fixed- or variable-shaped), never as bytes plus a shape
+string. Carried metadata members stay bytes (two parallel list columns). What a row is, is an
+explicit ``RowKind``. Provenance is assembled and serialised once, by the writer.
+
+  read      (reader → decode)     INPUT_COLUMNS
+  pixels    (decode → model)      PIXEL_COLUMNS
+  latents   (latent reader → model, the decode job)   LATENT_INPUT_COLUMNS
+  model     (model → writer)      OUTPUT_COLUMNS
+  manifest  (writer → driver)     MANIFEST_COLUMNS: one small row per staged part
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+class RowKind(enum.IntEnum):
+    SAMPLE = 0  # one sample: its input (image, pixels, latent) or its output (pixels, provenance)
+    REJECT = 1  # a sample, or a damaged stretch of a shard, that cannot be used; ``error`` says why
+    LATENT = 2  # one map of a sample's latent: step 0 = x_start, step i = the noise leaving timesteps[i-1]
+    PARTIAL = 3  # a partial result for the driver (e.g. an OOD fit), never written to storage
+
+
+# Every column of every boundary, with the numpy dtype of its batch array ("object" columns hold
+# str, bytes, ndarrays or lists of them) and the value a row that does not set it gets.
+COLUMNS: dict[str, tuple[str, object]] = {
+    "shard": ("object", ""),  # input shard basename: the unit of output naming, ledger and resumption
+    "key": ("object", ""),  # the sample's __key__
+    "index": ("int64", -1),  # position in its shard: outputs keep input order
+    "kind": ("int8", int(RowKind.SAMPLE)),
+    "error": ("object", ""),  # REJECT: a deterministic reason
+    "image": ("object", b""),  # read: the encoded image member (bytes)
+    "member_names": ("object", ()),  # carried metadata members: extensions …
+    "member_data": ("object", ()),  # … and their bytes, unchanged
+    "pixels": ("object", None),  # uint8 (H, W, 3): decoded input, or the output image
+    "latent": ("object", None),  # latent reader: (1 + K, C, h, w) float32; LATENT rows: one map (C, h, w)
+    "step": ("int32", -1),  # LATENT: which map
+    "latent_rows": ("int32", 0),  # SAMPLE: how many LATENT rows the sample sends (the writer counts them)
+    "timesteps": ("object", ()),  # int32 (K,): the grid of the latent
+    "method": ("object", ""),  # "dpm" | "ddim"
+    "eta": ("float32", 0.0),
+    "seed": ("int64", 0),  # the sample's seed (noise depends on it alone)
+    "candidate": ("int64", -1),  # ood sample: the candidate index drawn from the Gaussian
+    "psnr": ("float32", math.nan),  # translate: output vs input (inf where identical, NaN unmeasured)
+    "ssim": ("float32", math.nan),
+    "source_model": ("object", ""),  # decode: the model the stored latent came from
+    "source_cond": ("object", ""),  # decode: its condition, as the latent file stores it (JSON text)
+    "partial": ("object", b""),  # PARTIAL: safetensors bytes for the driver
+    # manifest rows: what one staged part of a shard holds (pipeline.data.ledger counts them)
+    "part": ("object", ""),
+    "rows": ("int64", 0),  # SAMPLE + REJECT rows staged
+    "latent_rows_expected": ("int64", 0),  # LATENT rows its samples announced
+    "images": ("int64", 0),
+    "rejected": ("int64", 0),
+    "psnr_sum": ("float64", 0.0),
+    "ssim_sum": ("float64", 0.0),
+    "metric_count": ("int64", 0),
+}
+
+INPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "image", "member_names", "member_data")
+PIXEL_COLUMNS = ("shard", "key", "index", "kind", "error", "pixels", "member_names", "member_data")
+LATENT_INPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "latent", "timesteps", "method", "eta", "seed",
+                        "source_model", "source_cond")
+CANDIDATE_COLUMNS = ("shard", "key", "index", "kind", "candidate")
+OUTPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "pixels", "latent", "step", "latent_rows",
+                  "member_names", "member_data", "timesteps", "method", "eta", "seed", "candidate", "psnr",
+                  "ssim", "source_model", "source_cond", "partial")
+MANIFEST_COLUMNS = ("shard", "part", "kind", "rows", "latent_rows", "latent_rows_expected", "images", "rejected",
+                    "psnr_sum", "ssim_sum", "metric_count", "partial")
+
+
+class RowBuffer:
+    """Rows appended one by one, returned as one typed numpy batch with exactly ``columns``."""
+
+    def __init__(self, columns: tuple[str, ...] = OUTPUT_COLUMNS):
+        self.columns = columns
+        self.values: dict[str, list] = {c: [] for c in columns}
+
+    def add(self, **row) -> None:
+        unknown = set(row) - set(self.columns)
+        if unknown:
+            raise KeyError(f"columns {sorted(unknown)} are not in this boundary's schema")
+        for c in self.columns:
+            self.values[c].append(row.get(c, COLUMNS[c][1]))
+
+    def __len__(self) -> int:
+        return len(self.values[self.columns[0]])
+
+    def batch(self) -> dict[str, np.ndarray]:
+        return {c: column(c, v) for c, v in self.values.items()}
+
+
+def column(name: str, values: list) -> np.ndarray:
+    """One batch column in its schema dtype; tensor columns become object arrays of ndarrays."""
+    dtype = COLUMNS[name][0]
+    if dtype != "object":
+        return np.asarray(values, dtype=dtype)
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        if name in ("pixels", "latent"):
+            v = _EMPTY[name] if v is None else v
+        elif name in ("member_names", "member_data", "timesteps"):
+            v = list(v)
+        out[i] = v
+    return out
+
+
+_EMPTY = {"pixels": np.zeros((0, 0, 3), np.uint8), "latent": np.zeros((0, 0, 0), np.float16)}
+
+
+def rows_of(batch: dict, kind: RowKind) -> np.ndarray:
+    """Indices of the rows of one kind."""
+    return np.flatnonzero(np.asarray(batch["kind"]) == int(kind))
+
+
+def members(batch: dict, i: int) -> dict[str, bytes]:
+    """Row i's carried metadata members, extension → bytes."""
+    return {str(n): bytes(d) for n, d in zip(batch["member_names"][i], batch["member_data"][i], strict=True)}
+
+
+# ---- provenance ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatentMeta:
+    """The constants of a run's latent rows, as the latent Parquet stores them (data/latents.py)."""
+
+    model: str
+    method: str
+    eta: float
+    cond: object = None
+    dtype: str = "float16"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What every output sample records in its ``latentshift.json`` member.
+
+    ``settings`` are the run's constants (models, conditions, sampler settings), set once by the
+    job; ``for_sample`` adds the per-sample columns and serialises, once, in the writer.
+    """
+
+    job: str
+    config_hash: str
+    latentshift: str
+    settings: dict = field(default_factory=dict)
+    latents: LatentMeta | None = None
+
+    def for_sample(self, batch: dict, i: int, latent_rows: int) -> dict:
+        row = {**self.settings, "job": self.job, "config_hash": self.config_hash, "latentshift": self.latentshift,
+               "source_shard": str(batch["shard"][i]), "key": str(batch["key"][i]),
+               "timesteps": [int(t) for t in batch["timesteps"][i]], "sample_seed": int(batch["seed"][i]),
+               "latent_rows": latent_rows}
+        if int(batch["candidate"][i]) >= 0:
+            row["candidate"] = int(batch["candidate"][i])
+        if str(batch["method"][i]):  # decode: the stored latent's own sampler
+            row["method"], row["eta"] = str(batch["method"][i]), float(batch["eta"][i])
+        if str(batch["source_model"][i]):
+            row["source_model"] = str(batch["source_model"][i])
+            row["source_condition"] = json.loads(str(batch["source_cond"][i]) or "null")
+        psnr, ssim = float(batch["psnr"][i]), float(batch["ssim"][i])
+        if not math.isnan(ssim):
+            row["psnr"] = psnr if math.isfinite(psnr) else None  # identical images: JSON has no inf
+            row["ssim"] = ssim
+        return row
+
+    def to_json(self, batch: dict, i: int, latent_rows: int) -> bytes:
+        return json.dumps(self.for_sample(batch, i, latent_rows), sort_keys=True).encode()

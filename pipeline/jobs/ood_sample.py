@@ -1,0 +1,90 @@
+"""ood sample: draw candidates from the fitted Gaussian, keep the geometric matches (on the
+driver: cheap), decode the kept latents from t0 on the actor pool → ``ood.count`` images in
+shards ``unseen-NNNNN`` of ``ood.shard_size`` (the ledger's exactly-once rules hold)."""
+
+from __future__ import annotations
+
+import math
+
+from pipeline.data.shards import ShardRef
+from pipeline.errors import ConfigError
+from pipeline.jobs.ood_fit import stats_uri
+from pipeline.runtime.job import Built, Job, provenance, source_latents
+
+
+def check(cfg) -> None:
+    """The stats file exists and was fitted with this model, t0 and step count."""
+    from pipeline.data.stats import read_stats
+
+    source = stats_uri(cfg)
+    _, header = read_stats(source, cfg.output.storage_options)
+    problems = []
+    if header.get("model") != cfg.source.model:
+        problems.append(f"it was fitted with model {header.get('model')!r}, not source.model {cfg.source.model!r}")
+    if header.get("t0_requested") != cfg.ood.t0:
+        problems.append(f"it was fitted at t0 = {header.get('t0_requested')}, not ood.t0 = {cfg.ood.t0}")
+    if header.get("inversion_steps") != cfg.ood.inversion_steps:
+        problems.append(f"it was fitted with {header.get('inversion_steps')} inversion steps, not {cfg.ood.inversion_steps}")
+    if problems:
+        raise ConfigError(f"config error: ood.stats {source}: {'; '.join(problems)}; fit it again with `latentshift ood fit`")
+
+
+def units(cfg) -> list[ShardRef]:
+    """Output shards named by position: unseen-00000, unseen-00001, …"""
+    return [ShardRef(stats_uri(cfg), f"unseen-{j:05d}") for j in range(math.ceil(cfg.ood.count / cfg.ood.shard_size))]
+
+
+def build(run, shards):
+    import ray.data
+    import torch
+
+    from pipeline.data.rows import CANDIDATE_COLUMNS, RowBuffer, RowKind
+    from pipeline.data.stats import read_stats
+    from pipeline.diffusion.ood import sample_latents
+    from pipeline.runtime.ray_env import model_stage
+    from pipeline.stages.ood import SampleDecodeStage
+
+    cfg, size, source = run.cfg, run.cfg.ood.shard_size, stats_uri(run.cfg)
+    tensors, header = read_stats(source, cfg.output.storage_options)
+    reference = torch.tensor(tensors["reference"]).double() if cfg.ood.geometric else None
+    result = sample_latents(torch.tensor(tensors["mean"]), torch.tensor(tensors["variance"]), cfg.ood.count,
+                            run_seed=cfg.sampler.seed, reference=reference, geometry=header["geometry"],
+                            tolerance=cfg.ood.tolerance)
+    acceptance = round(result.acceptance_rate, 4)
+    run.summary.update(candidates_drawn=result.drawn, kept=len(result.indices), acceptance_rate=acceptance,
+                       geometric=cfg.ood.geometric)
+    position = {s.name: int(s.name.rsplit("-", 1)[1]) for s in shards}
+    rows = RowBuffer(CANDIDATE_COLUMNS)
+    for name, j in position.items():
+        chunk = result.indices[j * size : (j + 1) * size]
+        run.ledger.expect(name, len(chunk))
+        for i, c in enumerate(chunk):
+            rows.add(shard=name, key=f"{c:09d}", index=i, kind=RowKind.SAMPLE, candidate=c)
+    batch = rows.batch()
+    ds = ray.data.from_items([{c: batch[c][i] for c in rows.columns} for i in range(len(rows))],
+                             override_num_blocks=max(1, len(shards)))
+    ds = model_stage(ds, cfg.runtime, SampleDecodeStage, source=cfg.source, output=cfg.output,
+                     run_seed=cfg.sampler.seed, stats_uri=source, stats_options=cfg.output.storage_options)
+    settings = {"seed": cfg.sampler.seed, "source_model": cfg.source.model, "stats": source, "t0": header["t0"],
+                "geometric": cfg.ood.geometric, "tolerance": cfg.ood.tolerance, "acceptance_rate": acceptance}
+    return Built(ds, provenance(run, settings, source_latents(cfg, "ddim")))
+
+
+def summary_lines(s: dict) -> list[str]:
+    if "acceptance_rate" not in s:
+        return []
+    return [f"  selection  {'geometric' if s['geometric'] else 'none'}: kept {s['kept']} of "
+            f"{s['candidates_drawn']} candidates (acceptance {s['acceptance_rate']:.2%})"]
+
+
+JOB = Job(
+    name="ood-sample",
+    command=("ood", "sample"),
+    help="sample ood.count latents from ood.stats and decode them to shards",
+    requires=("output.uri", "source.model"),
+    units=units,
+    build=build,
+    commits=("images", "latents"),
+    summary=summary_lines,
+    check=check,
+)

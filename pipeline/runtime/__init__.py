@@ -1,0 +1,1 @@
+"""The runtime every job runs on: the Job type, the run envelope, the driver loop, Ray set-up."""

@@ -1,0 +1,115 @@
+"""What a job is, to the runtime: a ``Job`` (what it needs, how its rows are built, what it
+commits, what it says) and the ``Run`` it gets handed (config, output store, ledger, run id).
+
+A job module in ``pipeline/jobs/`` defines one ``JOB = Job(...)``; the registry in
+``pipeline/jobs/__init__.py`` lists them; ``runtime.envelope.run_job`` runs any of them.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from pipeline.config import JobConfig
+from pipeline.data.ledger import ShardLedger
+from pipeline.data.outputs import OutputStore
+from pipeline.data.rows import LatentMeta, Provenance
+from pipeline.data.shards import ShardRef
+
+
+@dataclass(frozen=True)
+class Option:
+    """An extra command-line flag of one job, passed to it as ``run.options[dest]``."""
+
+    flag: str  # "--reference"
+    help: str
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+@dataclass
+class Run:
+    """One run of one job: handed to the job's functions by the envelope."""
+
+    job: Job
+    cfg: JobConfig
+    store: OutputStore
+    ledger: ShardLedger
+    options: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)  # the job adds its own figures here
+    state: dict[str, Any] = field(default_factory=dict)  # the job's scratch space between its hooks
+    out: TextIO = sys.stdout  # where the summary goes
+
+    @property
+    def run_id(self) -> str:
+        return self.ledger.run_id
+
+
+@dataclass(frozen=True)
+class Built:
+    """What a job's ``build`` returns: the rows to write, and how to record them."""
+
+    dataset: Any  # ray.data.Dataset of OUTPUT rows (pipeline.data.rows)
+    provenance: Provenance
+    on_partial: Callable[[bytes], None] | None = None  # receives PARTIAL rows (e.g. OOD fits)
+
+
+def no_lines(summary: dict) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str  # registry key, `submit --job`, the k8s job label: "translate", "ood-fit"
+    command: tuple[str, ...]  # its CLI words: ("translate",), ("ood", "fit")
+    help: str
+    requires: tuple[str, ...]  # config keys it needs, checked first: "input.uri", "source.model"
+    units: Callable[[JobConfig], list[ShardRef]]  # its shards (preflight: lists inputs, no model)
+    build: Callable[[Run, list[ShardRef]], Built]  # the Ray dataset of rows for the shards to do
+    commits: tuple[str, ...] = ("images", "latents", "rejects")  # what it writes under output.uri
+    summary: Callable[[dict], list[str]] = no_lines  # its own lines under the common summary
+    skip_committed: bool = True  # False: every shard, every run (a fit covers all of its input)
+    check: Callable[[JobConfig], None] | None = None  # more preflight (e.g. a stats file fits the config)
+    prepare: Callable[[Run], dict | None] | None = None  # before any work; a dict returned ends the run
+    finish: Callable[[Run], None] | None = None  # after the commits (e.g. write the stats file)
+    options: tuple[Option, ...] = ()
+
+
+# ---- helpers job modules share ------------------------------------------------------
+
+
+def image_shards(uri, storage_options: dict) -> list[ShardRef]:
+    """The tar shards under ``uri``; none is an error naming the fix."""
+    from pipeline.data.shards import list_shards
+    from pipeline.errors import StorageError
+
+    shards = list_shards(uri, storage_options)
+    if not shards:
+        raise StorageError(f"{uri}: no .tar shards found; check input.uri (pack images with `latentshift shards pack`)")
+    return shards
+
+
+def provenance(run: Run, settings: dict, latents: LatentMeta | None = None) -> Provenance:
+    """The run's constants every output sample records, with the settings the job names."""
+    from importlib.metadata import version
+
+    return Provenance(job=run.job.name, config_hash=run.cfg.config_hash(), latentshift=version("latentshift"),
+                      settings=settings, latents=latents)
+
+
+def sampler_settings(cfg: JobConfig) -> dict:
+    s = cfg.sampler
+    return {"method": s.method, "steps": s.steps, "eta": s.eta, "strength": s.strength,
+            "refine_steps": s.refine_steps, "seed": s.seed}
+
+
+def source_latents(cfg: JobConfig, method: str | None = None) -> LatentMeta:
+    """How latents of the source model are recorded (method and η of the sampler unless given)."""
+    method = method or cfg.sampler.method
+    return LatentMeta(model=cfg.source.model, method=method, eta=cfg.sampler.eta if method == "dpm" else 0.0,
+                      cond=cfg.source.condition, dtype=cfg.output.latent_dtype)

@@ -1,0 +1,87 @@
+"""Ray for the runtime: connect, size the actor pool, and the stages every job starts with.
+
+  read_images(run, shards)        one read task per shard → decode/validate/resize (CPU tasks)
+  read_latent_files(run, shards)  one read task per latent Parquet file
+  model_stage(ds, runtime, Stage, **sections)   an actor pool, models loaded once per actor
+"""
+
+from __future__ import annotations
+
+import os
+
+from pipeline.config import RuntimeConfig
+from pipeline.data.shards import ShardRef
+from pipeline.errors import ConfigError
+
+
+def init_ray() -> None:
+    """Connect to $RAY_ADDRESS (a cluster), or start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(address=address or None, log_to_driver=True, include_dashboard=False if not address else None,
+                 configure_logging=False)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = True
+
+
+def gpus_per_actor(runtime: RuntimeConfig) -> float:
+    """``auto``: $LATENTSHIFT_GPUS_PER_ACTOR if set, else 1 if the cluster has GPUs now, else 0.
+
+    A cluster whose GPU workers scale from zero shows no GPU when the job starts, so its head
+    sets the variable (k8s/base does) and the actors' GPU requests make the autoscaler add them.
+    """
+    import ray
+
+    if runtime.gpus_per_actor != "auto":
+        return float(runtime.gpus_per_actor)
+    declared = os.environ.get("LATENTSHIFT_GPUS_PER_ACTOR", "").strip()
+    if declared:
+        try:
+            return max(0.0, float(declared))
+        except ValueError:
+            raise ConfigError(f"LATENTSHIFT_GPUS_PER_ACTOR = {declared!r}: expected a number such as 1 or 0.5") from None
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
+def _per_shard(shards: list[ShardRef]):
+    import ray.data
+
+    return ray.data.from_items([{"uri": s.uri, "name": s.name} for s in shards], override_num_blocks=len(shards))
+
+
+def read_images(run, shards: list[ShardRef]):
+    """INPUT rows of every shard (rejects included), then PIXEL rows of the image size."""
+    from pipeline.stages.images import decode_images
+    from pipeline.stages.read import read_shard
+
+    cfg = run.cfg
+    ds = _per_shard(shards).flat_map(read_shard, fn_kwargs={"storage_options": cfg.input.storage_options,
+                                                            "ledger": run.ledger})
+    return ds.map_batches(decode_images, batch_format="numpy", batch_size=cfg.runtime.batch_size,
+                          fn_kwargs={"size": cfg.image.size, "resize": cfg.image.resize,
+                                     "max_pixels": cfg.image.max_pixels})
+
+
+def read_latent_files(run, shards: list[ShardRef]):
+    """LATENT_INPUT rows: one per stored sample of every latent file."""
+    from pipeline.stages.read import read_latent_file
+
+    return _per_shard(shards).flat_map(read_latent_file, fn_kwargs={"storage_options": run.cfg.input.storage_options,
+                                                                     "ledger": run.ledger})
+
+
+def model_stage(ds, runtime: RuntimeConfig, stage_cls, **sections):
+    """An actor pool (``runtime.actors``), ``num_gpus`` per actor, fixed-size batches; ``sections``
+    are the config sections the stage's constructor takes."""
+    import ray.data
+
+    actors = runtime.actors
+    pool = (ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]) if isinstance(actors, list)
+            else ray.data.ActorPoolStrategy(size=actors))
+    gpus = gpus_per_actor(runtime)
+    return ds.map_batches(stage_cls, batch_format="numpy", batch_size=runtime.batch_size, compute=pool,
+                          num_gpus=gpus, num_cpus=0 if gpus else 1,
+                          fn_constructor_kwargs={"dtype": runtime.dtype, **sections})
