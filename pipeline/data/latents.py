@@ -92,7 +92,11 @@ class StoredLatent:
     eta: float
     seed: int
     model: str
-    cond: object  # the condition (class index, prompt or None)
+    cond_json: str  # the condition (class index, prompt or null) as the file stores it: JSON text
+
+    @property
+    def cond(self):
+        return json.loads(self.cond_json)
 
     @property
     def x_start(self) -> np.ndarray:
@@ -122,4 +126,4 @@ def latents_from_table(table: pa.Table) -> Iterator[tuple[str, StoredLatent]]:
         first = rows[0]
         yield key, StoredLatent(maps, [int(t) for t in cols["timesteps"][first]], cols["method"][first],
                                 float(cols["eta"][first]), int(cols["seed"][first]), cols["model"][first],
-                                json.loads(cols["cond"][first]))
+                                cols["cond"][first])

@@ -107,7 +107,21 @@ def finish(run) -> None:
     if run.options.get("reference"):
         from pipeline.jobs.ood_report import write_report
 
-        s["report"] = write_report(run, run.options["reference"])
+        s["report"] = write_report(run, run.options["reference"], reference_fit(run, run.options["reference"]))
+
+
+def reference_fit(run, reference: str) -> str:
+    """Fit the in-domain shards the same way, as a run of its own; returns its stats file.
+
+    Its outputs (ledger, rejects, stats) go under report/reference/: its shard names may repeat
+    the OOD input's.
+    """
+    from pipeline.runtime.envelope import run_job
+
+    cfg = run.cfg.model_copy(deep=True)
+    cfg.input.uri, cfg.ood.stats, cfg.output.latents = reference, None, "none"
+    cfg.output.uri = posixpath.join(run.cfg.output.uri.rstrip("/"), "report", "reference")
+    return run_job(JOB, cfg, overwrite=True, out=run.out)["stats"]
 
 
 def summary_lines(s: dict) -> list[str]:

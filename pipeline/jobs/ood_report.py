@@ -1,15 +1,14 @@
-"""The ID-vs-OOD report of ``ood fit --reference``: fit the in-domain shards the same way (a run
-of its own, under ``report/reference/``), then compare the two fits: JSON + PNG under report/."""
+"""The ID-vs-OOD report of ``ood fit --reference``: compare the OOD fit of a run with the fit of
+the in-domain shards (made the same way, by ``ood_fit.reference_fit``): JSON + PNG under report/."""
 
 from __future__ import annotations
 
 import io
-import posixpath
 
 import torch
 
 
-def write_report(run, reference: str) -> dict:
+def write_report(run, reference: str, reference_stats: str) -> dict:
     from pipeline.data.stats import read_stats
     from pipeline.diffusion.ood import (
         measure_geometry,
@@ -17,16 +16,9 @@ def write_report(run, reference: str) -> dict:
         point_geometry,
         separability,
     )
-    from pipeline.jobs.ood_fit import JOB
-    from pipeline.runtime.envelope import run_job
 
     cfg, store, state = run.cfg, run.store, run.state
-    ref_cfg = cfg.model_copy(deep=True)
-    # its own outputs (ledger, rejects, stats) under report/reference/: its shard names may repeat the OOD input's
-    ref_cfg.input.uri, ref_cfg.ood.stats, ref_cfg.output.latents = reference, None, "none"
-    ref_cfg.output.uri = posixpath.join(cfg.output.uri.rstrip("/"), "report", "reference")
-    ind = run_job(JOB, ref_cfg, overwrite=True, out=run.out)
-    tensors, header = read_stats(ind["stats"], cfg.output.storage_options)
+    tensors, header = read_stats(reference_stats, cfg.output.storage_options)
     fits = {"ood": {"count": state["moments"].count, "mean": state["moments"].mean,
                     "variance": float(state["moments"].variance("isotropic")), "latents": state["reservoir"].latents},
             "id": {"count": header["count"], "mean": torch.tensor(tensors["mean"]),

@@ -64,8 +64,6 @@ def read_shard(item: dict, storage_options: dict, ledger: ShardLedger) -> list[d
 
 def read_latent_file(item: dict, storage_options: dict, ledger: ShardLedger) -> list[dict]:
     """One latents Parquet file → one row per sample, carrying its stacked maps as a tensor."""
-    import json
-
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -80,7 +78,7 @@ def read_latent_file(item: dict, storage_options: dict, ledger: ShardLedger) -> 
             rows.add(shard=shard, key=key, index=len(rows), kind=RowKind.SAMPLE,
                      latent=z.maps.astype(np.float32), timesteps=np.asarray(z.timesteps, np.int32),
                      method=z.method, eta=z.eta, seed=z.seed, source_model=z.model,
-                     source_cond=json.dumps(z.cond))  # the file's own cond text, back as it was stored
+                     source_cond=z.cond_json)
     except Exception as exc:  # noqa: BLE001
         rows.add(shard=shard, index=len(rows), kind=RowKind.REJECT,
                  error=f"cannot read latents {uri}: {type(exc).__name__}: {exc}"[:500])

@@ -158,6 +158,8 @@ def test_every_job_runs_on_the_clusters_spec_and_cleans_up(rendered):
 
 
 def test_entrypoints_name_existing_job_files_and_configs(rendered):
+    from pipeline.jobs import JOBS
+
     _, docs = rendered
     config_map = of_kind(docs, "ConfigMap")[0]
     assert config_map["metadata"]["name"] == "latentshift-configs"
@@ -170,6 +172,7 @@ def test_entrypoints_name_existing_job_files_and_configs(rendered):
         argv = shlex.split(entrypoint)
         assert argv[0] == "python" and re.fullmatch(r"jobs/\w+\.py", argv[1]), entrypoint
         assert (ROOT / argv[1]).is_file(), entrypoint
+        assert Path(argv[1]).stem.replace("_", "-") in JOBS, f"{entrypoint}: not a registered job"
         config = argv[argv.index("--config") + 1]
         assert config.startswith("/config/") and config.removeprefix("/config/") in config_map["data"], entrypoint
 
