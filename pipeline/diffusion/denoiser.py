@@ -249,20 +249,17 @@ def _read_json(path: Path) -> dict:
 
 
 def _components(folder: Path, source: str) -> dict[str, Path]:
-    """Component name → subfolder, from model_index.json or the unet/ + scheduler/ layout."""
-    index = folder / "model_index.json"
-    if index.exists():
-        spec = _read_json(index)
-        comps = {k: folder / k for k in COMPONENTS if isinstance(spec.get(k), list) and spec[k][0] is not None}
-    else:
-        comps = {k: folder / k for k in COMPONENTS if (folder / k).is_dir()}
+    """Component name → subfolder: the subfolders the (resolved) folder has.
+
+    Which components a model_index.json lists, and whether they are all there, is checked by
+    ``pipeline.data.model_store.resolve_model``; this only needs to know what to assemble.
+    """
+    comps = {k: folder / k for k in COMPONENTS if (folder / k).is_dir()}
     if "unet" not in comps or "scheduler" not in comps:
         raise ModelLoadError(
-            f"model {source!r}: not a diffusers model folder (expected model_index.json, or unet/ and scheduler/ subfolders)"
+            f"model {source!r}: not a diffusers model folder (expected unet/ and scheduler/ subfolders); "
+            "pipeline.data.model_store.resolve_model checks a folder and says what is missing"
         )
-    for k, p in comps.items():
-        if not p.is_dir():
-            raise ModelLoadError(f"model {source!r}: component {k!r} is listed but {p.name}/ is missing")
     return comps
 
 

@@ -1,0 +1,71 @@
+"""The shard ledger's commit rule, on a local output store (no Ray)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from pipeline.data.ledger import CommitTracker, ShardLedger
+from pipeline.data.outputs import OutputStore
+from pipeline.data.shards import iter_tar_samples, write_samples
+
+
+def tar(samples) -> bytes:
+    buf = io.BytesIO()
+    write_samples(buf, samples)
+    return buf.getvalue()
+
+
+def part(ledger, shard, items, rejects=()):
+    """Stage (index, key) samples and (index, key) rejects as one part, as the writer does."""
+    keys = [[i, k] for i, k in items] + [[i, k] for i, k in rejects]
+    files = {"tar": tar([(k, {"png": f"img-{k}".encode()}) for _, k in items])} if items else {}
+    manifest = {"indices": [i for i, _ in keys], "keys": keys,
+                "rejects": [{"shard": shard, "key": k, "index": i, "reason": "bad"} for i, k in rejects]}
+    return ledger.stage_part(shard, files, manifest)
+
+
+def test_a_shard_commits_when_every_expected_row_is_staged_and_only_then(tmp_path):
+    store = OutputStore(str(tmp_path / "out"), {})
+    ledger = ShardLedger(store, "run-1")
+    tracker = CommitTracker(ledger, ["s"])
+    assert not tracker.complete("s")  # the reader has not said how many rows yet
+    ledger.expect("s", 4)
+    p1 = part(ledger, "s", [(2, "c"), (0, "a")])
+    tracker.add("s", p1, rows=2, latent_rows=0, latent_rows_expected=0)
+    assert not tracker.complete("s")
+    p2 = part(ledger, "s", [(3, "d")], rejects=[(1, "b")])
+    tracker.add("s", p2, rows=2, latent_rows=0, latent_rows_expected=2)
+    assert not tracker.complete("s")  # two announced latent rows are missing
+    tracker.add("s", p2, rows=0, latent_rows=2, latent_rows_expected=0)
+    assert tracker.complete("s") and not store.exists(store.ledger("s"))  # complete is not committed
+    record = ledger.commit("s", "in/s.tar", tracker.take("s").parts, "translate", "hash", 4, {})
+    assert not tracker.complete("s") and tracker.incomplete() == []
+
+    assert record["images"] == 3 and record["rejected"] == 1 and record["rows_in"] == 4
+    assert json.loads(store.get(store.ledger("s")))["run_id"] == "run-1"  # the commit point, written last
+    keys = [x.key for x in iter_tar_samples(io.BytesIO(store.get(store.images("s"))))]
+    assert keys == ["a", "c", "d"]  # input order, whatever order the parts came in
+    assert [json.loads(line)["key"] for line in store.get(store.rejects("s")).decode().splitlines()] == ["b"]
+    assert ledger.committed() == {"s"} and not store.exists(store.staging("run-1", "s"))
+
+
+def test_a_part_staged_twice_is_taken_once(tmp_path):
+    store = OutputStore(str(tmp_path / "out"), {})
+    ledger = ShardLedger(store, "run-2")
+    ledger.expect("s", 2)
+    parts = [part(ledger, "s", [(0, "a"), (1, "b")]), part(ledger, "s", [(0, "a"), (1, "b")])]  # a retried task
+    record = ledger.commit("s", "in/s.tar", parts, "encode", "hash", 2, {})
+    assert record["images"] == 2
+    assert [x.key for x in iter_tar_samples(io.BytesIO(store.get(store.images("s"))))] == ["a", "b"]
+
+
+def test_clearing_staging_forgets_a_killed_runs_parts(tmp_path):
+    store = OutputStore(str(tmp_path / "out"), {})
+    old = ShardLedger(store, "killed")
+    old.expect("s", 1)
+    part(old, "s", [(0, "a")])
+    new = ShardLedger(store, "next")
+    new.clear_staging()
+    assert store.listdir(store.path("_staging")) == [] and new.committed() == set()
+    assert new.expected_rows("s") is None
