@@ -125,7 +125,7 @@ def with_retries(fn, *args, attempts: int = 8, base_delay: float = 0.2, what: st
 
 def put_bytes(fs, path: str, data: bytes) -> None:
     """Write an object so it appears complete or not at all (local: temp file + rename)."""
-    if _is_local(fs):
+    if is_local(fs):
         import os
         import uuid
 
@@ -142,6 +142,6 @@ def get_bytes(fs, path: str) -> bytes:
     return with_retries(fs.cat_file, path, what=path)
 
 
-def _is_local(fs) -> bool:
+def is_local(fs) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")

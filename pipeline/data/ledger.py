@@ -2,6 +2,8 @@
 
   1. The reader of a shard says how many rows it has:   ``expect(shard, rows)``
   2. Writers stage parts of it, each part's files first and its manifest last:   ``stage_part``
+     (a manifest lists every row index it holds, ``[index, key]`` of its SAMPLE rows, and
+     its reject lines)
   3. The driver counts what the manifests report (``CommitTracker``); when every expected row
      and every latent row a sample announced is staged, the shard is complete.
   4. ``commit``: merge the parts into the final files (one atomic write each), then write the
@@ -70,7 +72,9 @@ class ShardLedger:
         self.store.remove_tree(self.store.path("_staging"))
 
     def finish(self) -> None:
+        """Remove this run's staging, and ``_staging/`` itself when no other run has any there."""
         self.store.remove_tree(self.store.staging(self.run_id))
+        self.store.remove_empty_folder(self.store.path("_staging"))
 
     def record_run(self, summary: dict) -> str:
         path = self.store.path("_ledger", "runs", f"{self.run_id}.json")
@@ -142,7 +146,8 @@ def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str]) -
     for part in sorted(parts):
         manifest = store.get_json(f"{staging}/{part}.json")
         fresh = {int(i) for i in manifest["indices"]} - set(samples) - set(rejects)
-        key_index = {k: int(i) for i, k in manifest["keys"]}
+        # a key's position is that of its SAMPLE row: a REJECT row may share the key (a duplicate)
+        key_index = {k: int(i) for i, k in manifest["samples"]}
         if "tar" in manifest["files"]:
             for item in iter_tar_samples(io.BytesIO(store.get(f"{staging}/{part}.tar"))):
                 if isinstance(item, Exception):

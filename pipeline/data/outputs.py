@@ -18,7 +18,7 @@ import posixpath
 import time
 from dataclasses import dataclass
 
-from pipeline.data.filesystems import get_bytes, put_bytes, url_to_fs, with_retries
+from pipeline.data.filesystems import get_bytes, is_local, put_bytes, url_to_fs, with_retries
 
 
 @dataclass
@@ -81,6 +81,16 @@ class OutputStore:
         except FileNotFoundError:
             pass
         self.fs.invalidate_cache()
+
+    def remove_empty_folder(self, path: str) -> None:
+        """Local stores only (object stores have no folders): remove ``path`` if it is empty."""
+        if is_local(self.fs):
+            import os
+
+            try:
+                os.rmdir(path)
+            except OSError:  # not empty (another run's staging), or gone
+                pass
 
     # ledger
     def committed(self) -> set[str]:

@@ -41,7 +41,7 @@ def _stage_part(batch: dict, idx: list[int], shard: str, ledger: ShardLedger, im
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    samples, rejects, latents, keys = [], [], [], []
+    samples, rejects, latents, indices, sample_keys = [], [], [], [], []
     psnr_sum = ssim_sum = 0.0
     metric_count = expected_latents = 0
     for i in idx:
@@ -53,10 +53,11 @@ def _stage_part(batch: dict, idx: list[int], shard: str, ledger: ShardLedger, im
                 eta=meta.eta, cond=meta.cond, seed=int(batch["seed"][i]), step=int(batch["step"][i]),
                 shape=m.shape, dtype=m.dtype.name, latent=np.ascontiguousarray(m).tobytes()))
             continue
-        keys.append((index, key))
+        indices.append(index)
         if kind == RowKind.REJECT:
             rejects.append({"shard": shard, "key": key, "index": index, "reason": str(batch["error"][i])})
             continue
+        sample_keys.append([index, key])
         expected_latents += int(batch["latent_rows"][i])
         psnr, ssim = float(batch["psnr"][i]), float(batch["ssim"][i])
         if not math.isnan(ssim):  # translate: psnr is inf where output == input
@@ -81,8 +82,7 @@ def _stage_part(batch: dict, idx: list[int], shard: str, ledger: ShardLedger, im
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(latents, schema=LATENT_SCHEMA), buf, compression="zstd")
         files["parquet"] = buf.getvalue()
-    part = ledger.stage_part(shard, files, {"indices": [i for i, _ in keys], "keys": [[i, k] for i, k in keys],
-                                            "rejects": rejects})
-    return {"shard": shard, "part": part, "kind": RowKind.SAMPLE, "rows": len(keys), "latent_rows": len(latents),
+    part = ledger.stage_part(shard, files, {"indices": indices, "samples": sample_keys, "rejects": rejects})
+    return {"shard": shard, "part": part, "kind": RowKind.SAMPLE, "rows": len(indices), "latent_rows": len(latents),
             "latent_rows_expected": expected_latents, "images": len(samples), "rejected": len(rejects),
             "psnr_sum": psnr_sum, "ssim_sum": ssim_sum, "metric_count": metric_count}

@@ -18,9 +18,8 @@ def tar(samples) -> bytes:
 
 def part(ledger, shard, items, rejects=()):
     """Stage (index, key) samples and (index, key) rejects as one part, as the writer does."""
-    keys = [[i, k] for i, k in items] + [[i, k] for i, k in rejects]
     files = {"tar": tar([(k, {"png": f"img-{k}".encode()}) for _, k in items])} if items else {}
-    manifest = {"indices": [i for i, _ in keys], "keys": keys,
+    manifest = {"indices": [i for i, _ in [*items, *rejects]], "samples": [[i, k] for i, k in items],
                 "rejects": [{"shard": shard, "key": k, "index": i, "reason": "bad"} for i, k in rejects]}
     return ledger.stage_part(shard, files, manifest)
 
@@ -69,3 +68,26 @@ def test_clearing_staging_forgets_a_killed_runs_parts(tmp_path):
     new.clear_staging()
     assert store.listdir(store.path("_staging")) == [] and new.committed() == set()
     assert new.expected_rows("s") is None
+
+
+def test_a_sample_keeps_its_own_position_when_its_key_also_has_a_reject_row(tmp_path):
+    """Issue 11.5: key 'a' at index 0 is kept, its duplicate at index 2 rejected; 'a' must stay first."""
+    store = OutputStore(str(tmp_path / "out"), {})
+    ledger = ShardLedger(store, "run-3")
+    ledger.expect("s", 3)
+    p = part(ledger, "s", [(0, "a"), (1, "b")], rejects=[(2, "a")])
+    ledger.commit("s", "in/s.tar", [p], "translate", "hash", 3, {})
+    assert [x.key for x in iter_tar_samples(io.BytesIO(store.get(store.images("s"))))] == ["a", "b"]
+
+
+def test_a_finished_run_leaves_no_staging_folder(tmp_path):
+    store = OutputStore(str(tmp_path / "out"), {})
+    ledger = ShardLedger(store, "run-4")
+    ledger.expect("s", 1)
+    ledger.commit("s", "in/s.tar", [part(ledger, "s", [(0, "a")])], "encode", "hash", 1, {})
+    ledger.finish()
+    assert not (tmp_path / "out" / "_staging").exists()
+    other = ShardLedger(store, "live")  # another run's staging is never removed by finish()
+    other.expect("t", 1)
+    ledger.finish()
+    assert (tmp_path / "out" / "_staging" / "live" / "t").is_dir()
