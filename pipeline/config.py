@@ -68,6 +68,27 @@ class StorageOptions(Section):
 class InputConfig(StorageOptions):
     uri: str | list[str] | None = None  # prefix, brace pattern or list; s3://, gs://, file://, path
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    # metadata member extensions carried through unchanged (exact, lowercase; "seg.json" for
+    # k.seg.json); every other non-image member is dropped with a "dropped member" reject row
+    carry: list[str] = Field(default_factory=lambda: ["json", "txt", "cls"])
+
+    @field_validator("carry")
+    @classmethod
+    def _carry_extensions(cls, v: list[str]) -> list[str]:
+        from pipeline.data.images import IMAGE_EXTENSIONS
+
+        for ext in v:
+            if ext != ext.lower():
+                raise ValueError(f"{ext!r} must be lowercase ({ext.lower()!r}): tar member extensions are compared lowercased")
+            if not re.fullmatch(r"[a-z0-9_-]+(\.[a-z0-9_-]+)*", ext):
+                raise ValueError(f"{ext!r} is not an extension: letters, digits, '_', '-' in dot-separated parts, "
+                                 "without the leading dot, e.g. 'json' or 'seg.json'")
+            if ext in IMAGE_EXTENSIONS or ext == "latentshift.json":
+                raise ValueError(f"{ext!r} cannot be carried: it is an image extension or the provenance member, "
+                                 "which every output sample writes itself")
+        if len(set(v)) != len(v):
+            raise ValueError(f"{sorted(e for e in set(v) if v.count(e) > 1)} listed twice")
+        return v
 
 
 class OutputConfig(StorageOptions):
@@ -115,6 +136,7 @@ class ImageConfig(Section):
     size: int = Field(256, ge=8, le=4096)
     resize: Literal["center_crop", "stretch"] = "center_crop"  # short side to size, then crop
     max_pixels: int = Field(50_000_000, ge=1)  # larger images are rejected, not decoded
+    exif_transpose: bool = True  # apply the EXIF orientation tag (false: pixels as stored)
 
 
 class RuntimeConfig(Section):

@@ -66,3 +66,23 @@ def truncated(tar: bytes, keep_samples: int, members_per_sample: int = 4) -> byt
         members = t.getmembers()
     cut = members[keep_samples * members_per_sample]
     return tar[: cut.offset_data + min(100, cut.size // 2)]
+
+
+def raw_tar(members: list[tuple[str, bytes | str | None]]) -> bytes:
+    """A tar with exactly these members, in order, names unchecked (for the cases webdataset
+    will not write): ``bytes`` → a regular file, ``str`` → a symlink to it, ``None`` → a directory."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.mtime = 0
+            if isinstance(data, bytes):
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+            else:
+                info.type = tarfile.SYMTYPE if isinstance(data, str) else tarfile.DIRTYPE
+                info.linkname = data or ""
+                t.addfile(info)
+    return buf.getvalue()

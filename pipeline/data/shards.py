@@ -1,8 +1,15 @@
 """WebDataset shards: list them, read them tolerantly, pack image folders into them.
 
 A sample is ``__key__`` + one image member (jpg/jpeg/png/webp) + optional metadata members
-(json/txt/cls), carried through unchanged. Reading never fails a run: a corrupt or truncated
-tar yields the samples before the damage plus a reject row saying what went wrong.
+(by default json/txt/cls: ``input.carry``), carried through unchanged. Reading never fails a
+run: a corrupt or truncated tar yields the samples before the damage plus a ``TarDamage``
+saying what went wrong and which member was being read.
+
+Nothing in a tar is lost silently: ``iter_tar_samples`` puts every member either in its
+sample's ``members`` or in its ``dropped`` list with a reason (non-regular members, names
+without an extension, repeated names), and marks samples whose key is unsafe as an output path
+(``key_problem``). The read stage (pipeline/stages/read.py) turns each drop into a REJECT row
+whose reason starts with "dropped member".
 """
 
 from __future__ import annotations
@@ -10,9 +17,10 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import re
 import tarfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from braceexpand import braceexpand
 
@@ -69,12 +77,53 @@ def list_shards(uri: str | list[str], storage_options: dict | None = None) -> li
 
 @dataclass
 class TarSample:
+    """One group of consecutive tar members sharing a key.
+
+    ``members`` holds the regular members kept, extension → bytes (the first of two members
+    with the same extension), ``names`` their names in the tar, in tar order. ``dropped`` lists
+    the members of the group that are *not* in ``members``, each with the reason, so that every
+    member of a tar is in exactly one of the two. ``error`` is set when the key itself cannot be
+    used (unsafe or reserved): a reader must reject the whole sample and never use ``key`` as a
+    path. A group may have no kept members at all (only dropped ones).
+    """
+
     key: str
     members: dict[str, bytes]  # extension → bytes
+    names: dict[str, str] = field(default_factory=dict)  # extension → member name in the tar
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (member name, reason), tar order
+    error: str = ""  # a whole-sample problem: "unsafe key …" / "reserved key …"; "" when usable
+
+
+class TarDamage(Exception):
+    """Why a tar stopped being readable: yielded (never raised) by ``iter_tar_samples``.
+
+    ``str()`` is ``"<ExceptionType>: <message>"`` without memory addresses, so it is a
+    deterministic reason. ``member`` is the member whose data was being read when the tar broke
+    (None when it broke between members, in a header); ``partial`` is then that member's group,
+    which is not yielded as a sample (it lost a member): its kept members and drops are in it.
+    """
+
+    def __init__(self, cause: BaseException, member: str | None = None, partial: TarSample | None = None):
+        self.cause_type = type(cause).__name__
+        self.detail = clean_message(str(cause))
+        self.member = member
+        self.partial = partial
+        super().__init__(f"{self.cause_type}: {self.detail}")
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def clean_message(text: str) -> str:
+    """An exception message made deterministic: object addresses (`` at 0x7f…``) removed."""
+    return _ADDRESS.sub("", text)
 
 
 def split_member_name(name: str) -> tuple[str, str]:
-    """'dir/abc.def.png' → ('dir/abc', 'def.png'): key is up to the first dot of the basename."""
+    """'dir/abc.def.png' → ('dir/abc', 'def.png'): key is up to the first dot of the basename.
+
+    A name without an extension ('abc', 'dir/abc', 'abc.') gives (its key, '').
+    """
     d, base = posixpath.split(name)
     if "." not in base:
         return name, ""
@@ -82,29 +131,112 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (posixpath.join(d, stem) if d else stem), ext.lower()
 
 
-def iter_tar_samples(stream) -> Iterator[TarSample | Exception]:
-    """Group consecutive tar members into samples. On damage, yield the exception and stop."""
+def key_problem(key: str) -> str:
+    """Why ``key`` cannot name output members ("" when it can).
+
+    A key is safe if it is a relative POSIX path with no ``..``, ``.`` or empty parts, no
+    leading ``/``, no backslash, no control characters, valid UTF-8 and at most 255 bytes per
+    part. Keys starting with ``__`` are reserved (webdataset's ``__key__`` and friends).
+    """
+    why = ""
+    if not key:
+        why = "empty"
+    elif any(c < " " or "\x7f" <= c <= "\x9f" for c in key):
+        why = "control character"
+    elif "\\" in key:
+        why = "backslash"
+    elif key.startswith("/"):
+        why = "absolute path"
+    elif ".." in key.split("/"):
+        why = "path traversal"
+    elif any(p in ("", ".") for p in key.split("/")):
+        why = "empty or '.' path part"
+    else:
+        try:
+            parts = [p.encode("utf-8") for p in key.split("/")]
+        except UnicodeEncodeError:
+            why = "not valid UTF-8"
+        else:
+            if any(len(p) > 255 for p in parts):
+                why = "path part longer than 255 bytes"
+    if why:
+        return f"unsafe key {key!r}: {why}"
+    if key.startswith("__"):
+        return f"reserved key {key!r}: keys starting with '__' are reserved"
+    return ""
+
+
+_MEMBER_TYPES = {tarfile.DIRTYPE: "directory", tarfile.CHRTYPE: "character device",
+                 tarfile.BLKTYPE: "block device", tarfile.FIFOTYPE: "FIFO"}
+
+
+def _not_regular(info: tarfile.TarInfo) -> str:
+    if info.issym():
+        what = f"symbolic link to {info.linkname!r}"
+    elif info.islnk():
+        what = f"hard link to {info.linkname!r}"
+    else:
+        what = _MEMBER_TYPES.get(info.type, f"member of tar type {info.type!r}")
+    return f"{what}, not a regular file"
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """A damaged header after the first is an error, not a silent end of the archive.
+
+    (tarfile ends a stream quietly at a truncated or invalid header past offset 0.)
+    """
+
+    @classmethod
+    def frombuf(cls, buf, encoding, errors):
+        try:
+            return super().frombuf(buf, encoding, errors)
+        except (tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as exc:
+            raise tarfile.ReadError(f"damaged member header ({exc})") from None
+
+
+def iter_tar_samples(stream) -> Iterator[TarSample | TarDamage]:
+    """Group consecutive tar members by key into samples. On damage, yield a TarDamage and stop.
+
+    Every member ends up either in a sample's ``members`` or in its ``dropped`` list: non-regular
+    members (symlinks, directories, …), members without an extension, and a second member with
+    the same extension (the first is kept) are dropped with a reason. Extensions are lower-cased.
+    Keys are checked (``key_problem``); a sample with an unusable key has ``error`` set.
+    Callers that only want usable samples skip those with ``error`` (or no ``members``).
+    """
     current: TarSample | None = None
+    reading: str | None = None
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo) as tar:
             for info in tar:
-                if not info.isfile():
-                    continue
                 key, ext = split_member_name(info.name)
-                if key.startswith("__") or not ext:
-                    continue
-                data = tar.extractfile(info).read()
                 if current is not None and key != current.key:
                     yield current
                     current = None
                 if current is None:
-                    current = TarSample(key, {})
-                current.members[ext] = data
+                    current = TarSample(key, {}, error=key_problem(key))
+                if not info.isfile():
+                    current.dropped.append((info.name, _not_regular(info)))
+                    continue
+                reading = info.name
+                data = tar.extractfile(info).read()
+                reading = None
+                if not ext:
+                    current.dropped.append((info.name, "no extension"))
+                elif ext in current.members:
+                    current.dropped.append(
+                        (info.name, f"duplicate member: extension {ext!r} was already read from "
+                                    f"{current.names[ext]!r}, which is kept"))
+                else:
+                    current.members[ext] = data
+                    current.names[ext] = info.name
     except Exception as exc:  # noqa: BLE001 - damaged input is data, not a crash
-        if current is not None:
-            yield current
-            current = None
-        yield exc
+        if reading is None:  # broke between members: the group so far is whole as far as we know
+            if current is not None:
+                yield current
+            yield TarDamage(exc)
+        else:
+            yield TarDamage(exc, reading, current)
+        return
     if current is not None:
         yield current
 
@@ -170,8 +302,8 @@ def count_samples(ref: ShardRef, storage_options: dict | None = None) -> tuple[i
     with fs.open(path, "rb") as f:
         for item in iter_tar_samples(f):
             if isinstance(item, Exception):
-                damage = f"{type(item).__name__}: {item}"
-            elif image_member(item.members):
+                damage = str(item)  # TarDamage: "<type>: <message>", deterministic
+            elif not item.error and image_member(item.members):
                 n += 1
     return n, damage
 

@@ -38,5 +38,6 @@ JOB = Job(
     requires=("input.uri", "output.uri", "target.model"),
     units=latent_shards,
     build=build,
+    models=("target",),
     commits=("images", "rejects"),
 )

@@ -28,5 +28,6 @@ JOB = Job(
     requires=("input.uri", "output.uri", "source.model"),
     units=lambda cfg: image_shards(cfg.input.uri, cfg.input.storage_options),
     build=build,
+    models=("source",),
     commits=("latents", "rejects"),
 )

@@ -146,6 +146,7 @@ JOB = Job(
     requires=("input.uri", "output.uri", "source.model"),
     units=lambda cfg: image_shards(cfg.input.uri, cfg.input.storage_options),
     build=build,
+    models=("source",),
     commits=("latents", "rejects", "stats", "report"),
     summary=summary_lines,
     skip_committed=False,  # the fit covers every shard of its input, every time

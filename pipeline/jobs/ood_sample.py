@@ -84,6 +84,7 @@ JOB = Job(
     requires=("output.uri", "source.model"),
     units=units,
     build=build,
+    models=("source",),
     commits=("images", "latents"),
     summary=summary_lines,
     check=check,

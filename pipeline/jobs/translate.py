@@ -30,4 +30,5 @@ JOB = Job(
     requires=("input.uri", "output.uri", "source.model", "target.model"),
     units=lambda cfg: image_shards(cfg.input.uri, cfg.input.storage_options),
     build=build,
+    models=("source", "target"),
 )

@@ -78,6 +78,7 @@ class Job:
     prepare: Callable[[Run], dict | None] | None = None  # before any work; a dict returned ends the run
     finish: Callable[[Run], None] | None = None  # after the commits (e.g. write the stats file)
     options: tuple[Option, ...] = ()
+    models: tuple[str, ...] = ()  # model sections it loads ("source", "target"): resolved in preflight
 
 
 # ---- helpers job modules share ------------------------------------------------------

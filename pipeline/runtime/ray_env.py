@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from pipeline.config import RuntimeConfig
@@ -24,7 +25,34 @@ def init_ray() -> None:
                  configure_logging=False)
     import ray.data
 
-    ray.data.DataContext.get_current().enable_progress_bars = True
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    # A model stage's actor that raises in __init__ (a model that passed preflight and still does
+    # not load) fails the run at once: no in-actor retries, no replacement actors. Ray Data then
+    # raises the actor's ActorDiedError, which run_job turns into one line (envelope.model_load_failure).
+    ctx.actor_init_retry_on_errors = False
+    ctx.max_consecutive_actor_init_deaths = 0
+    _hide_actor_init_traces()
+
+
+class _HideActorInitTrace(logging.Filter):
+    """Ray Data logs an actor's death in __init__ as an internal error, with the driver's whole
+    stack; run_job reports it in one line, so keep it out of the console (Ray Data's log file
+    still gets it: its console handler drops records marked ``hide``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import ray.exceptions
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ray.exceptions.RayActorError) and "creation task" in str(exc):
+            record.hide = True
+        return True
+
+
+def _hide_actor_init_traces() -> None:
+    logger = logging.getLogger("ray.data.exceptions")
+    if not any(isinstance(f, _HideActorInitTrace) for f in logger.filters):
+        logger.addFilter(_HideActorInitTrace())
 
 
 def gpus_per_actor(runtime: RuntimeConfig) -> float:
@@ -59,10 +87,11 @@ def read_images(run, shards: list[ShardRef]):
 
     cfg = run.cfg
     ds = _per_shard(shards).flat_map(read_shard, fn_kwargs={"storage_options": cfg.input.storage_options,
-                                                            "ledger": run.ledger})
+                                                            "ledger": run.ledger, "carry": cfg.input.carry})
     return ds.map_batches(decode_images, batch_format="numpy", batch_size=cfg.runtime.batch_size,
                           fn_kwargs={"size": cfg.image.size, "resize": cfg.image.resize,
-                                     "max_pixels": cfg.image.max_pixels})
+                                     "max_pixels": cfg.image.max_pixels,
+                                     "exif_transpose": cfg.image.exif_transpose})
 
 
 def read_latent_files(run, shards: list[ShardRef]):

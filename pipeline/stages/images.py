@@ -6,13 +6,14 @@ from pipeline.data.images import RejectedImage, decode_image
 from pipeline.data.rows import PIXEL_COLUMNS, RowBuffer, RowKind
 
 
-def decode_images(batch: dict, size: int, resize: str, max_pixels: int) -> dict:
+def decode_images(batch: dict, size: int, resize: str, max_pixels: int, exif_transpose: bool = True) -> dict:
     rows = RowBuffer(PIXEL_COLUMNS)
     for i in range(len(batch["key"])):  # PIL decodes one image at a time; this is the CPU stage's whole job
         row = {c: batch[c][i] for c in ("shard", "key", "index", "kind", "error", "member_names", "member_data")}
         if row["kind"] == RowKind.SAMPLE:
             try:
-                row["pixels"] = decode_image(bytes(batch["image"][i]), size, resize, max_pixels)
+                row["pixels"] = decode_image(bytes(batch["image"][i]), size, resize, max_pixels,
+                                             exif_transpose=exif_transpose)
             except RejectedImage as exc:
                 row.update(kind=RowKind.REJECT, error=str(exc))
         rows.add(**row)

@@ -2,16 +2,40 @@
 
 Each reader tells the shard ledger how many rows the shard has, which is what lets the driver
 commit the shard once they are all staged.
+
+Every member of an input tar ends up in exactly one place: the image of a SAMPLE row, the
+carried metadata (``member_names``) of a SAMPLE row, or a REJECT row naming it. REJECT rows are
+of two sorts, told apart by their reason:
+
+- a whole sample (or a damaged stretch of the shard) that cannot be used; the reason names the
+  sample's members, e.g. ``no image member (has 'k.json', 'k.txt')``;
+- one member dropped while its sample may live on: the reason starts with ``dropped member``,
+  e.g. ``dropped member 'k.pkl': extension 'pkl' not in input.carry (json, txt, cls)``. Such a
+  row has its own index and the sample's key, or ``""`` when the member belongs to no usable
+  sample (its key is unsafe, or its group has no other member).
+
+All reasons are deterministic (no object addresses), so two reads of one input give the same rows.
 """
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 from pipeline.data.filesystems import get_bytes, url_to_fs
+from pipeline.data.images import IMAGE_EXTENSIONS
 from pipeline.data.ledger import ShardLedger
 from pipeline.data.rows import INPUT_COLUMNS, LATENT_INPUT_COLUMNS, RowBuffer, RowKind
-from pipeline.data.shards import image_member, iter_tar_samples
+from pipeline.data.shards import (
+    METADATA_EXTENSIONS,
+    TarDamage,
+    TarSample,
+    clean_message,
+    image_member,
+    iter_tar_samples,
+)
+
+MAX_REASON = 2000  # characters; a longer reason is cut, with "…" at the end
 
 
 def _listing(rows: RowBuffer) -> list[dict]:
@@ -20,42 +44,85 @@ def _listing(rows: RowBuffer) -> list[dict]:
     return [{c: batch[c][i] for c in rows.columns} for i in range(len(rows))]
 
 
-def read_shard(item: dict, storage_options: dict, ledger: ShardLedger) -> list[dict]:
+def _has(sample: TarSample) -> str:
+    """The sample's kept members, in tar order, for a whole-sample reason."""
+    return ", ".join(repr(n) for n in sample.names.values()) or "nothing"
+
+
+def read_shard(item: dict, storage_options: dict, ledger: ShardLedger,
+               carry: Sequence[str] = METADATA_EXTENSIONS) -> list[dict]:
     """All samples of one tar shard, in order. Damage becomes reject rows, never an exception.
 
-    The shard is fetched whole (with retries) before parsing, so a transient storage fault
-    is retried instead of being mistaken for a truncated tar.
+    ``carry`` (``input.carry``) lists the metadata extensions carried through; other non-image
+    members are dropped, each with a "dropped member" REJECT row. Of two image members the first
+    in IMAGE_EXTENSIONS order is used and the other dropped. The shard is fetched whole (with
+    retries) before parsing, so a transient storage fault is retried instead of being mistaken
+    for a truncated tar.
     """
     shard, uri = item["name"], item["uri"]
+    carry = tuple(carry)
     rows = RowBuffer(INPUT_COLUMNS)
 
     def reject(key: str, error: str) -> None:
-        rows.add(shard=shard, key=key, index=len(rows), kind=RowKind.REJECT, error=error[:500])
+        if len(error) > MAX_REASON:
+            error = error[: MAX_REASON - 1] + "…"
+        rows.add(shard=shard, key=key, index=len(rows), kind=RowKind.REJECT, error=error)
+
+    def drop(key: str, name: str, reason: str) -> None:
+        reject(key, f"dropped member {name!r}: {reason}")
 
     fs, path = url_to_fs(uri, storage_options)
     try:
         data = get_bytes(fs, path)
     except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
-        reject("", f"cannot read shard {uri}: {type(exc).__name__}: {exc}")
+        reject("", f"cannot read shard {uri}: {type(exc).__name__}: {clean_message(str(exc))}")
         data = None
     seen: set[str] = set()
     last_key = ""
     for sample in iter_tar_samples(io.BytesIO(data)) if data is not None else ():
         if isinstance(sample, Exception):
             after = f" after key {last_key!r}" if last_key else ""
-            reject("", f"corrupt or truncated tar{after}: {type(sample).__name__}: {sample}")
+            where, key = "", ""
+            partial = sample.partial if isinstance(sample, TarDamage) else None
+            if partial is not None:  # the group being read when the tar broke: it lost a member
+                key = "" if partial.error else partial.key
+                for name, why in partial.dropped:
+                    drop(key, name, why)
+                has = f" (has {_has(partial)})" if partial.names else ""
+                where = f", while reading member {sample.member!r} of key {partial.key!r}{has}"
+            reject(key, f"corrupt or truncated tar{after}{where}: {sample}")
+            continue
+        usable = bool(sample.members) and not sample.error
+        for name, why in sample.dropped:
+            drop(sample.key if usable else "", name, why)
+        if not sample.members:  # only dropped members: each has its row
+            continue
+        if sample.error:
+            reject("", f"{sample.error} (has {_has(sample)})")
             continue
         last_key = sample.key
         if sample.key in seen:
-            reject(sample.key, "duplicate key in shard (first occurrence kept)")
+            reject(sample.key, f"duplicate key in shard, first occurrence kept (has {_has(sample)})")
             continue
         seen.add(sample.key)
         found = image_member(sample.members)
         if found is None:
-            reject(sample.key, f"no image member (has {', '.join(sorted(sample.members))})")
+            reject(sample.key, f"no image member (has {_has(sample)})")
             continue
         ext, image = found
-        carried = {e: b for e, b in sample.members.items() if e != ext}
+        if not image:
+            reject(sample.key, f"empty image member {sample.names[ext]!r} (has {_has(sample)})")
+            continue
+        carried: dict[str, bytes] = {}
+        for e, b in sample.members.items():
+            if e == ext:
+                continue
+            if e in IMAGE_EXTENSIONS:
+                drop(sample.key, sample.names[e], f"second image member; the sample uses {sample.names[ext]!r}")
+            elif e in carry:
+                carried[e] = b
+            else:
+                drop(sample.key, sample.names[e], f"extension {e!r} not in input.carry ({', '.join(carry)})")
         rows.add(shard=shard, key=sample.key, index=len(rows), kind=RowKind.SAMPLE, image=image,
                  member_names=list(carried), member_data=list(carried.values()))
     ledger.expect(shard, len(rows))
@@ -81,6 +148,6 @@ def read_latent_file(item: dict, storage_options: dict, ledger: ShardLedger) -> 
                      source_cond=z.cond_json)
     except Exception as exc:  # noqa: BLE001
         rows.add(shard=shard, index=len(rows), kind=RowKind.REJECT,
-                 error=f"cannot read latents {uri}: {type(exc).__name__}: {exc}"[:500])
+                 error=f"cannot read latents {uri}: {type(exc).__name__}: {clean_message(str(exc))}"[:500])
     ledger.expect(shard, len(rows))
     return _listing(rows)

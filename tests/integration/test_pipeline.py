@@ -99,7 +99,7 @@ def test_translate_s3_to_s3_exactly_once_with_rejects(ray_cluster, s3, s3_server
     # rejects recorded with reasons; the rest of the run intact
     rej_a = [json.loads(line) for line in s3.cat_file(f"{bucket}/out/_rejects/shard-a.jsonl").splitlines()]
     assert {r["key"]: r["reason"].split(":")[0] for r in rej_a} == {
-        "bad-corrupt": "undecodable image", "bad-noimage": "no image member (has json)"}
+        "bad-corrupt": "undecodable image", "bad-noimage": "no image member (has 'bad-noimage.json')"}
     rej_b = [json.loads(line) for line in s3.cat_file(f"{bucket}/out/_rejects/shard-b.jsonl").splitlines()]
     assert len(rej_b) == 1 and rej_b[0]["reason"].startswith("corrupt or truncated tar after key 's01-001'")
 
