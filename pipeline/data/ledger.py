@@ -136,7 +136,7 @@ def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str]) -
     import pyarrow.parquet as pq
 
     from pipeline.data.latents import LATENT_SCHEMA
-    from pipeline.data.shards import iter_tar_samples, write_samples
+    from pipeline.data.shards import DROPPED_MEMBER, iter_tar_samples, write_samples
 
     staging = store.staging(run_id, shard)
     samples: dict[int, tuple[str, dict]] = {}
@@ -167,7 +167,8 @@ def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str]) -
                     keep.append(i)
             latent_tables.append((table.take(keep), key_index))
 
-    out = {"images": 0, "rejected": len(rejects), "bytes_images": 0, "bytes_latents": 0}
+    dropped = sum(1 for r in rejects.values() if r["reason"].startswith(DROPPED_MEMBER))
+    out = {"images": 0, "rejected": len(rejects) - dropped, "dropped": dropped, "bytes_images": 0, "bytes_latents": 0}
     if samples:
         buf = io.BytesIO()
         out["images"] = write_samples(buf, (samples[i] for i in sorted(samples)))

@@ -111,6 +111,8 @@ class TarDamage(Exception):
         super().__init__(f"{self.cause_type}: {self.detail}")
 
 
+DROPPED_MEMBER = "dropped member"  # how a reject reason for one member (not its sample) begins
+
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
@@ -139,21 +141,22 @@ def key_problem(key: str) -> str:
     part. Keys starting with ``__`` are reserved (webdataset's ``__key__`` and friends).
     """
     why = ""
-    if not key:
+    path = key[2:] if key.startswith("./") else key  # `tar -cf x.tar .` names members ./k.png: safe
+    if not path:
         why = "empty"
     elif any(c < " " or "\x7f" <= c <= "\x9f" for c in key):
         why = "control character"
     elif "\\" in key:
         why = "backslash"
-    elif key.startswith("/"):
+    elif path.startswith("/"):
         why = "absolute path"
-    elif ".." in key.split("/"):
+    elif ".." in path.split("/"):
         why = "path traversal"
-    elif any(p in ("", ".") for p in key.split("/")):
+    elif any(p in ("", ".") for p in path.split("/")):
         why = "empty or '.' path part"
     else:
         try:
-            parts = [p.encode("utf-8") for p in key.split("/")]
+            parts = [p.encode("utf-8") for p in path.split("/")]
         except UnicodeEncodeError:
             why = "not valid UTF-8"
         else:

@@ -30,7 +30,7 @@ def versions() -> dict:
 def write_and_commit(run, built, shards: list[ShardRef]) -> dict:
     """Write ``built.dataset`` (CPU write tasks), commit each shard once all its rows are staged.
 
-    Returns the totals: shards_done, images, rejected, latent_samples, bytes_latents, metric
+    Returns the totals: shards_done, images, rejected (samples), dropped (members), latent_samples, bytes_latents, metric
     sums, and the shards left incomplete (rows missing).
     """
     import ray
@@ -78,6 +78,6 @@ def write_and_commit(run, built, shards: list[ShardRef]) -> dict:
     else:
         log.error("shards not committed (rows missing): %s", ", ".join(incomplete))
     return {"shards_done": len(records), "images": sum(r["images"] for r in records),
-            "rejected": sum(r["rejected"] for r in records),
+            "rejected": sum(r["rejected"] for r in records), "dropped": sum(r.get("dropped", 0) for r in records),
             "latent_samples": sum(r.get("latent_samples", 0) for r in records),
             "bytes_latents": sum(r.get("bytes_latents", 0) for r in records), **metrics, "incomplete": incomplete}

@@ -5,7 +5,7 @@
   run id       one per run: staging folder, run record, ledger records
   prepare      the job may end the run here (e.g. an OOD fit that is up to date)
   skip         shards with a ledger record are done (unless --overwrite, or the job redoes all)
-  models       with work to do: every model the job loads is resolved and checked (``Job.models``),
+  models       with work to do (runtime/models.py): every model the job loads is resolved and checked (``Job.models``),
                before any staging and before Ray; a model that still fails on an actor ends the
                run once, in one line, its staging removed
   clear        a killed run's staging: its uncommitted shards are redone
@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 import uuid
@@ -24,8 +23,9 @@ import uuid
 from pipeline.config import JobConfig
 from pipeline.data.ledger import ShardLedger
 from pipeline.data.outputs import OutputStore
-from pipeline.errors import LatentshiftError, ModelLoadError
+from pipeline.errors import LatentshiftError
 from pipeline.runtime.job import Job, Run
+from pipeline.runtime.models import check_models, model_load_failure
 
 
 def new_run_id() -> str:
@@ -44,75 +44,6 @@ def open_output(uri: str, storage_options: dict) -> OutputStore:
 
         raise explain_storage_error(uri, exc) from None
     return store
-
-
-def check_models(job: Job, cfg: JobConfig) -> None:
-    """Resolve every model the job loads (existence, layout, pickle policy), before Ray starts.
-
-    ``resolve_model`` reads JSON and lists files only (a remote folder is fetched into the
-    model cache, which the actors then reuse); a bad model fails here with one line.
-    """
-    from pipeline.data.model_store import resolve_model
-
-    seen = set()
-    for name in job.models:
-        section = getattr(cfg, name)
-        key = (section.model, section.allow_pickle)
-        if key in seen:
-            continue
-        seen.add(key)
-        resolve_model(section.model, section.storage_options, allow_pickle=section.allow_pickle)
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
-
-
-def model_load_failure(exc: BaseException, job: Job, cfg: JobConfig) -> LatentshiftError | None:
-    """The one-line error for a model stage's actor that died in ``__init__`` (a model that passed
-    ``check_models`` and still failed to load, e.g. corrupt weights); None for any other error.
-
-    Ray Data gives up on the first actor that dies during initialisation (``init_ray`` pins
-    ``max_consecutive_actor_init_deaths = 0``) and raises Ray's ``ActorDiedError``, whose text
-    holds the worker's traceback; the last ``...Error: message`` line of it is the reason.
-    """
-    import ray.exceptions
-
-    chain, seen = [], set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    for e in chain:  # a ModelLoadError that came back through Ray as RayTaskError(ModelLoadError)
-        if isinstance(e, ModelLoadError):
-            original = getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayError) else e
-            if isinstance(original, ModelLoadError):
-                return ModelLoadError(_one_line(str(original)))
-            return ModelLoadError(_one_line(_last_error_line(str(e)) or str(e)))
-    died = next((e for e in chain if isinstance(e, ray.exceptions.RayActorError)
-                 and "creation task" in str(e)), None)
-    if died is None:
-        return None
-    text = str(died)
-    reason = _last_error_line(text) or "the actor died while loading it (see the Ray logs)"
-    models = ", ".join(dict.fromkeys(getattr(cfg, m).model for m in job.models)) or "its model"
-    if "ModelLoadError" in text and reason.startswith("model "):
-        return ModelLoadError(_one_line(f"{reason} (on a Ray actor)"))
-    return ModelLoadError(_one_line(f"model {models}: failed to load on a Ray actor: {reason}"))
-
-
-def _last_error_line(text: str) -> str | None:
-    found = None
-    for line in _ANSI.sub("", text).splitlines():
-        m = _ERROR_LINE.match(line.strip())
-        if m:
-            found = m.group(2) if m.group(1) in ("ModelLoadError", "LatentshiftError") else f"{m.group(1)}: {m.group(2)}"
-    return found
-
-
-def _one_line(text: str) -> str:
-    return " ".join(_ANSI.sub("", text).split())
 
 
 def run_job(job: Job, cfg: JobConfig, overwrite: bool = False, out=sys.stdout, **options) -> dict:
@@ -135,7 +66,7 @@ def run_job(job: Job, cfg: JobConfig, overwrite: bool = False, out=sys.stdout, *
     todo = [s for s in shards if s.name not in done]
     s = run.summary
     s.update(run_id=run.run_id, job=job.name, shards_total=len(shards), shards_skipped=len(shards) - len(todo),
-             shards_done=0, images=0, rejected=0, latent_samples=0, config_hash=cfg.config_hash())
+             shards_done=0, images=0, rejected=0, dropped=0, latent_samples=0, config_hash=cfg.config_hash())
     if todo:
         check_models(job, cfg)  # only when there is model work: a run with nothing to do loads none
         run.ledger.clear_staging()
@@ -162,7 +93,7 @@ def run_job(job: Job, cfg: JobConfig, overwrite: bool = False, out=sys.stdout, *
 
 
 def _add_totals(s: dict, t: dict) -> None:
-    for k in ("shards_done", "images", "rejected", "latent_samples"):
+    for k in ("shards_done", "images", "rejected", "dropped", "latent_samples"):
         s[k] += t[k]
     s["bytes_latents"] = t["bytes_latents"]
     if s["latent_samples"]:
@@ -178,7 +109,7 @@ def summary_lines(s: dict) -> list[str]:
     lines = [
         f"latentshift {s['job']}  run {s['run_id']}",
         f"  shards     {s['shards_done']} done, {s['shards_skipped']} skipped (already committed), {s['shards_total']} total",
-        f"  images     {s['images']} written, {s['rejected']} rejected (see _rejects/)",
+        f"  images     {s['images']} written, {s['rejected']} rejected, {s['dropped']} members dropped (see _rejects/)",
     ]
     if s.get("latent_samples"):
         lines.append(f"  latents    {s['latent_samples']} samples, {s.get('latent_bytes_per_image', 0)} bytes per image")

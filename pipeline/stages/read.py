@@ -27,6 +27,7 @@ from pipeline.data.images import IMAGE_EXTENSIONS
 from pipeline.data.ledger import ShardLedger
 from pipeline.data.rows import INPUT_COLUMNS, LATENT_INPUT_COLUMNS, RowBuffer, RowKind
 from pipeline.data.shards import (
+    DROPPED_MEMBER,
     METADATA_EXTENSIONS,
     TarDamage,
     TarSample,
@@ -69,7 +70,7 @@ def read_shard(item: dict, storage_options: dict, ledger: ShardLedger,
         rows.add(shard=shard, key=key, index=len(rows), kind=RowKind.REJECT, error=error)
 
     def drop(key: str, name: str, reason: str) -> None:
-        reject(key, f"dropped member {name!r}: {reason}")
+        reject(key, f"{DROPPED_MEMBER} {name!r}: {reason}")
 
     fs, path = url_to_fs(uri, storage_options)
     try:

@@ -91,3 +91,15 @@ def test_a_finished_run_leaves_no_staging_folder(tmp_path):
     other.expect("t", 1)
     ledger.finish()
     assert (tmp_path / "out" / "_staging" / "live" / "t").is_dir()
+
+
+def test_dropped_members_are_counted_apart_from_rejected_samples(tmp_path):
+    store = OutputStore(str(tmp_path / "out"), {})
+    ledger = ShardLedger(store, "run-5")
+    ledger.expect("s", 3)
+    p = ledger.stage_part("s", {"tar": tar([("a", {"png": b"x"})])}, {
+        "indices": [0, 1, 2], "samples": [[1, "a"]],
+        "rejects": [{"shard": "s", "key": "a", "index": 0, "reason": "dropped member 'a.pkl': extension 'pkl' not in input.carry"},
+                    {"shard": "s", "key": "b", "index": 2, "reason": "no image member (has 'b.txt')"}]})
+    record = ledger.commit("s", "in/s.tar", [p], "translate", "hash", 3, {})
+    assert record["images"] == 1 and record["rejected"] == 1 and record["dropped"] == 1

@@ -120,7 +120,7 @@ def test_a_tar_cut_inside_a_header_is_damage_not_a_quiet_end(tmp_path):
     ("../../evil.png", "unsafe key '../../evil': path traversal"),
     ("/etc/x.png", "unsafe key '/etc/x': absolute path"),
     ("a/../b.png", "unsafe key 'a/../b': path traversal"),
-    ("./k.png", "unsafe key './k': empty or '.' path part"),
+    ("./../k.png", "unsafe key './../k': path traversal"),  # ./k.png itself is safe (tar -cf x.tar .)
     ("a/./b.png", "unsafe key 'a/./b': empty or '.' path part"),
     ("k/.png", "unsafe key 'k/': empty or '.' path part"),
     (".png", "unsafe key '': empty"),
@@ -264,3 +264,11 @@ def test_two_reads_of_a_corrupt_input_give_identical_rows(tmp_path):
 
     assert plain(first) == plain(second)
     assert not any(re.search(r"0x[0-9a-f]{6,}", str(r["error"])) for r in first)
+
+
+def test_a_leading_dot_slash_is_a_safe_key_and_dot_dot_after_it_is_not():
+    from pipeline.data.shards import key_problem
+
+    assert key_problem("./k") == "" and key_problem("./dir/k") == ""
+    assert "path traversal" in key_problem("./../k") and "unsafe" in key_problem("./")
+    assert "absolute path" in key_problem(".//k")
