@@ -39,6 +39,7 @@ COLUMNS: dict[str, tuple[str, object]] = {
     "kind": ("int8", int(RowKind.SAMPLE)),
     "error": ("object", ""),  # REJECT: a deterministic reason
     "image": ("object", b""),  # read: the encoded image member (bytes)
+    "image_name": ("object", ""),  # read: its member name in the tar (a decode reject names it)
     "member_names": ("object", ()),  # carried metadata members: extensions …
     "member_data": ("object", ()),  # … and their bytes, unchanged
     "pixels": ("object", None),  # uint8 (H, W, 3): decoded input, or the output image
@@ -66,7 +67,7 @@ COLUMNS: dict[str, tuple[str, object]] = {
     "metric_count": ("int64", 0),
 }
 
-INPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "image", "member_names", "member_data")
+INPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "image", "image_name", "member_names", "member_data")
 PIXEL_COLUMNS = ("shard", "key", "index", "kind", "error", "pixels", "member_names", "member_data")
 LATENT_INPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "latent", "timesteps", "method", "eta", "seed",
                         "source_model", "source_cond")

@@ -14,7 +14,8 @@ def decode_images(batch: dict, size: int, resize: str, max_pixels: int, exif_tra
             try:
                 row["pixels"] = decode_image(bytes(batch["image"][i]), size, resize, max_pixels,
                                              exif_transpose=exif_transpose)
-            except RejectedImage as exc:
-                row.update(kind=RowKind.REJECT, error=str(exc))
+            except RejectedImage as exc:  # the reason names every member the sample loses
+                lost = [str(batch["image_name"][i]), *(f"{row['key']}.{e}" for e in row["member_names"])]
+                row.update(kind=RowKind.REJECT, error=f"{exc} (has {', '.join(map(repr, lost))})")
         rows.add(**row)
     return rows.batch()

@@ -125,6 +125,7 @@ def read_shard(item: dict, storage_options: dict, ledger: ShardLedger,
             else:
                 drop(sample.key, sample.names[e], f"extension {e!r} not in input.carry ({', '.join(carry)})")
         rows.add(shard=shard, key=sample.key, index=len(rows), kind=RowKind.SAMPLE, image=image,
+                 image_name=sample.names[ext],
                  member_names=list(carried), member_data=list(carried.values()))
     ledger.expect(shard, len(rows))
     return _listing(rows)

@@ -280,3 +280,42 @@ def test_storage_faults_are_retried_and_nothing_is_lost(ray_cluster, s3, s3_serv
     keys = all_keys(s3, f"{bucket}/out/images")
     assert sorted(keys) == sorted(f"s{20 + s:02d}-{i:03d}" for s in range(3) for i in range(4))
     assert len(s3.find(f"{bucket}/out/latents")) == 3
+
+
+def test_every_input_member_ends_up_in_an_output_sample_a_carried_member_or_a_reject_line(
+        ray_cluster, tmp_path, pixel_model, other_pixel_model):
+    """The accounting rule end to end: counts in = out + rejected + dropped, each dropped member named."""
+    import re
+
+    from shard_builders import png, raw_tar, rgb_image
+
+    good = png(rgb_image(3))
+    members = [("a.png", good), ("a.json", b"{}"), ("a.pkl", b"never carried"), ("noext", b"x"),
+               ("b.png", good), ("b.jpg", b"not really a jpeg"), ("b.txt", b"t"),
+               ("../../evil.png", good), ("link.png", "a.png"), ("c.png", b""), ("c.cls", b"1"),
+               ("d.png", b"not a png"), ("a.png", good), ("e.png", good), ("e.txt", b"x"), ("e.txt", b"y")]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "m.tar").write_bytes(raw_tar(members))
+    cfg = validate({"input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out"), "latents": "none"},
+                    "source": {"model": str(pixel_model)}, "target": {"model": str(other_pixel_model)},
+                    "sampler": {"steps": 4, "eta": 0.5, "strength": 0.5}, "image": {"size": 16},
+                    "runtime": {"batch_size": 4}})
+    summary = run_job(cfg, "translate")
+
+    out = tar_members((tmp_path / "out" / "images" / "m.tar").read_bytes())
+    written = [f"{k}.{e}" for k, m in out.items() for e in m if e != "latentshift.json"]
+    lines = [json.loads(x) for x in (tmp_path / "out" / "_rejects" / "m.jsonl").read_text().splitlines()]
+    named = []
+    for line in lines:
+        if m := re.match(r"dropped member '([^']*)': ", line["reason"]):
+            named.append(m.group(1))
+        elif m := re.search(r"\(has ([^)]*)\)$", line["reason"]):  # a whole sample: all its members
+            named += re.findall(r"'([^']*)'", m.group(1))
+    names = [n for n, _ in members]
+    assert sorted(written + named) == sorted(names), (written, named)
+    assert set(out) == {"a", "e"}  # b's image is b.jpg (first of jpg, jpeg, png, webp), not a JPEG
+    dropped = sum(line["reason"].startswith("dropped member") for line in lines)
+    assert summary["dropped"] == dropped and summary["rejected"] == len(lines) - dropped
+    assert summary["images"] == 2
+    assert any(line["reason"].startswith("undecodable image") and line["reason"].endswith("(has 'b.jpg', 'b.txt')")
+               for line in lines)
