@@ -66,7 +66,8 @@ def run_job(job: Job, cfg: JobConfig, overwrite: bool = False, out=sys.stdout, *
     todo = [s for s in shards if s.name not in done]
     s = run.summary
     s.update(run_id=run.run_id, job=job.name, shards_total=len(shards), shards_skipped=len(shards) - len(todo),
-             shards_done=0, images=0, rejected=0, dropped=0, latent_samples=0, config_hash=cfg.config_hash())
+             shards_done=0, images=0, rejected=0, dropped=0, latent_samples=0, config_hash=cfg.config_hash(),
+             outputs=list(job.commits))  # what the run record says this job writes under output.uri
     if todo:
         check_models(job, cfg)  # only when there is model work: a run with nothing to do loads none
         run.ledger.clear_staging()
