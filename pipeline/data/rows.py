@@ -84,10 +84,11 @@ class RowBuffer:
 
     def __init__(self, columns: tuple[str, ...] = OUTPUT_COLUMNS):
         self.columns = columns
+        self.known = frozenset(columns)
         self.values: dict[str, list] = {c: [] for c in columns}
 
     def add(self, **row) -> None:
-        unknown = set(row) - set(self.columns)
+        unknown = row.keys() - self.known
         if unknown:
             raise KeyError(f"columns {sorted(unknown)} are not in this boundary's schema")
         for c in self.columns:
@@ -138,8 +139,7 @@ class LatentMeta:
     model: str
     method: str
     eta: float
-    cond: object = None
-    dtype: str = "float16"
+    cond: object = None  # the map's dtype is the LATENT row's own (output.latent_dtype)
 
 
 @dataclass(frozen=True)

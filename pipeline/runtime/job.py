@@ -113,4 +113,4 @@ def source_latents(cfg: JobConfig, method: str | None = None) -> LatentMeta:
     """How latents of the source model are recorded (method and η of the sampler unless given)."""
     method = method or cfg.sampler.method
     return LatentMeta(model=cfg.source.model, method=method, eta=cfg.sampler.eta if method == "dpm" else 0.0,
-                      cond=cfg.source.condition, dtype=cfg.output.latent_dtype)
+                      cond=cfg.source.condition)
