@@ -97,6 +97,9 @@ class OutputConfig(StorageOptions):
     latents: Literal["full", "start", "none"] = "full"
     image_format: Literal["png", "jpg", "webp"] = "png"
     latent_dtype: Literal["float16", "float32"] = "float16"
+    # how long a run's shard claims outlive its last heartbeat (renewed every quarter of this):
+    # a run killed on another machine frees its shards after this long (pipeline/data/claims.py)
+    lease_seconds: float = Field(300.0, ge=4, le=86400)
 
 
 class ModelConfig(StorageOptions):

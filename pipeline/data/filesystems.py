@@ -95,12 +95,13 @@ def explain_storage_error(uri: str, exc: BaseException) -> StorageError:
 TRANSIENT_MARKERS = ("SlowDown", "ServiceUnavailable", "503", "500", "502", "504", "InternalError",
                      "RequestTimeout", "Throttl", "Connection reset", "ConnectionReset", "timed out",
                      "Timeout", "Server disconnected", "ClientPayloadError", "ServerDisconnected",
-                     "IncompleteRead", "Broken pipe", "EndpointConnectionError", "Could not connect")
+                     "IncompleteRead", "Broken pipe", "EndpointConnectionError", "Could not connect",
+                     "ConditionalRequestConflict")  # S3: two conditional writes raced; retry and lose cleanly
 
 
 def is_transient(exc: BaseException) -> bool:
     """Worth retrying: throttling, 5xx, resets and timeouts; never not-found or access denied."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(exc, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
@@ -136,6 +137,40 @@ def put_bytes(fs, path: str, data: bytes) -> None:
         os.replace(tmp, path)
     else:  # one PUT: object stores make it visible only when complete
         with_retries(fs.pipe_file, path, data, what=path)
+
+
+def create_exclusive(fs, path: str, data: bytes) -> bool:
+    """Write an object only if no object has that name; False if one has. Of two writers racing
+    for one name exactly one gets True (local: link(2) of a complete temp file, which fails on an
+    existing name; object stores: a PUT with ``If-None-Match: *``, through fsspec's ``mode="create"``).
+
+    A retried PUT whose first try did land also answers False: callers that must know tell their
+    own object by its content.
+    """
+    if is_local(fs):
+        import os
+        import uuid
+
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.remove(tmp)
+    try:
+        with_retries(fs.pipe_file, path, data, mode="create", what=path)
+        return True
+    except FileExistsError:
+        return False
+    except TypeError:  # a filesystem whose pipe_file has no ``mode``
+        protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        raise StorageError(f"{protocol}:// has no exclusive create in this fsspec driver; latentshift needs it "
+                           "for shard claims (local paths and s3:// have it)") from None
 
 
 def get_bytes(fs, path: str) -> bytes:

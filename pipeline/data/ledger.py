@@ -1,17 +1,21 @@
 """The shard ledger: how a shard's outputs become visible exactly once. The rule lives here.
 
+  0. Whoever produces a shard's rows first claims it:   ``begin(shard)`` (false: another live run
+     holds it, or it was committed meanwhile; ``pipeline/data/claims.py``)
   1. The reader of a shard says how many rows it has:   ``expect(shard, rows)``
   2. Writers stage parts of it, each part's files first and its manifest last:   ``stage_part``
      (a manifest lists every row index it holds, ``[index, key]`` of its SAMPLE rows, and
      its reject lines)
   3. The driver counts what the manifests report (``CommitTracker``); when every expected row
      and every latent row a sample announced is staged, the shard is complete.
-  4. ``commit``: merge the parts into the final files (one atomic write each), then write the
-     ledger record ``_ledger/<shard>.json``. The record is the commit point: a shard with a
-     record is done, and a re-run skips it; a shard without one is redone from scratch.
+  4. ``commit``: if the run still holds the shard's claim, merge the parts into the final files
+     (one atomic write each), then write the ledger record ``_ledger/<shard>.json``, then give
+     the claim up. The record is the commit point: a shard with a record is done, and a re-run
+     skips it; a shard without one is redone from scratch.
 
 Parts may overlap (a retried task stages its batch twice): each sample index is taken once.
-A killed run leaves only ``_staging/`` behind, which the next run clears.
+A run removes its own staging at its end; a killed run's staging is removed by the next run,
+once the killed run's lease has run out. A live run's staging is never touched by another.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from pipeline.data.claims import Claims
 from pipeline.data.outputs import OutputStore
 
 EXPECTED = "expected.json"
@@ -34,8 +39,25 @@ class ShardLedger:
 
     store: OutputStore
     run_id: str
+    redo_committed: bool = False  # --overwrite, or a job that covers all its input each run
+    lease_seconds: float = 300.0  # output.lease_seconds
+
+    @property
+    def claims(self) -> Claims:
+        return Claims(self.store, self.run_id, self.lease_seconds)
 
     # ---- worker side ---------------------------------------------------------------
+    def begin(self, shard: str) -> bool:
+        """Claim ``shard`` before producing its rows. False: another live run is doing it, or (unless
+        redoing committed shards) it was committed since the run listed it."""
+        claims = self.claims
+        if not claims.take(shard):
+            return False
+        if not self.redo_committed and self.store.exists(self.store.ledger(shard)):
+            claims.release(shard)
+            return False
+        return True
+
     def expect(self, shard: str, rows: int) -> None:
         """The reader's count of a shard's sample rows (REJECT rows included)."""
         self.store.put_json(posixpath.join(self.store.staging(self.run_id, shard), EXPECTED), {"rows": int(rows)})
@@ -56,25 +78,53 @@ class ShardLedger:
 
     def commit(self, shard: str, input_uri: str, parts: list[str], job: str, config_hash: str,
                rows_in: int, versions: dict) -> dict:
-        """Merge one shard's parts into its outputs, then write its ledger record (the commit point)."""
+        """Merge one shard's parts into its outputs, then write its ledger record (the commit point).
+
+        Refused, with ``{"lost": True}``, when another run has taken the shard over (this run's
+        lease ran out while it worked): that run writes it.
+        """
+        claims = self.claims
+        if not claims.holds(shard):
+            return {"shard": shard, "lost": True}
         counts = merge_parts(self.store, self.run_id, shard, parts)
         record = {"shard": shard, "input": input_uri, "job": job, "run_id": self.run_id, "rows_in": rows_in,
                   **counts, "config_hash": config_hash, "versions": versions, "committed_at": time.time()}
         self.store.put_json(self.store.ledger(shard), record)
+        claims.release(shard)
         self.store.remove_tree(self.store.staging(self.run_id, shard))
         return record
 
     def committed(self) -> set[str]:
         return self.store.committed()
 
-    def clear_staging(self) -> None:
-        """A killed run's parts (of every run): its uncommitted shards are redone."""
-        self.store.remove_tree(self.store.path("_staging"))
+    def clear_dead_staging(self) -> list[str]:
+        """Remove the staging (and lease) of every run that is not alive: killed runs, whose
+        uncommitted shards are redone. Returns their run ids."""
+        runs = {posixpath.basename(p.rstrip("/")) for p in self.store.listdir(self.store.path("_staging"))}
+        runs |= {posixpath.basename(p)[: -len(".json")] for p in self.store.listdir(self.store.lease())
+                 if p.endswith(".json")}
+        dead = self.claims.dead_runs(sorted(runs - {self.run_id}))
+        for run in dead:
+            self.store.remove_tree(self.store.staging(run))
+            self.store.remove(self.store.lease(run))
+        return dead
 
-    def finish(self) -> None:
-        """Remove this run's staging, and ``_staging/`` itself when no other run has any there."""
+    def finish(self, shards=()) -> None:
+        """End of this run, whatever happened: give up the claims it still holds among ``shards``
+        (left undone: the next run takes them at once), remove its staging, and ``_staging/``
+        itself when no other run has any there."""
+        self.claims.release_all(shards)
         self.store.remove_tree(self.store.staging(self.run_id))
         self.store.remove_empty_folder(self.store.path("_staging"))
+        self.store.remove_empty_folder(self.store.claims())
+
+    def done_elsewhere(self, shard: str) -> bool:
+        """Another run holds ``shard`` now, or committed it: not this run's to finish."""
+        holder = self.claims.holder(shard)
+        if holder is not None:
+            return holder != self.run_id
+        path = self.store.ledger(shard)
+        return self.store.exists(path) and self.store.get_json(path).get("run_id") != self.run_id
 
     def record_run(self, summary: dict) -> str:
         path = self.store.path("_ledger", "runs", f"{self.run_id}.json")

@@ -6,6 +6,8 @@
   _ledger/<shard>.json       the commit record: written last, so its presence means done
   _ledger/runs/<run>.json    one summary per run
   _staging/<run>/<shard>/    parts written by workers, merged by the commit, then removed
+  _claims/<shard>/<n>.json   which run is doing the shard now (pipeline/data/claims.py)
+  _leases/<run>.json         a live run's heartbeat
 
 How a shard gets there, exactly once, is the ledger's rule (``pipeline/data/ledger.py``);
 this module only names the paths and does the storage I/O.
@@ -18,7 +20,7 @@ import posixpath
 import time
 from dataclasses import dataclass
 
-from pipeline.data.filesystems import get_bytes, is_local, put_bytes, url_to_fs, with_retries
+from pipeline.data.filesystems import create_exclusive, get_bytes, is_local, put_bytes, url_to_fs, with_retries
 
 
 @dataclass
@@ -52,9 +54,34 @@ class OutputStore:
     def staging(self, run_id: str, shard: str = "") -> str:
         return self.path("_staging", run_id, shard) if shard else self.path("_staging", run_id)
 
+    def claims(self, shard: str = "") -> str:
+        return self.path("_claims", shard) if shard else self.path("_claims")
+
+    def lease(self, run_id: str = "") -> str:
+        return self.path("_leases", f"{run_id}.json") if run_id else self.path("_leases")
+
     # io
     def put(self, path: str, data: bytes) -> None:
         put_bytes(self.fs, path, data)
+
+    def create(self, path: str, data: bytes) -> bool:
+        """Write ``path`` only if it does not exist (atomically, against any other writer)."""
+        return create_exclusive(self.fs, path, data)
+
+    def remove(self, path: str) -> None:
+        try:
+            with_retries(self.fs.rm_file, path)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache(posixpath.dirname(path))
+
+    def find(self, path: str) -> list[str]:
+        """Every object under ``path`` (none if it does not exist)."""
+        self.fs.invalidate_cache(path)
+        try:
+            return sorted(with_retries(self.fs.find, path))
+        except FileNotFoundError:
+            return []
 
     def get(self, path: str) -> bytes:
         return get_bytes(self.fs, path)

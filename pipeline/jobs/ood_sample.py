@@ -88,4 +88,5 @@ JOB = Job(
     commits=("images", "latents"),
     summary=summary_lines,
     check=check,
+    claim_up_front=True,  # build() stages every shard's rows on the driver: no reader to claim them
 )

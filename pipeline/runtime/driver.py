@@ -31,7 +31,7 @@ def write_and_commit(run, built, shards: list[ShardRef]) -> dict:
     """Write ``built.dataset`` (CPU write tasks), commit each shard once all its rows are staged.
 
     Returns the totals: shards_done, images, rejected (samples), dropped (members), latent_samples, bytes_latents, metric
-    sums, and the shards left incomplete (rows missing).
+    sums, the shards left incomplete (rows missing), and those another run did ({shard: its run}).
     """
     import ray
 
@@ -72,12 +72,16 @@ def write_and_commit(run, built, shards: list[ShardRef]) -> dict:
     for s in shards:  # shards whose last rows came before their reader finished, or empty shards
         commit_if_complete(s.name)
     records = ray.get(pending)
-    incomplete = tracker.incomplete()
-    if not incomplete:
-        ledger.finish()
-    else:
+    lost = {r["shard"] for r in records if r.get("lost")}  # taken over by another run (our lease ran out)
+    records = [r for r in records if not r.get("lost")]
+    # a shard whose reader found it claimed (or committed) by another run is that run's, not missing
+    elsewhere = {s: ledger.claims.holder(s) for s in sorted(lost) + tracker.incomplete()
+                 if s in lost or ledger.done_elsewhere(s)}
+    incomplete = [s for s in tracker.incomplete() if s not in elsewhere]
+    if incomplete:
         log.error("shards not committed (rows missing): %s", ", ".join(incomplete))
     return {"shards_done": len(records), "images": sum(r["images"] for r in records),
             "rejected": sum(r["rejected"] for r in records), "dropped": sum(r.get("dropped", 0) for r in records),
             "latent_samples": sum(r.get("latent_samples", 0) for r in records),
-            "bytes_latents": sum(r.get("bytes_latents", 0) for r in records), **metrics, "incomplete": incomplete}
+            "bytes_latents": sum(r.get("bytes_latents", 0) for r in records), **metrics, "incomplete": incomplete,
+            "elsewhere": elsewhere}

@@ -5,11 +5,15 @@
   run id       one per run: staging folder, run record, ledger records
   prepare      the job may end the run here (e.g. an OOD fit that is up to date)
   skip         shards with a ledger record are done (unless --overwrite, or the job redoes all)
-  models       with work to do (runtime/models.py): every model the job loads is resolved and checked (``Job.models``),
+  lease        with work to do, the run's lease is held (renewed) until its end (data/claims.py)
+  claims       shards another live run is doing are left to it (none left: one line, exit 0);
+               a job that claims up front takes its shards here, the others claim as they read
+  models       every model the job loads is resolved and checked (``Job.models``, runtime/models.py),
                before any staging and before Ray; a model that still fails on an actor ends the
-               run once, in one line, its staging removed
-  clear        a killed run's staging: its uncommitted shards are redone
+               run once, in one line
+  clear        the staging of runs that are no longer alive: their uncommitted shards are redone
   run          the job builds its dataset; the driver writes and commits shard by shard
+  end          whatever happened: claims still held are given up, this run's staging removed
   finish       the job's own outputs (e.g. the stats file)
   summary      printed, and kept as the run record ``_ledger/runs/<run id>.json``
 """
@@ -21,7 +25,9 @@ import time
 import uuid
 
 from pipeline.config import JobConfig
+from pipeline.data.claims import keep_alive
 from pipeline.data.ledger import ShardLedger
+from pipeline.data.shards import ShardRef
 from pipeline.data.outputs import OutputStore
 from pipeline.errors import LatentshiftError
 from pipeline.runtime.job import Job, Run
@@ -57,7 +63,9 @@ def run_job(job: Job, cfg: JobConfig, overwrite: bool = False, out=sys.stdout, *
         job.check(cfg)
     shards = job.units(cfg)
     store = open_output(cfg.output.uri, cfg.output.storage_options)
-    run = Run(job, cfg, store, ShardLedger(store, new_run_id()), options={"overwrite": overwrite, **options}, out=out)
+    ledger = ShardLedger(store, new_run_id(), redo_committed=overwrite or not job.skip_committed,
+                         lease_seconds=cfg.output.lease_seconds)
+    run = Run(job, cfg, store, ledger, options={"overwrite": overwrite, **options}, out=out)
     if job.prepare is not None:
         early = job.prepare(run)
         if early is not None:
@@ -66,22 +74,29 @@ def run_job(job: Job, cfg: JobConfig, overwrite: bool = False, out=sys.stdout, *
     todo = [s for s in shards if s.name not in done]
     s = run.summary
     s.update(run_id=run.run_id, job=job.name, shards_total=len(shards), shards_skipped=len(shards) - len(todo),
-             shards_done=0, images=0, rejected=0, dropped=0, latent_samples=0, config_hash=cfg.config_hash(),
+             shards_done=0, shards_elsewhere=0, images=0, rejected=0, dropped=0, latent_samples=0,
+             config_hash=cfg.config_hash(),
              outputs=list(job.commits))  # what the run record says this job writes under output.uri
     if todo:
-        check_models(job, cfg)  # only when there is model work: a run with nothing to do loads none
-        run.ledger.clear_staging()
-        init_ray()
-        try:
-            built = job.build(run, todo)
-            totals = write_and_commit(run, built, todo)
-        except Exception as exc:
-            failure = model_load_failure(exc, job, cfg)
-            if failure is None:
-                raise
-            run.ledger.finish()  # nothing of this run can commit: its staging goes
-            raise failure from None
-        _add_totals(s, totals)
+        with keep_alive(run.ledger.claims):
+            try:
+                mine = _take_shards(run, todo)
+                if not mine:
+                    out.write(_elsewhere_line(run) + "\n")
+                    out.flush()
+                    return s
+                check_models(job, cfg)  # only when there is model work: a run with nothing to do loads none
+                run.ledger.clear_dead_staging()
+                init_ray()
+                built = job.build(run, mine)
+                _add_totals(s, write_and_commit(run, built, mine))
+            except Exception as exc:
+                failure = model_load_failure(exc, job, cfg)
+                if failure is None:
+                    raise
+                raise failure from None
+            finally:
+                run.ledger.finish([t.name for t in todo])
     if job.finish is not None:
         job.finish(run)
     elapsed = time.time() - started
@@ -91,6 +106,38 @@ def run_job(job: Job, cfg: JobConfig, overwrite: bool = False, out=sys.stdout, *
     out.write("\n".join(summary_lines(s) + job.summary(s)) + "\n")
     out.flush()
     return s
+
+
+def _take_shards(run: Run, todo: list[ShardRef]) -> list[ShardRef]:
+    """The shards this run will do: those no other live run holds. A job that claims up front
+    takes them now; one that covers all its input (``skip_committed=False``) takes all or none."""
+    elsewhere = run.ledger.claims.held_elsewhere([t.name for t in todo])
+    mine = [t for t in todo if t.name not in elsewhere]
+    if run.job.claim_up_front or not run.job.skip_committed:
+        taken = [t for t in mine if run.ledger.begin(t.name)]
+        if not run.job.skip_committed and len(taken) < len(todo):
+            for t in taken:
+                run.ledger.claims.release(t.name)
+            taken = []
+            elsewhere.update({t.name: run.ledger.claims.holder(t.name) for t in todo if t.name not in elsewhere})
+        else:
+            elsewhere.update({t.name: run.ledger.claims.holder(t.name) for t in mine if t not in taken})
+        mine = taken
+    _note_elsewhere(run.summary, elsewhere)
+    return mine
+
+
+def _note_elsewhere(s: dict, elsewhere: dict[str, str | None]) -> None:
+    """Shards another run did or does now: counted, with the runs named, never as incomplete."""
+    s["shards_elsewhere"] = s.get("shards_elsewhere", 0) + len(elsewhere)
+    s["elsewhere_runs"] = sorted(set(s.get("elsewhere_runs", [])) | {r for r in elsewhere.values() if r})
+
+
+def _elsewhere_line(run: Run) -> str:
+    s = run.summary
+    return (f"latentshift {run.job.name}: nothing to do here: the {s['shards_elsewhere']} shard(s) left are being done "
+            f"by run {', '.join(s['elsewhere_runs']) or '?'} on the same output ({run.store.uri}); that run "
+            f"commits them")
 
 
 def _add_totals(s: dict, t: dict) -> None:
@@ -104,6 +151,7 @@ def _add_totals(s: dict, t: dict) -> None:
         s["mean_ssim"] = round(t["ssim_sum"] / t["metric_count"], 4)
     if t["incomplete"]:
         s["incomplete_shards"] = t["incomplete"]
+    _note_elsewhere(s, t["elsewhere"])
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -114,6 +162,9 @@ def summary_lines(s: dict) -> list[str]:
     ]
     if s.get("latent_samples"):
         lines.append(f"  latents    {s['latent_samples']} samples, {s.get('latent_bytes_per_image', 0)} bytes per image")
+    if s.get("shards_elsewhere"):
+        lines.append(f"  elsewhere  {s['shards_elsewhere']} shards done by another run at the same time "
+                     f"({', '.join(s['elsewhere_runs']) or '?'})")
     lines.append(f"  speed      {s['images_per_second']} images/s over {s['seconds']} s")
     if "mean_psnr" in s:
         lines.append(f"  quality    mean PSNR {s['mean_psnr']} dB, mean SSIM {s['mean_ssim']} (output vs input)")

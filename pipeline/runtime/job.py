@@ -74,6 +74,10 @@ class Job:
     commits: tuple[str, ...] = ("images", "latents", "rejects")  # what it writes under output.uri
     summary: Callable[[dict], list[str]] = no_lines  # its own lines under the common summary
     skip_committed: bool = True  # False: every shard, every run (a fit covers all of its input)
+    # shard claims (pipeline/data/claims.py): each reader claims its shard as it starts, so runs
+    # started together split the input; True: the driver claims them all before build (a job
+    # with no per-shard reader). A job with skip_committed=False takes all its shards or none.
+    claim_up_front: bool = False
     check: Callable[[JobConfig], None] | None = None  # more preflight (e.g. a stats file fits the config)
     prepare: Callable[[Run], dict | None] | None = None  # before any work; a dict returned ends the run
     finish: Callable[[Run], None] | None = None  # after the commits (e.g. write the stats file)

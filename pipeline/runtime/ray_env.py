@@ -16,13 +16,13 @@ from pipeline.errors import ConfigError
 
 
 def init_ray() -> None:
-    """Connect to $RAY_ADDRESS (a cluster), or start a local Ray."""
+    """Connect to $RAY_ADDRESS (a cluster), or start a local Ray (also when it says ``local``)."""
     import ray
 
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address or None, log_to_driver=True, include_dashboard=False if not address else None,
-                 configure_logging=False)
+        address = os.environ.get("RAY_ADDRESS") or None
+        ray.init(address=address, log_to_driver=True, configure_logging=False,
+                 include_dashboard=False if address in (None, "local") else None)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()

@@ -1,7 +1,8 @@
 """Read stage: one input shard (or latent file) → one row per sample, rejects included.
 
-Each reader tells the shard ledger how many rows the shard has, which is what lets the driver
-commit the shard once they are all staged.
+Each reader first claims its shard (none of its rows are read when another live run holds it),
+then tells the shard ledger how many rows the shard has, which is what lets the driver commit
+the shard once they are all staged.
 
 Every member of an input tar ends up in exactly one place: the image of a SAMPLE row, the
 carried metadata (``member_names``) of a SAMPLE row, or a REJECT row naming it. REJECT rows are
@@ -61,6 +62,8 @@ def read_shard(item: dict, storage_options: dict, ledger: ShardLedger,
     for a truncated tar.
     """
     shard, uri = item["name"], item["uri"]
+    if not ledger.begin(shard):  # another live run is doing it (or committed it meanwhile): its rows are not ours
+        return []
     carry = tuple(carry)
     rows = RowBuffer(INPUT_COLUMNS)
 
@@ -139,6 +142,8 @@ def read_latent_file(item: dict, storage_options: dict, ledger: ShardLedger) -> 
     from pipeline.data.latents import latents_from_table
 
     shard, uri = item["name"], item["uri"]
+    if not ledger.begin(shard):
+        return []
     fs, path = url_to_fs(uri, storage_options)
     rows = RowBuffer(LATENT_INPUT_COLUMNS)
     try:

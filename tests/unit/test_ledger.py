@@ -29,6 +29,7 @@ def test_a_shard_commits_when_every_expected_row_is_staged_and_only_then(tmp_pat
     ledger = ShardLedger(store, "run-1")
     tracker = CommitTracker(ledger, ["s"])
     assert not tracker.complete("s")  # the reader has not said how many rows yet
+    assert ledger.begin("s")  # the reader claims its shard first
     ledger.expect("s", 4)
     p1 = part(ledger, "s", [(2, "c"), (0, "a")])
     tracker.add("s", p1, rows=2, latent_rows=0, latent_rows_expected=0)
@@ -47,11 +48,14 @@ def test_a_shard_commits_when_every_expected_row_is_staged_and_only_then(tmp_pat
     assert keys == ["a", "c", "d"]  # input order, whatever order the parts came in
     assert [json.loads(line)["key"] for line in store.get(store.rejects("s")).decode().splitlines()] == ["b"]
     assert ledger.committed() == {"s"} and not store.exists(store.staging("run-1", "s"))
+    assert not ledger.claims.holds("s") and store.find(store.claims()) == []  # the claim is given up
+    assert not ShardLedger(store, "later").begin("s")  # a committed shard is not claimed again
 
 
 def test_a_part_staged_twice_is_taken_once(tmp_path):
     store = OutputStore(str(tmp_path / "out"), {})
     ledger = ShardLedger(store, "run-2")
+    assert ledger.begin("s")
     ledger.expect("s", 2)
     parts = [part(ledger, "s", [(0, "a"), (1, "b")]), part(ledger, "s", [(0, "a"), (1, "b")])]  # a retried task
     record = ledger.commit("s", "in/s.tar", parts, "encode", "hash", 2, {})
@@ -59,21 +63,25 @@ def test_a_part_staged_twice_is_taken_once(tmp_path):
     assert [x.key for x in iter_tar_samples(io.BytesIO(store.get(store.images("s"))))] == ["a", "b"]
 
 
-def test_clearing_staging_forgets_a_killed_runs_parts(tmp_path):
+def test_clearing_dead_staging_forgets_a_killed_runs_parts_and_keeps_a_live_runs(tmp_path):
     store = OutputStore(str(tmp_path / "out"), {})
-    old = ShardLedger(store, "killed")
+    old = ShardLedger(store, "killed")  # staged, never renewed a lease: dead
     old.expect("s", 1)
     part(old, "s", [(0, "a")])
+    live = ShardLedger(store, "live")
+    live.claims.renew()  # a lease that has not run out
+    live.expect("t", 1)
     new = ShardLedger(store, "next")
-    new.clear_staging()
-    assert store.listdir(store.path("_staging")) == [] and new.committed() == set()
-    assert new.expected_rows("s") is None
+    assert new.clear_dead_staging() == ["killed"]
+    assert [p.rsplit("/", 1)[-1] for p in store.listdir(store.path("_staging"))] == ["live"]
+    assert new.expected_rows("s") is None and new.committed() == set()
 
 
 def test_a_sample_keeps_its_own_position_when_its_key_also_has_a_reject_row(tmp_path):
     """Issue 11.5: key 'a' at index 0 is kept, its duplicate at index 2 rejected; 'a' must stay first."""
     store = OutputStore(str(tmp_path / "out"), {})
     ledger = ShardLedger(store, "run-3")
+    assert ledger.begin("s")
     ledger.expect("s", 3)
     p = part(ledger, "s", [(0, "a"), (1, "b")], rejects=[(2, "a")])
     ledger.commit("s", "in/s.tar", [p], "translate", "hash", 3, {})
@@ -83,10 +91,11 @@ def test_a_sample_keeps_its_own_position_when_its_key_also_has_a_reject_row(tmp_
 def test_a_finished_run_leaves_no_staging_folder(tmp_path):
     store = OutputStore(str(tmp_path / "out"), {})
     ledger = ShardLedger(store, "run-4")
+    assert ledger.begin("s")
     ledger.expect("s", 1)
     ledger.commit("s", "in/s.tar", [part(ledger, "s", [(0, "a")])], "encode", "hash", 1, {})
-    ledger.finish()
-    assert not (tmp_path / "out" / "_staging").exists()
+    ledger.finish(["s"])
+    assert not (tmp_path / "out" / "_staging").exists() and not (tmp_path / "out" / "_claims").exists()
     other = ShardLedger(store, "live")  # another run's staging is never removed by finish()
     other.expect("t", 1)
     ledger.finish()
@@ -96,6 +105,7 @@ def test_a_finished_run_leaves_no_staging_folder(tmp_path):
 def test_dropped_members_are_counted_apart_from_rejected_samples(tmp_path):
     store = OutputStore(str(tmp_path / "out"), {})
     ledger = ShardLedger(store, "run-5")
+    assert ledger.begin("s")
     ledger.expect("s", 3)
     p = ledger.stage_part("s", {"tar": tar([("a", {"png": b"x"})])}, {
         "indices": [0, 1, 2], "samples": [[1, "a"]],
