@@ -16,11 +16,21 @@ this module only names the paths and does the storage I/O.
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 import time
 from dataclasses import dataclass
 
-from pipeline.data.filesystems import create_exclusive, get_bytes, is_local, put_bytes, url_to_fs, with_retries
+from pipeline.data.filesystems import (
+    create_exclusive,
+    get_bytes,
+    is_local,
+    put_bytes,
+    url_to_fs,
+    with_retries,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -133,7 +143,11 @@ class OutputStore:
     def probe_writable(self) -> None:
         """Write and remove a small object under _ledger/ (fails fast on a bad bucket or credentials)."""
         probe = self.path("_ledger", f".probe-{time.time_ns()}")
-        self.put(probe, b"ok")
+        self.create(probe, b"ok")
+        if self.create(probe, b"again"):  # e.g. an S3-compatible server without conditional writes
+            log.warning("%s: the store ignored a conditional write (If-None-Match), so shard claims cannot "
+                        "stop two runs started together from doing the same shard; its outputs are still "
+                        "written once (the commit replaces whole files)", self.uri)
         try:
             self.fs.rm(probe)
         except FileNotFoundError:

@@ -27,8 +27,8 @@ import uuid
 from pipeline.config import JobConfig
 from pipeline.data.claims import keep_alive
 from pipeline.data.ledger import ShardLedger
-from pipeline.data.shards import ShardRef
 from pipeline.data.outputs import OutputStore
+from pipeline.data.shards import ShardRef
 from pipeline.errors import LatentshiftError
 from pipeline.runtime.job import Job, Run
 from pipeline.runtime.models import check_models, model_load_failure

@@ -4,6 +4,7 @@ one winner per race, a dead run's shards taken over, a live run's never."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -125,3 +126,17 @@ def test_keep_alive_renews_the_lease_and_removes_it_at_the_end(tmp_path):
         assert Claims(store, "other").alive("beating")
     assert not store.exists(store.lease("beating"))
     assert not Claims(store, "other").alive("beating")
+
+
+def test_the_output_probe_reports_a_store_that_ignores_conditional_writes(store, monkeypatch, caplog):
+    import pipeline.data.outputs as outputs
+    from pipeline.data.filesystems import put_bytes
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.outputs"):
+        store.probe_writable()  # the local store and moto's S3 both honour them
+        assert caplog.text == ""
+        # a server that drops If-None-Match: every create overwrites and reports success
+        monkeypatch.setattr(outputs, "create_exclusive", lambda fs, path, data: put_bytes(fs, path, data) or True)
+        store.probe_writable()
+    assert "ignored a conditional write (If-None-Match)" in caplog.text
+    assert store.find(store.path("_ledger")) == []  # the probe leaves nothing behind
