@@ -31,7 +31,9 @@ import warnings
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# tar member extensions read as the sample's image; of two in one sample the first here wins.
+# Animated and multi-page formats give their first frame (decode_image).
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "tif", "tiff", "bmp")
 
 # Signatures of the formats a shard is likely to hold: they name the format in the reason
 # when Pillow cannot even read the header.

@@ -272,3 +272,28 @@ def test_a_leading_dot_slash_is_a_safe_key_and_dot_dot_after_it_is_not():
     assert key_problem("./k") == "" and key_problem("./dir/k") == ""
     assert "path traversal" in key_problem("./../k") and "unsafe" in key_problem("./")
     assert "absolute path" in key_problem(".//k")
+
+
+def test_gif_tiff_and_bmp_members_are_images_and_give_their_first_frame(tmp_path):
+    """Issue 11 (policy): these were "no image member"; now they are read, first frame only."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.data.images import decode_image
+
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+
+    def encoded(fmt: str, **kw) -> bytes:
+        buf = io.BytesIO()
+        red.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    rows = read(tmp_path, raw_tar([("a.gif", encoded("GIF", save_all=True, append_images=[blue])),
+                                   ("b.tiff", encoded("TIFF", save_all=True, append_images=[blue])),
+                                   ("c.tif", encoded("TIFF")), ("d.bmp", encoded("BMP"))]))
+    assert table(rows) == [("SAMPLE", k, "") for k in "abcd"]
+    assert [str(r["image_name"]) for r in rows] == ["a.gif", "b.tiff", "c.tif", "d.bmp"]
+    for r in rows:
+        assert np.all(decode_image(bytes(r["image"]), 8) == [255, 0, 0])  # the first frame: red
