@@ -3,9 +3,10 @@
 ``resolve_model`` does everything about a model that can fail without torch: it turns a
 source (``bundled:<name>``, a local folder or ``file://``, an ``s3://`` / ``gs://`` folder,
 a hub id) into a local folder, reads its component layout, and applies the pickle policy
-(safetensors only unless ``allow_pickle``). It reads JSON and lists files only, so a
-preflight can call it cheaply before Ray starts; ``pipeline.diffusion.load_denoiser`` then
-assembles the returned folder into a ``Denoiser``.
+(safetensors only unless ``allow_pickle``). It reads JSON, lists files and opens the headers of
+the safetensors files (no tensor is read), so a preflight can call it cheaply before Ray
+starts; ``pipeline.diffusion.load_denoiser`` then assembles the returned folder into a
+``Denoiser``.
 """
 
 from __future__ import annotations
@@ -128,10 +129,26 @@ def _unet_class(unet: Path, source: str) -> str:
     return name
 
 
+def _check_safetensors(path: Path, name: str, source: str) -> None:
+    """The file's header parses and its tensors fit the file (safetensors checks both when opening;
+    no tensor is read), so a damaged or truncated download fails here, not on an actor."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            f.keys()
+    except Exception as exc:  # noqa: BLE001 - one line naming the file
+        raise ModelLoadError(f"model {source!r}: {name} is not a valid safetensors file ({exc}); "
+                             "download or export it again") from None
+
+
 def _check_weights(component: Path, name: str, source: str, allow_pickle: bool) -> bool:
     """True when safetensors load; refuse pickle-only weights unless explicitly allowed."""
-    files = [p.name for p in component.iterdir() if p.is_file()]
-    if any(f.endswith(".safetensors") for f in files):
+    files = sorted(p.name for p in component.iterdir() if p.is_file())
+    safetensors = [f for f in files if f.endswith(".safetensors")]
+    for f in safetensors:
+        _check_safetensors(component / f, f"{name}/{f}", source)
+    if safetensors:
         return True
     pickled = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
     if not pickled:

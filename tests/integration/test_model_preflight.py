@@ -1,5 +1,6 @@
-"""A model that cannot load fails the run once, in one line: in preflight (missing, pickle-only)
-before Ray or any staging, or (corrupt weights) on the first actor, with the run's staging removed."""
+"""A model that cannot load fails the run once, in one line: in preflight (missing, pickle-only,
+corrupt or truncated weights) before Ray or any staging, or (weights that do not fit the model's
+config) on the first actor, with the run's staging removed."""
 
 from __future__ import annotations
 
@@ -100,18 +101,38 @@ def test_pickle_only_model_fails_in_preflight(tmp_path, pixel_model):
     assert no_staging(tmp_path)
 
 
-def corrupt_model(pixel_model: Path, dest: Path) -> Path:
-    model = copy_model(pixel_model, dest)
-    weights = list((model / "unet").glob("*.safetensors"))
-    assert weights
-    for f in weights:
+def test_corrupt_or_truncated_weights_fail_in_preflight(tmp_path, pixel_model):
+    import ray
+
+    inputs(tmp_path)
+    before = ray.is_initialized()
+    corrupt = copy_model(pixel_model, tmp_path / "corrupt")
+    for f in (corrupt / "unet").glob("*.safetensors"):
         f.write_bytes(b"\x00garbage, not safetensors\xff" * 64)
+    truncated = copy_model(pixel_model, tmp_path / "truncated")
+    for f in (truncated / "unet").glob("*.safetensors"):
+        f.write_bytes(f.read_bytes()[:-1000])  # a download cut short
+    for model in (corrupt, truncated):
+        with pytest.raises(ModelLoadError, match=r"unet/diffusion_pytorch_model.safetensors is not a valid "
+                                                 r"safetensors file \(.+\); download or export it again") as err:
+            run_job(validate(config(tmp_path, pixel_model, model)), "translate")
+        assert str(model) in str(err.value) and "\n" not in str(err.value)
+    assert ray.is_initialized() == before
+    assert no_staging(tmp_path)
+
+
+def mismatched_model(pixel_model: Path, dest: Path) -> Path:
+    """Valid safetensors whose tensors do not fit the unet's config: only loading them finds out."""
+    model = copy_model(pixel_model, dest)
+    cfg = json.loads((model / "unet" / "config.json").read_text())
+    cfg["block_out_channels"] = [2 * c for c in cfg["block_out_channels"]]
+    (model / "unet" / "config.json").write_text(json.dumps(cfg))
     return model
 
 
-def test_corrupt_weights_fail_the_run_once_in_one_line(ray_cluster, tmp_path, pixel_model):
+def test_weights_that_do_not_fit_fail_the_run_once_in_one_line(ray_cluster, tmp_path, pixel_model):
     inputs(tmp_path)
-    model = corrupt_model(pixel_model, tmp_path / "corrupt")
+    model = mismatched_model(pixel_model, tmp_path / "mismatched")
     started = time.time()
     with pytest.raises(LatentshiftError) as err:
         run_job(validate(config(tmp_path, pixel_model, model)), "translate")
@@ -123,11 +144,11 @@ def test_corrupt_weights_fail_the_run_once_in_one_line(ray_cluster, tmp_path, pi
     assert not list((tmp_path / "out" / "_ledger").glob("shard-*.json"))
 
 
-def test_corrupt_weights_cli_exits_2_with_a_short_stderr(ray_cluster, tmp_path, pixel_model):
+def test_weights_that_do_not_fit_cli_exits_2_with_a_short_stderr(ray_cluster, tmp_path, pixel_model):
     import ray
 
     inputs(tmp_path)
-    model = corrupt_model(pixel_model, tmp_path / "corrupt")
+    model = mismatched_model(pixel_model, tmp_path / "mismatched")
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(json.dumps(config(tmp_path, model, pixel_model)))  # JSON is YAML
     exe = Path(sys.executable).parent / "latentshift"

@@ -149,8 +149,21 @@ def _imports(path: Path) -> list[str]:
 def test_model_store_imports_no_torch_diffusers_or_transformers():
     imports = _imports(ROOT / "pipeline" / "data" / "model_store.py")
     assert "pipeline.errors" in imports  # the parse saw the file's imports
-    heavy = [m for m in imports if m.split(".")[0] in ("torch", "diffusers", "transformers", "safetensors")]
+    heavy = [m for m in imports if m.split(".")[0] in ("torch", "diffusers", "transformers") or m == "safetensors.torch"]
     assert not heavy, heavy
+
+
+def test_resolving_a_model_loads_no_torch(pixel_model):
+    """The preflight opens safetensors headers (safetensors' own reader), never torch."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom pipeline.data.model_store import resolve_model\n"
+              f"resolve_model({str(pixel_model)!r})\n"
+              "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
 
 
 def test_diffusion_imports_nothing_from_pipeline_data():
