@@ -116,22 +116,17 @@ class SamplerConfig(Section):
     steps: int = Field(100, ge=1, le=10000)
     eta: float = Field(0.1, ge=0)
     strength: float = Field(0.8, gt=0, le=1)
-    refine_steps: int = Field(0, ge=0)
+    refine_steps: int = Field(0, ge=0, le=10000)  # re-noise to t = refine_steps − 1, denoise every t below (η = 1)
     seed: int = Field(0, ge=0)
+    # x̂0 clipping: auto = as the model's scheduler config says (clip_sample / thresholding),
+    # off = never (the official CycleDiffusion and DiscoveryDiff code), on = clamp to ±1
+    clip_x0: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("eta")
     @classmethod
     def _eta_for_method(cls, v: float, info: ValidationInfo) -> float:
         if info.data.get("method") == "dpm" and v == 0:
             raise ValueError("the dpm encoder is stochastic and needs eta > 0 (use method: ddim for eta = 0)")
-        return v
-
-    @field_validator("refine_steps")
-    @classmethod
-    def _refine_within_steps(cls, v: int, info: ValidationInfo) -> int:
-        steps = info.data.get("steps")
-        if steps is not None and v > steps:
-            raise ValueError(f"must be <= steps ({steps})")
         return v
 
 

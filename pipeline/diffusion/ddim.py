@@ -54,7 +54,8 @@ def ddim_invert_model_space(
         x0_hat = den.schedule.process_x0(predict_x0(x, eps, step.alpha_prev))
         x = step.alpha_t**0.5 * x0_hat + (1 - step.alpha_t) ** 0.5 * eps  # DDIM eq. 13, run upward
     empty = x.new_zeros((x.shape[0], 0, *x.shape[1:]))
-    return Latent(x_start=x, noise=empty, timesteps=timesteps, method="ddim", eta=0.0)
+    return Latent(x_start=x, noise=empty, timesteps=timesteps, method="ddim", eta=0.0, source=den.source,
+                  condition=condition)
 
 
 @torch.no_grad()

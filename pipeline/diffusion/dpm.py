@@ -47,9 +47,9 @@ def dpm_encode_model_space(
     On the last step the posterior "sample" is x0 itself, so decoding ends on x0 exactly.
     Where that step has σ_t = 0 (ᾱ_p = 1: ``set_alpha_to_one`` with a grid ending at t = 0)
     there is no noise to solve for and the generative step is deterministic, missing x0 by
-    the model's x̂0 error there; we store that residual x0 − μ_θ in the step's slot instead,
-    so reconstruction is exact for every scheduler configuration (a choice documented in
-    README.md: translation then carries the source's sub-ε detail from the last step).
+    the model's x̂0 error there; we store that residual x0 − μ_θ in the step's slot, which a
+    reconstruction adds back (exact for every scheduler configuration) and a translation
+    ignores, taking that step deterministically as the official code and diffusers do.
     """
     if not eta > 0:
         raise ValueError(
@@ -72,7 +72,7 @@ def dpm_encode_model_space(
         sigma = ddim_sigma(eta, m.alpha_t, m.alpha_prev)
         x_p = x0 if m.is_last else posterior_sample(x0, x_t, m.alpha_t, m.alpha_prev, sigma, n[:, i + 1])
         mean = step_mean(den, x_t, m, sigma, condition, guidance_scale)
-        innovations.append((x_p - mean) / innovation_scale(sigma))  # ε_t = (x_p − μ_θ)/σ_t
+        innovations.append((x_p - mean) / innovation_scale(sigma, residual=True))  # ε_t = (x_p − μ_θ)/σ_t
         x_t = x_p
     return Latent(
         x_start=x_start,
@@ -81,6 +81,8 @@ def dpm_encode_model_space(
         method="dpm",
         eta=float(eta),
         seeds=[int(s) for s in seeds],
+        source=den.source,
+        condition=condition,
     )
 
 
@@ -92,30 +94,62 @@ def dpm_decode_model_space(
     condition=None,
     guidance_scale: float = 1.0,
     refine_steps: int = 0,
+    reconstruct: bool | None = None,
 ) -> torch.Tensor:
     """z → x0 in the model's space: the generative walk driven by z's own noise.
 
-    ``refine_steps`` > 0 then re-noises the result to the (refine_steps)-th smallest grid
-    timestep and denoises it with η = 1 (SDEdit-style), with noise from each sample's seed.
+    ``reconstruct``: replay the encoder's residual on a σ_t = 0 last step, landing exactly on
+    the encoded x0. None (the default) decides by the latent: yes when ``den`` and
+    ``condition`` are the ones it was encoded with, no for a translation (another model or
+    condition), whose last step is then deterministic as in the official code and diffusers.
+    ``refine_steps`` > 0 then refines the result (``refine``).
     """
     if z.method != "dpm":
         raise ValueError(f"dpm_decode needs a dpm latent, got method {z.method!r}; use ddim_decode")
     if z.start_only:
         raise ValueError("this dpm latent holds x_start only (output.latents: start); decoding needs output.latents: full")
     _check_shape(den, z)
-    x0 = denoise(den, z.x_start, z.timesteps, eta=z.eta, noise=z.noise, condition=condition, guidance_scale=guidance_scale)
+    if reconstruct is None:
+        reconstruct = is_reconstruction(den, z, condition)
+    x0 = denoise(den, z.x_start, z.timesteps, eta=z.eta, noise=z.noise, condition=condition,
+                 guidance_scale=guidance_scale, residual=reconstruct)
     if refine_steps > 0:
-        x0 = refine(den, x0, z.timesteps[-refine_steps:], z.seeds, condition, guidance_scale)
+        x0 = refine(den, x0, refine_steps, z.seeds, condition, guidance_scale)
     return x0
 
 
-def refine(den, x0: torch.Tensor, timesteps: list[int], seeds: Sequence[int], condition=None, guidance_scale: float = 1.0):
-    """SDEdit (Meng et al. 2022): noise x0 to timesteps[0], then denoise stochastically (η = 1)."""
+def is_reconstruction(den, z: Latent, condition) -> bool:
+    """Decoding ``z`` with ``den`` and ``condition`` goes back to where it was encoded."""
+    if z.source is None or z.source != den.source:
+        return False
+    try:
+        return bool(z.condition == condition)
+    except (TypeError, RuntimeError):  # e.g. tensors, which compare elementwise
+        return False
+
+
+@torch.no_grad()
+def refine(den, x0: torch.Tensor, refine_steps: int, seeds: Sequence[int], condition=None,
+           guidance_scale: float = 1.0) -> torch.Tensor:
+    """CycleDiffusion's refinement (cycle-diffusion model/gan_wrapper/ddpm_ddim_wrapper.py:431-453):
+    noise x0 to t = refine_steps − 1 on the training scale (refine 100 → t = 99), then denoise
+    through every timestep below it with η = 1; the last step, to the scheduler's final ᾱ,
+    has σ = 0 there and adds no noise. ``refine_steps`` is that count, whatever grid decoded x0.
+    """
+    n_train = den.schedule.num_train_timesteps
+    if not 1 <= refine_steps <= n_train:
+        raise ValueError(f"refine_steps = {refine_steps} must lie in 1..{n_train} (the model's training timesteps)")
     if not seeds:
         seeds = default_seeds(x0.shape[0])
-    n = per_sample_noise(seeds, (1 + len(timesteps), *x0.shape[1:]), den.device, stream="refine")
-    x_t = forward_noise(x0, den.schedule.alpha(timesteps[0]), n[:, 0])
-    return denoise(den, x_t, timesteps, eta=1.0, noise=n[:, 1:], condition=condition, guidance_scale=guidance_scale)
+    timesteps = list(range(refine_steps - 1, -1, -1))
+    shape = tuple(x0.shape[1:])
+    x = forward_noise(x0, den.schedule.alpha(timesteps[0]), per_sample_noise(seeds, shape, den.device, "refine"))
+    for i, step in enumerate(den.schedule.steps_along(timesteps)):
+        sigma = ddim_sigma(1.0, step.alpha_t, step.alpha_prev)  # η = 1 (ddpm_ddim_wrapper.py:435)
+        x = step_mean(den, x, step, sigma, condition, guidance_scale)
+        if sigma > 0:  # one map per step, drawn as it is needed: refine 1000 would not fit at once
+            x = x + sigma * per_sample_noise(seeds, shape, den.device, f"refine/{i}")
+    return x
 
 
 def _check_shape(den, z: Latent) -> None:

@@ -23,6 +23,9 @@ class Latent:
     method:    "dpm" | "ddim"
     eta:       η of the stochastic encoder (0 for DDIM)
     seeds:     per-sample seeds the noise came from (used again by refine steps)
+    source:    the model that encoded it, and
+    condition: its condition: decoding with both is a reconstruction (the only decode that
+               replays a σ_t = 0 residual; dpm.dpm_decode_model_space). None: not known.
     """
 
     x_start: torch.Tensor
@@ -31,6 +34,8 @@ class Latent:
     method: str = "dpm"
     eta: float = 0.0
     seeds: list[int] = field(default_factory=list)
+    source: str | None = None
+    condition: object = None
 
     def __post_init__(self) -> None:
         self.timesteps = [int(t) for t in self.timesteps]
@@ -65,7 +70,11 @@ class Latent:
         if isinstance(index, int):
             index = [index]
         seeds = list(np.asarray(self.seeds, dtype=np.int64)[index]) if self.seeds else []
-        return replace(self, x_start=self.x_start[index], noise=self.noise[index], seeds=[int(s) for s in seeds])
+        condition = self.condition
+        if isinstance(condition, (list, tuple)):  # one condition per sample
+            condition = [condition[int(i)] for i in np.arange(len(self))[index]]
+        return replace(self, x_start=self.x_start[index], noise=self.noise[index], seeds=[int(s) for s in seeds],
+                       condition=condition)
 
     @staticmethod
     def cat(latents: list[Latent]) -> Latent:
@@ -73,11 +82,15 @@ class Latent:
         for z in latents[1:]:
             if z.timesteps != first.timesteps or z.method != first.method or z.eta != first.eta:
                 raise ValueError("only latents with the same timesteps, method and eta can be joined")
+        per_sample = [z.condition if isinstance(z.condition, (list, tuple)) else [z.condition] * len(z) for z in latents]
+        conditions = [c for cs in per_sample for c in cs]
         return replace(
             first,
             x_start=torch.cat([z.x_start for z in latents]),
             noise=torch.cat([z.noise for z in latents]),
             seeds=[s for z in latents for s in z.seeds],
+            source=first.source if all(z.source == first.source for z in latents) else None,
+            condition=conditions[0] if all(c == conditions[0] for c in conditions) else conditions,
         )
 
     # --- compact serialisation: one flat vector per sample, plus its shape -------------

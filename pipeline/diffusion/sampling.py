@@ -11,15 +11,19 @@ from pipeline.diffusion.ddim_step import generative_mean, predict_x0
 from pipeline.diffusion.schedule import Step, ddim_sigma
 
 
-def innovation_scale(sigma: float) -> float:
-    """Weight of a step's stored innovation: σ_t, or 1 where σ_t = 0.
+def innovation_scale(sigma: float, residual: bool = False) -> float:
+    """Weight of a step's innovation: σ_t; where σ_t = 0, 1 for a DPM-Encoder residual being
+    replayed (``residual``), else 0.
 
-    A step with σ_t = 0 is deterministic; the DPM-Encoder then stores the residual
-    x_p − μ_θ(x_t) itself (scale 1), so decoding with the same model lands exactly on
-    the encoder's x_p (see ``dpm.dpm_encode``). For steps with σ_t > 0 the innovation
-    is the standard-normal ε_t of the paper and the scale is σ_t.
+    A step with σ_t = 0 (the last one, with ``set_alpha_to_one``) is deterministic, as in the
+    official code (cycle-diffusion model/gan_wrapper/ddpm_ddim_wrapper.py:424, the last step
+    takes no stored noise) and diffusers' DDIMScheduler.step. The DPM-Encoder stores the
+    residual x0 − μ_θ(x_t) in that slot, and only a reconstruction (decoding with the encoding
+    model and condition) adds it back, landing exactly on x0 (see ``dpm.dpm_decode``).
     """
-    return sigma if sigma > 0 else 1.0
+    if sigma > 0:
+        return sigma
+    return 1.0 if residual else 0.0
 
 
 def step_mean(den, x_t: torch.Tensor, step: Step, sigma: float, condition=None, guidance_scale: float = 1.0):
@@ -38,10 +42,13 @@ def denoise(
     noise: torch.Tensor | None = None,
     condition=None,
     guidance_scale: float = 1.0,
+    residual: bool = False,
 ) -> torch.Tensor:
     """Walk x_t down the descending grid ``timesteps`` to the end, in float32.
 
     noise: (B, K, …) innovations, one per step, or None for the deterministic walk (η = 0).
+    residual: a σ_t = 0 step adds its slot of ``noise`` (a DPM-Encoder residual, for an exact
+    reconstruction); otherwise such a step is deterministic.
     """
     x = x_t.to(den.device, torch.float32)
     if noise is not None:
@@ -50,6 +57,6 @@ def denoise(
         sigma = ddim_sigma(eta, step.alpha_t, step.alpha_prev)
         x_next = step_mean(den, x, step, sigma, condition, guidance_scale)
         if noise is not None:
-            x_next = x_next + innovation_scale(sigma) * noise[:, i]
+            x_next = x_next + innovation_scale(sigma, residual) * noise[:, i]
         x = x_next
     return x

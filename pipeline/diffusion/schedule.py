@@ -9,7 +9,7 @@ the last step ends at the scheduler's final ᾱ (1 with ``set_alpha_to_one``, el
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -92,6 +92,19 @@ class Schedule:
             raise ValueError(f"t0 = {t0} must lie in 0..{self.num_train_timesteps - 1} (the model's training timesteps)")
         full = self.grid(steps)
         return full[full.index(self.snap(t0, steps)) :]
+
+    def with_x0_clip(self, mode: str) -> Schedule:
+        """``sampler.clip_x0``: "auto" keeps the scheduler config's clip_sample / thresholding;
+        "off" never touches x̂0, as the official CycleDiffusion and DiscoveryDiff code
+        (cycle-diffusion model/lib/ddpm_ddim/utils/diffusion_utils.py:122, x0_t unclipped);
+        "on" clamps it to ±clip_sample_range (pixel models: images live in [-1, 1])."""
+        if mode == "auto":
+            return self
+        if mode == "off":
+            return replace(self, clip_sample=False, thresholding=False)
+        if mode == "on":
+            return replace(self, clip_sample=True, thresholding=False)
+        raise ValueError(f"clip_x0 must be auto, on or off, got {mode!r}")
 
     def process_x0(self, x0: torch.Tensor) -> torch.Tensor:
         """The scheduler's clip_sample / dynamic thresholding of x̂0, applied identically everywhere."""

@@ -25,9 +25,10 @@ def build(run, shards):
 
     cfg = run.cfg
     ds = model_stage(read_latent_files(run, shards), cfg.runtime, DecodeStage, target=cfg.target,
-                     refine_steps=cfg.sampler.refine_steps)
+                     refine_steps=cfg.sampler.refine_steps, clip_x0=cfg.sampler.clip_x0)
     settings = {"target_model": cfg.target.model, "target_condition": cfg.target.condition,
-                "target_guidance": cfg.target.guidance_scale, "refine_steps": cfg.sampler.refine_steps}
+                "target_guidance": cfg.target.guidance_scale, "refine_steps": cfg.sampler.refine_steps,
+                "clip_x0": cfg.sampler.clip_x0}
     return Built(ds, provenance(run, settings))
 
 

@@ -32,7 +32,7 @@ def fit_hash(cfg) -> str:
     keys = {"input": cfg.input.uri, "model": cfg.source.model, "condition": cfg.source.condition,
             "guidance": cfg.source.guidance_scale, "t0": cfg.ood.t0, "steps": cfg.ood.inversion_steps,
             "variance": cfg.ood.variance, "reservoir": cfg.ood.reservoir, "size": cfg.image.size,
-            "resize": cfg.image.resize}
+            "resize": cfg.image.resize, "clip_x0": cfg.sampler.clip_x0}
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -69,9 +69,10 @@ def build(run, shards):
         state["timesteps"] = state["timesteps"] or (grid or None)
 
     ds = model_stage(read_images(run, shards), cfg.runtime, InvertAndFitStage, source=cfg.source, ood=cfg.ood,
-                     output=cfg.output)
+                     output=cfg.output, clip_x0=cfg.sampler.clip_x0)
     settings = {"method": "ddim", "t0_requested": cfg.ood.t0, "inversion_steps": cfg.ood.inversion_steps,
-                "source_model": cfg.source.model, "source_condition": cfg.source.condition}
+                "source_model": cfg.source.model, "source_condition": cfg.source.condition,
+                "clip_x0": cfg.sampler.clip_x0}
     return Built(ds, provenance(run, settings, source_latents(cfg, "ddim")), on_partial=merge)
 
 
@@ -97,7 +98,7 @@ def finish(run) -> None:
         "guidance_scale": cfg.source.guidance_scale, "variance_kind": cfg.ood.variance, "shape": state["shape"],
         "reservoir": len(reservoir.priorities), "image_size": cfg.image.size, "input": cfg.input.uri,
         "rejected": s["rejected"], "geometry": geometry, "latents_written": s["latent_samples"],
-        "fit_hash": fit_hash(cfg), "created_at": time.time(),
+        "fit_hash": fit_hash(cfg), "clip_x0": cfg.sampler.clip_x0, "created_at": time.time(),
     }
     target = stats_uri(cfg)
     write_stats(target, cfg.output.storage_options, {

@@ -25,6 +25,8 @@ def check(cfg) -> None:
         problems.append(f"it was fitted at t0 = {header.get('t0_requested')}, not ood.t0 = {cfg.ood.t0}")
     if header.get("inversion_steps") != cfg.ood.inversion_steps:
         problems.append(f"it was fitted with {header.get('inversion_steps')} inversion steps, not {cfg.ood.inversion_steps}")
+    if header.get("clip_x0", "auto") != cfg.sampler.clip_x0:  # decoding must treat x̂0 as the inversion did
+        problems.append(f"it was fitted with sampler.clip_x0 = {header.get('clip_x0', 'auto')}, not {cfg.sampler.clip_x0}")
     if problems:
         raise ConfigError(f"config error: ood.stats {source}: {'; '.join(problems)}; fit it again with `latentshift ood fit`")
 
@@ -64,9 +66,11 @@ def build(run, shards):
     ds = ray.data.from_items([{c: batch[c][i] for c in rows.columns} for i in range(len(rows))],
                              override_num_blocks=max(1, len(shards)))
     ds = model_stage(ds, cfg.runtime, SampleDecodeStage, source=cfg.source, output=cfg.output,
-                     run_seed=cfg.sampler.seed, stats_uri=source, stats_options=cfg.output.storage_options)
+                     run_seed=cfg.sampler.seed, stats_uri=source, stats_options=cfg.output.storage_options,
+                     clip_x0=cfg.sampler.clip_x0)
     settings = {"seed": cfg.sampler.seed, "source_model": cfg.source.model, "stats": source, "t0": header["t0"],
-                "geometric": cfg.ood.geometric, "tolerance": cfg.ood.tolerance, "acceptance_rate": acceptance}
+                "geometric": cfg.ood.geometric, "tolerance": cfg.ood.tolerance, "acceptance_rate": acceptance,
+                "clip_x0": cfg.sampler.clip_x0}
     return Built(ds, provenance(run, settings, source_latents(cfg, "ddim")))
 
 

@@ -110,7 +110,7 @@ def provenance(run: Run, settings: dict, latents: LatentMeta | None = None) -> P
 def sampler_settings(cfg: JobConfig) -> dict:
     s = cfg.sampler
     return {"method": s.method, "steps": s.steps, "eta": s.eta, "strength": s.strength,
-            "refine_steps": s.refine_steps, "seed": s.seed}
+            "refine_steps": s.refine_steps, "seed": s.seed, "clip_x0": s.clip_x0}
 
 
 def source_latents(cfg: JobConfig, method: str | None = None) -> LatentMeta:

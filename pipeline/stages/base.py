@@ -15,10 +15,13 @@ from pipeline.data.rows import RowBuffer, RowKind, rows_of
 from pipeline.diffusion import Denoiser, Latent, load_denoiser
 
 
-def load_model(section: ModelConfig, dtype: str) -> Denoiser:
-    """A model section → a Denoiser on this actor's device (the source resolved by data/)."""
+def load_model(section: ModelConfig, dtype: str, clip_x0: str = "auto") -> Denoiser:
+    """A model section → a Denoiser on this actor's device (the source resolved by data/), its
+    x̂0 clipping as ``sampler.clip_x0`` says."""
     folder = resolve_model(section.model, section.storage_options, allow_pickle=section.allow_pickle)
-    return load_denoiser(folder, dtype=dtype, null_class=section.null_class)
+    den = load_denoiser(folder, dtype=dtype, null_class=section.null_class)
+    den.schedule = den.schedule.with_x0_clip(clip_x0)
+    return den
 
 
 class ModelStage:

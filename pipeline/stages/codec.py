@@ -7,15 +7,25 @@ latents with the target.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
 from pipeline.config import ModelConfig, OutputConfig, SamplerConfig
 from pipeline.data.rows import RowBuffer, RowKind
 from pipeline.diffusion import Latent, ddim_decode, ddim_invert, dpm_decode, dpm_encode, sample_seed
+from pipeline.errors import ModelLoadError
 from pipeline.metrics.quality import psnr, ssim
 from pipeline.stages.base import ModelStage, load_model
 from pipeline.stages.tensors import to_model_range, to_uint8
+
+
+def check_refine(den, refine_steps: int) -> None:
+    """refine_steps counts the model's training timesteps (dpm.refine): say so at load, not per batch."""
+    if refine_steps > den.schedule.num_train_timesteps:
+        raise ModelLoadError(f"model {den.source!r} has {den.schedule.num_train_timesteps} training timesteps, "
+                             f"fewer than sampler.refine_steps = {refine_steps}")
 
 
 def decode_with(target, z: Latent, section: ModelConfig, refine_steps: int = 0) -> torch.Tensor:
@@ -32,7 +42,7 @@ class EncodeStage(ModelStage):
     def __init__(self, source: ModelConfig, sampler: SamplerConfig, output: OutputConfig, dtype: str = "auto"):
         super().__init__(output)
         self.source_cfg, self.sampler = source, sampler
-        self.source = load_model(source, dtype)
+        self.source = load_model(source, dtype, sampler.clip_x0)
 
     def encode(self, x0: torch.Tensor, seeds: list[int]) -> Latent:
         s, src = self.sampler, self.source_cfg
@@ -75,7 +85,8 @@ class TranslateStage(EncodeStage):
         super().__init__(source, sampler, output, dtype)
         self.target_cfg = target
         same = target.model == source.model and target.allow_pickle == source.allow_pickle
-        self.target = self.source if same else load_model(target, dtype)
+        self.target = self.source if same else load_model(target, dtype, sampler.clip_x0)
+        check_refine(self.target, sampler.refine_steps)
 
     def decode(self, z: Latent) -> torch.Tensor:
         return decode_with(self.target, z, self.target_cfg, self.sampler.refine_steps)
@@ -90,10 +101,11 @@ class TranslateStage(EncodeStage):
 class DecodeStage(ModelStage):
     """Stored latents → images with the target model."""
 
-    def __init__(self, target: ModelConfig, refine_steps: int = 0, dtype: str = "auto"):
+    def __init__(self, target: ModelConfig, refine_steps: int = 0, clip_x0: str = "auto", dtype: str = "auto"):
         super().__init__()
         self.target_cfg, self.refine_steps = target, refine_steps
-        self.target = load_model(target, dtype)
+        self.target = load_model(target, dtype, clip_x0)
+        check_refine(self.target, refine_steps)
 
     def __call__(self, batch: dict) -> dict:
         rows = RowBuffer()
@@ -101,12 +113,14 @@ class DecodeStage(ModelStage):
         groups: dict[tuple, list[int]] = {}  # latents decode together when their settings match
         for i in self.samples(batch):
             spec = (tuple(int(t) for t in batch["timesteps"][i]), str(batch["method"][i]), float(batch["eta"][i]),
-                    tuple(batch["latent"][i].shape))
+                    tuple(batch["latent"][i].shape), str(batch["source_model"][i]), str(batch["source_cond"][i]))
             groups.setdefault(spec, []).append(int(i))
-        for (timesteps, method, eta, shape), idx in groups.items():
+        for (timesteps, method, eta, shape, model, cond), idx in groups.items():
             stacked = np.stack([batch["latent"][i] for i in idx])
             z = Latent.from_rows(stacked.reshape(len(idx), -1), shape, list(timesteps), method=method, eta=eta,
                                  seeds=[int(batch["seed"][i]) for i in idx])
+            # who encoded it: decoding with the same model and condition is a reconstruction
+            z.source, z.condition = model or None, json.loads(cond) if cond else None
             try:
                 out = to_uint8(decode_with(self.target, z, self.target_cfg, self.refine_steps))
             except ValueError as exc:  # e.g. a start-only latent, or a latent of another model kind

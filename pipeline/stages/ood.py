@@ -48,10 +48,11 @@ class InvertAndFitStage(ModelStage):
     until the actor's reservoir is full.
     """
 
-    def __init__(self, source: ModelConfig, ood: OODConfig, output: OutputConfig, dtype: str = "auto"):
+    def __init__(self, source: ModelConfig, ood: OODConfig, output: OutputConfig, clip_x0: str = "auto",
+                 dtype: str = "auto"):
         super().__init__(output)
         self.source_cfg, self.ood = source, ood
-        self.source = load_model(source, dtype)
+        self.source = load_model(source, dtype, clip_x0)
         self.grid = ood_grid(self.source.schedule, ood.t0, ood.inversion_steps)
         self.reservoir = Reservoir(ood.reservoir)  # this actor's, across its batches
 
@@ -88,7 +89,7 @@ class SampleDecodeStage(ModelStage):
     """Candidate indices → latents μ + σ·n(seed) at t0 (regenerated, never shipped) → DDIM decode."""
 
     def __init__(self, source: ModelConfig, output: OutputConfig, run_seed: int, stats_uri: str,
-                 stats_options: dict, dtype: str = "auto"):
+                 stats_options: dict, clip_x0: str = "auto", dtype: str = "auto"):
         super().__init__(output)
         from pipeline.data.stats import read_stats
 
@@ -97,7 +98,7 @@ class SampleDecodeStage(ModelStage):
         self.shape = tuple(header["shape"])
         self.timesteps = list(header["timesteps"])
         self.source_cfg, self.run_seed = source, run_seed
-        self.source = load_model(source, dtype)
+        self.source = load_model(source, dtype, clip_x0)
 
     def __call__(self, batch: dict) -> dict:
         rows = RowBuffer()

@@ -53,7 +53,7 @@ def test_overrides_are_typed(tmp_path):
         ("runtime.batch_size=true", r"^config error: runtime\.batch_size = true: .*valid integer$"),
         ("output.latents=some", r"^config error: output\.latents = \"some\": .*'full', 'start' or 'none'$"),
         ("source.guidance_scale=-1", r"^config error: source\.guidance_scale = -1: "),
-        ("sampler.refine_steps=200", r"^config error: sampler\.refine_steps = 200: must be <= steps \(100\)$"),
+        ("sampler.refine_steps=20000", r"^config error: sampler\.refine_steps = 20000: Input should be less than or equal to 10000$"),
         ("source.condition=[1, 2]", r"^config error: source\.condition = \[1, 2\]: .*integer or a valid string$"),
         ("ood.variance=full", r"^config error: ood\.variance = \"full\": .*'isotropic' or 'diagonal'$"),
     ],

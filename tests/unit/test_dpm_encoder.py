@@ -226,13 +226,81 @@ def test_eta_zero_is_rejected_with_a_clear_error(pixel_model):
         dpm_encode(den, images(1), eta=0.0)
 
 
+def test_translation_takes_a_sigma_zero_last_step_as_diffusers_does(pixel_model, other_pixel_model):
+    """Issue 12.2: decoding with another model ignores the source's residual in the σ = 0 slot,
+    so it agrees with diffusers' DDIMScheduler.step driven by the same stored noises (which
+    multiplies that slot by σ = 0), as the official code's last, noise-free step does."""
+    src, dst = load_denoiser(str(pixel_model)), load_denoiser(str(other_pixel_model))
+    assert src.schedule.final_alpha_cumprod == 1.0  # last step σ = 0
+    z = dpm_encode(src, images(3, seed=9), steps=10, eta=0.7, strength=0.75, seeds=[1, 2, 3])
+    assert last_sigma(dst, z) == 0 and z.noise[:, -1].abs().max() > 1e-3  # a residual is stored
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    reference = diffusers_ddim_decode(dst.unet, scheduler, z, steps=10)
+    ours = dpm_decode_model_space(dst, z)
+    assert (ours - reference).abs().max().item() < 1e-4
+    forced = dpm_decode_model_space(dst, z, reconstruct=True)  # the old behaviour, still reachable
+    assert torch.allclose(forced - ours, z.noise[:, -1], atol=1e-5)
+
+
+def test_same_model_other_condition_is_a_translation_too(class_model):
+    den = load_denoiser(str(class_model), null_class=3)
+    x0 = images(2, seed=10)
+    z = dpm_encode(den, x0, steps=10, eta=0.5, strength=0.8, condition=0, seeds=[3, 4])
+    assert (dpm_decode(den, z, condition=0) - x0).abs().max().item() < 1e-4  # reconstruction: exact
+    plain = dpm_decode_model_space(den, z, condition=1)
+    forced = dpm_decode_model_space(den, z, condition=1, reconstruct=True)
+    assert torch.allclose(forced - plain, z.noise[:, -1], atol=1e-5)  # translation: no residual
+
+
+@torch.no_grad()
+def official_refine(den, x0, refine_steps: int, seeds) -> torch.Tensor:
+    """cycle-diffusion ddpm_ddim_wrapper.py:431-453 through diffusers' DDIMScheduler: noise to
+    t = R − 1, then DDIM steps with η = 1 on the 1000-step grid (t → t − 1), the step from t = 0
+    to ᾱ = 1 with σ = 0. Noise maps drawn as refine draws them (seed streams)."""
+    from pipeline.diffusion import per_sample_noise
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+    scheduler.set_timesteps(1000)
+    shape = tuple(x0.shape[1:])
+    a = float(scheduler.alphas_cumprod[refine_steps - 1])
+    x = a**0.5 * x0 + (1 - a) ** 0.5 * per_sample_noise(seeds, shape, stream="refine")
+    for i, t in enumerate(range(refine_steps - 1, -1, -1)):
+        out = den.unet(x, torch.tensor([t] * x.shape[0])).sample
+        x = scheduler.step(out, t, x, eta=1.0, variance_noise=per_sample_noise(seeds, shape, stream=f"refine/{i}")).prev_sample
+    return x
+
+
+def test_refine_follows_the_official_recipe(pixel_model):
+    """Issue 12.1: refine_steps counts training timesteps (refine 3 → re-noise to t = 2, denoise
+    t = 2, 1, 0), whatever grid decoded the image."""
+    from pipeline.diffusion.dpm import refine
+
+    den = load_denoiser(str(pixel_model))
+    x0 = images(2, seed=11)
+    ours = refine(den, x0, 3, [5, 6])
+    assert (ours - official_refine(den, x0, 3, [5, 6])).abs().max().item() < 1e-4
+    with pytest.raises(ValueError, match=r"refine_steps = 1001 must lie in 1..1000"):
+        refine(den, x0, 1001, [5, 6])
+
+
+def test_refine_adds_no_noise_on_its_last_step(pixel_model, other_pixel_model):
+    """Issue 12.1: the step into ᾱ = 1 has σ = 0; refine 1 re-noises to t = 0 (√(1 − ᾱ_0) = 0.01)
+    and takes that one step, so the image barely moves (it moved by unit noise before)."""
+    src, dst = load_denoiser(str(pixel_model)), load_denoiser(str(other_pixel_model))
+    z = dpm_encode(src, images(2, seed=12), steps=50, eta=0.3, strength=0.8, seeds=[1, 2])
+    plain = dpm_decode_model_space(dst, z)
+    refined = dpm_decode_model_space(dst, z, refine_steps=1)
+    assert (refined - plain).std().item() < 0.05
+    assert (dpm_decode_model_space(dst, z, refine_steps=10) - plain).std().item() < 0.5
+
+
 def test_refine_steps_change_the_output_deterministically(pixel_model, other_pixel_model):
     src, dst = load_denoiser(str(pixel_model)), load_denoiser(str(other_pixel_model))
     x0 = images(2, seed=8)
     z = dpm_encode(src, x0, steps=10, eta=0.3, strength=0.8, seeds=[1, 2])
     plain = dpm_decode(dst, z)
-    refined = dpm_decode(dst, z, refine_steps=2)
-    again = dpm_decode(dst, z, refine_steps=2)
+    refined = dpm_decode(dst, z, refine_steps=20)
+    again = dpm_decode(dst, z, refine_steps=20)
     assert torch.equal(refined, again)
     assert (refined - plain).abs().mean().item() > 1e-3
     assert refined.min() >= -1 and refined.max() <= 1

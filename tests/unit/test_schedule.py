@@ -68,3 +68,55 @@ def test_timesteps_outside_the_table_are_a_clear_error():
     sched = schedule_from_scheduler(DDPMScheduler(num_train_timesteps=100))
     with pytest.raises(ValueError, match="same noise schedule"):
         sched.steps_along([500, 0])
+
+
+def test_clip_x0_modes_apply_or_drop_the_schedulers_clipping():
+    sched = schedule_from_scheduler(DDPMScheduler(clip_sample=True, clip_sample_range=1.0))
+    x = torch.linspace(-3, 3, 13).view(1, 13)
+    assert torch.equal(sched.with_x0_clip("auto").process_x0(x), x.clamp(-1, 1))  # the config clips
+    assert torch.equal(sched.with_x0_clip("off").process_x0(x), x)
+    unclipped = schedule_from_scheduler(DDPMScheduler(clip_sample=False))
+    assert torch.equal(unclipped.with_x0_clip("auto").process_x0(x), x)
+    assert torch.equal(unclipped.with_x0_clip("on").process_x0(x), x.clamp(-1, 1))
+    thresholding = schedule_from_scheduler(DDPMScheduler(thresholding=True, sample_max_value=2.0))
+    assert torch.equal(thresholding.with_x0_clip("off").process_x0(x), x)
+    with pytest.raises(ValueError, match="auto, on or off"):
+        sched.with_x0_clip("sometimes")
+
+
+@pytest.mark.parametrize("clip_x0,clip_sample", [("auto", True), ("off", False)])
+def test_ddim_decoding_follows_diffusers_with_and_without_clipping(pixel_model, clip_x0, clip_sample):
+    """Issue 12.3: "off" is diffusers' DDIM with clip_sample=False (the official code's x0_t);
+    the tiny model's x̂0 leaves [-1, 1] at t ≈ 900, so the two modes really differ there."""
+    from pipeline.diffusion import ddim_decode_model_space, load_denoiser
+    from pipeline.diffusion.latent import Latent
+
+    den = load_denoiser(str(pixel_model))
+    den.schedule = den.schedule.with_x0_clip(clip_x0)
+    grid = den.schedule.grid_from(900, 10)
+    x_t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    z = Latent(x_t, x_t.new_zeros((2, 0, 3, 16, 16)), grid, method="ddim")
+    ours = ddim_decode_model_space(den, z)
+    ref = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                        clip_sample=clip_sample)
+    ref.set_timesteps(10)
+    x = x_t.clone()
+    with torch.no_grad():
+        for t in grid:
+            x = ref.step(den.unet(x, torch.tensor([t, t])).sample, t, x, eta=0.0).prev_sample
+    assert (ours - x).abs().max().item() < 1e-4
+    other = den.schedule.with_x0_clip("off" if clip_x0 == "auto" else "on")
+    den.schedule = other
+    assert (ddim_decode_model_space(den, z) - ours).abs().max().item() > 1e-3
+
+
+def test_stages_load_models_with_the_samplers_clip_x0(pixel_model):
+    from pipeline.config import ModelConfig, validate
+    from pipeline.stages.base import load_model
+
+    assert load_model(ModelConfig(model=str(pixel_model)), "float32").schedule.clip_sample  # its config clips
+    off = load_model(ModelConfig(model=str(pixel_model)), "float32", "off").schedule
+    assert not off.clip_sample and not off.thresholding
+    assert validate({"sampler": {"clip_x0": "off"}}).sampler.clip_x0 == "off"
+    with pytest.raises(Exception, match="clip_x0"):
+        validate({"sampler": {"clip_x0": True}})
