@@ -123,3 +123,24 @@ def test_gpus_per_actor_auto_follows_the_declared_variable_before_the_cluster(mo
         gpus_per_actor(cfg.runtime)
     explicit = load_config(ROOT / "configs" / "afhq-cat2dog.yaml", ["runtime.gpus_per_actor=0"])
     assert gpus_per_actor(explicit.runtime) == 0.0  # an explicit number wins over the variable
+
+
+def test_paper_configs_walk_the_official_grids():
+    """configs/paper/ as the official runs: AFHQ starts at t = 849 and walks every timestep below
+    (custom_steps 1000, es_steps 850); SD's "99 steps" is LDM's grid 1, 11, …, 991, and skip 25
+    leaves its last 75 entries."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from pipeline.diffusion.schedule import schedule_from_scheduler
+
+    for name in ("afhq-cat2dog", "afhq-wild2dog"):
+        s = load_config(ROOT / "configs" / "paper" / f"{name}.yaml").sampler
+        grid = schedule_from_scheduler(DDPMScheduler()).grid(s.steps, s.strength)
+        assert grid == list(range(849, -1, -1)) and s.eta == 0.1 and s.clip_x0 == "off"
+    assert load_config(ROOT / "configs" / "paper" / "afhq-cat2dog.yaml").sampler.refine_steps == 100
+    assert load_config(ROOT / "configs" / "paper" / "afhq-wild2dog.yaml").sampler.refine_steps == 150
+    s = load_config(ROOT / "configs" / "paper" / "sd-zero-shot.yaml").sampler
+    sd = schedule_from_scheduler(DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                               steps_offset=1, set_alpha_to_one=False))
+    assert sd.grid(s.steps) == list(range(991, 0, -10))  # LDM make_ddim_timesteps(99 steps): range(0, 1000, 10) + 1
+    assert sd.grid(s.steps, s.strength) == list(range(741, 0, -10))  # skip 25: 75 steps
