@@ -167,7 +167,7 @@ class Provenance:
             row["method"], row["eta"] = str(batch["method"][i]), float(batch["eta"][i])
         if str(batch["source_model"][i]):
             row["source_model"] = str(batch["source_model"][i])
-            row["source_condition"] = json.loads(str(batch["source_cond"][i]) or "null")
+            row["source_condition"] = source_condition(batch["source_cond"][i])
         psnr, ssim = float(batch["psnr"][i]), float(batch["ssim"][i])
         if not math.isnan(ssim):
             row["psnr"] = psnr if math.isfinite(psnr) else None  # identical images: JSON has no inf
@@ -176,3 +176,8 @@ class Provenance:
 
     def to_json(self, batch: dict, i: int, latent_rows: int) -> bytes:
         return json.dumps(self.for_sample(batch, i, latent_rows), sort_keys=True).encode()
+
+
+def source_condition(cond_json) -> object:
+    """A ``source_cond`` cell (the latent file's JSON text of the condition) → the condition."""
+    return json.loads(str(cond_json) or "null")

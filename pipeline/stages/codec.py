@@ -7,13 +7,11 @@ latents with the target.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 
 from pipeline.config import ModelConfig, OutputConfig, SamplerConfig
-from pipeline.data.rows import RowBuffer, RowKind
+from pipeline.data.rows import RowBuffer, RowKind, source_condition
 from pipeline.diffusion import Latent, ddim_decode, ddim_invert, dpm_decode, dpm_encode, sample_seed
 from pipeline.errors import ModelLoadError
 from pipeline.metrics.quality import psnr, ssim
@@ -120,7 +118,7 @@ class DecodeStage(ModelStage):
             z = Latent.from_rows(stacked.reshape(len(idx), -1), shape, list(timesteps), method=method, eta=eta,
                                  seeds=[int(batch["seed"][i]) for i in idx])
             # who encoded it: decoding with the same model and condition is a reconstruction
-            z.source, z.condition = model or None, json.loads(cond) if cond else None
+            z.source, z.condition = model or None, source_condition(cond)
             try:
                 out = to_uint8(decode_with(self.target, z, self.target_cfg, self.refine_steps))
             except ValueError as exc:  # e.g. a start-only latent, or a latent of another model kind
