@@ -165,11 +165,28 @@ class RuntimeConfig(Section):
 class OODConfig(Section):
     t0: int = Field(500, ge=1)
     inversion_steps: int = Field(40, ge=1)
-    variance: Literal["isotropic", "diagonal"] = "isotropic"
+    # scalar: np.var over every entry, the official estimator (DiscoveryDiff discovery.py:509);
+    # isotropic: the mean of per-dimension variances; diagonal: one per dimension
+    variance: Literal["scalar", "isotropic", "diagonal"] = "scalar"
     stats: str | None = None
     count: int = Field(1000, ge=1)
-    geometric: bool = True
-    tolerance: float = Field(2.0, gt=0)  # keep candidates within tolerance × the data's spread
+    # candidates: gaussian = μ + σ·n; slerp = the official slerp of a real inverted latent toward
+    # such a draw, at slerp_weight (None: the largest k/21 whose probe candidates pass the
+    # selection at slerp_target_rate)
+    candidates: Literal["gaussian", "slerp"] = "gaussian"
+    slerp_weight: float | None = Field(None, gt=0, le=1)
+    slerp_target_rate: float = Field(0.5, gt=0, le=1)
+    optimise_steps: int = Field(0, ge=0, le=1000)  # gradient steps toward the measured geometry, before selection
+    optimise_lr: float = Field(0.25, gt=0)
+    geometric: bool = True  # select candidates by their geometry against the reservoir
+    # tolerance: within tolerance × the data's spread of its mean geometry; window: the official
+    # windows on the mean distance and angles to 10 random references
+    selection: Literal["tolerance", "window"] = "tolerance"
+    tolerance: float = Field(2.0, gt=0)
+    # official: 0.05 % on distance, 0.1° on angles (sized for 3·256² latents); calibrated: as wide
+    # as lets window_coverage of the reservoir's own latents pass each statistic
+    window: Literal["official", "calibrated"] = "calibrated"
+    window_coverage: float = Field(0.9, gt=0, le=1)
     reservoir: int = Field(256, ge=3, le=65536)  # inverted latents kept for geometry (bounded)
     shard_size: int = Field(256, ge=1)  # synthesized samples per output shard
 

@@ -1,6 +1,9 @@
-"""ood sample: draw candidates from the fitted Gaussian, keep the geometric matches (on the
-driver: cheap), decode the kept latents from t0 on the actor pool → ``ood.count`` images in
-shards ``unseen-NNNNN`` of ``ood.shard_size`` (the ledger's exactly-once rules hold)."""
+"""ood sample: make candidates from the fitted Gaussian (``ood.candidates``: Gaussian draws, or
+the official slerp of real inverted latents toward them; optionally optimised toward the
+measured geometry), keep the geometric matches (on the driver: cheap), decode the kept latents
+from t0 on the actor pool → ``ood.count`` images in shards ``unseen-NNNNN`` of
+``ood.shard_size`` (the ledger's exactly-once rules hold). Actors regenerate each latent from
+(stats, run seed, index, settings): nothing but indices is shipped."""
 
 from __future__ import annotations
 
@@ -37,24 +40,29 @@ def units(cfg) -> list[ShardRef]:
 
 
 def build(run, shards):
+    import dataclasses
+
     import ray.data
-    import torch
 
     from pipeline.data.rows import CANDIDATE_COLUMNS, RowBuffer, RowKind
     from pipeline.data.stats import read_stats
-    from pipeline.diffusion.ood import sample_latents
+    from pipeline.diffusion.ood import acceptance_rate, sample_candidates
     from pipeline.runtime.ray_env import model_stage
-    from pipeline.stages.ood import SampleDecodeStage
+    from pipeline.stages.ood import SampleDecodeStage, candidate_settings, ood_stats
 
     cfg, size, source = run.cfg, run.cfg.ood.shard_size, stats_uri(run.cfg)
     tensors, header = read_stats(source, cfg.output.storage_options)
-    reference = torch.tensor(tensors["reference"]).double() if cfg.ood.geometric else None
-    result = sample_latents(torch.tensor(tensors["mean"]), torch.tensor(tensors["variance"]), cfg.ood.count,
-                            run_seed=cfg.sampler.seed, reference=reference, geometry=header["geometry"],
-                            tolerance=cfg.ood.tolerance)
+    stats = ood_stats(tensors, header)
+    result = sample_candidates(stats, cfg.ood.count, run_seed=cfg.sampler.seed,
+                               settings=candidate_settings(cfg.ood, stats), target_rate=cfg.ood.slerp_target_rate)
+    chosen = dataclasses.asdict(result.settings)  # the slerp weight resolved: what regenerates every latent
     acceptance = round(result.acceptance_rate, 4)
     run.summary.update(candidates_drawn=result.drawn, kept=len(result.indices), acceptance_rate=acceptance,
-                       geometric=cfg.ood.geometric)
+                       candidates=chosen)
+    if result.settings.selection != "none":  # how the selection treats real OOD latents (each left out of its own references)
+        m = stats.reference.shape[0]
+        run.summary["reservoir_acceptance_rate"] = round(acceptance_rate(
+            stats.reference, stats, result.settings, seed=cfg.sampler.seed, exclude=list(range(m))), 4)
     position = {s.name: int(s.name.rsplit("-", 1)[1]) for s in shards}
     rows = RowBuffer(CANDIDATE_COLUMNS)
     for name, j in position.items():
@@ -67,18 +75,24 @@ def build(run, shards):
                              override_num_blocks=max(1, len(shards)))
     ds = model_stage(ds, cfg.runtime, SampleDecodeStage, source=cfg.source, output=cfg.output,
                      run_seed=cfg.sampler.seed, stats_uri=source, stats_options=cfg.output.storage_options,
-                     clip_x0=cfg.sampler.clip_x0)
+                     candidates=chosen, clip_x0=cfg.sampler.clip_x0)
     settings = {"seed": cfg.sampler.seed, "source_model": cfg.source.model, "stats": source, "t0": header["t0"],
-                "geometric": cfg.ood.geometric, "tolerance": cfg.ood.tolerance, "acceptance_rate": acceptance,
-                "clip_x0": cfg.sampler.clip_x0}
+                "candidates": chosen, "acceptance_rate": acceptance, "clip_x0": cfg.sampler.clip_x0}
     return Built(ds, provenance(run, settings, source_latents(cfg, "ddim")))
 
 
 def summary_lines(s: dict) -> list[str]:
     if "acceptance_rate" not in s:
         return []
-    return [f"  selection  {'geometric' if s['geometric'] else 'none'}: kept {s['kept']} of "
-            f"{s['candidates_drawn']} candidates (acceptance {s['acceptance_rate']:.2%})"]
+    c = s["candidates"]
+    made = c["mode"] + (f" (weight {c['weight']:.3f})" if c["mode"] == "slerp" else "")
+    made += f", {c['optimise_steps']} optimisation steps" if c["optimise_steps"] else ""
+    lines = [f"  candidates {made}",
+             f"  selection  {c['selection']}: kept {s['kept']} of {s['candidates_drawn']} candidates "
+             f"(acceptance {s['acceptance_rate']:.2%})"]
+    if "reservoir_acceptance_rate" in s:
+        lines.append(f"             real OOD latents (the reservoir, each left out) pass at {s['reservoir_acceptance_rate']:.2%}")
+    return lines
 
 
 JOB = Job(

@@ -8,7 +8,16 @@ import torch
 from pipeline.config import ModelConfig, OODConfig, OutputConfig
 from pipeline.data.rows import RowBuffer, RowKind
 from pipeline.diffusion import Latent, ddim_decode_model_space, ddim_invert_model_space
-from pipeline.diffusion.ood import MomentFit, Reservoir, draw_candidates, ood_grid
+from pipeline.diffusion.ood import (
+    CandidateSettings,
+    GeometryWindow,
+    MomentFit,
+    OODStats,
+    Reservoir,
+    calibrate_window,
+    candidate_latents,
+    ood_grid,
+)
 from pipeline.stages.base import ModelStage, load_model
 from pipeline.stages.tensors import to_model_range, to_uint8
 
@@ -85,16 +94,36 @@ class InvertAndFitStage(ModelStage):
                          offered.latents[take] if take else None)
 
 
+def ood_stats(tensors: dict, header: dict) -> OODStats:
+    """A stats file's contents (``pipeline.data.stats.read_stats``) as the candidates need them."""
+    reference = tensors.get("reference")
+    return OODStats(mean=torch.tensor(tensors["mean"]), variance=torch.tensor(tensors["variance"]),
+                    reference=None if reference is None else torch.tensor(reference).double(),
+                    geometry=header.get("geometry"))
+
+
+def candidate_settings(ood: OODConfig, stats: OODStats) -> CandidateSettings:
+    """The ``ood`` section as candidate settings; a calibrated window is measured here, once."""
+    window = GeometryWindow()
+    if ood.geometric and ood.selection == "window" and ood.window == "calibrated":
+        window = calibrate_window(stats.reference, stats.geometry, coverage=ood.window_coverage)
+    return CandidateSettings(mode=ood.candidates, weight=ood.slerp_weight,
+                             selection=ood.selection if ood.geometric else "none", tolerance=ood.tolerance,
+                             window=window, optimise_steps=ood.optimise_steps, optimise_lr=ood.optimise_lr)
+
+
 class SampleDecodeStage(ModelStage):
-    """Candidate indices → latents μ + σ·n(seed) at t0 (regenerated, never shipped) → DDIM decode."""
+    """Candidate indices → their latents at t0, regenerated from (stats, run seed, index, settings)
+    (never shipped) → DDIM decode."""
 
     def __init__(self, source: ModelConfig, output: OutputConfig, run_seed: int, stats_uri: str,
-                 stats_options: dict, clip_x0: str = "auto", dtype: str = "auto"):
+                 stats_options: dict, candidates: dict | None = None, clip_x0: str = "auto", dtype: str = "auto"):
         super().__init__(output)
         from pipeline.data.stats import read_stats
 
         tensors, header = read_stats(stats_uri, stats_options)
-        self.mean, self.variance = torch.tensor(tensors["mean"]), torch.tensor(tensors["variance"])
+        self.stats = ood_stats(tensors, header)
+        self.settings = CandidateSettings.from_dict(candidates or {})
         self.shape = tuple(header["shape"])
         self.timesteps = list(header["timesteps"])
         self.source_cfg, self.run_seed = source, run_seed
@@ -104,7 +133,7 @@ class SampleDecodeStage(ModelStage):
         rows = RowBuffer()
         idx = self.samples(batch)
         cands = [int(batch["candidate"][i]) for i in idx]
-        x = draw_candidates(self.mean, self.variance, cands, self.run_seed).float().reshape(len(cands), *self.shape)
+        x = candidate_latents(self.stats, self.run_seed, cands, self.settings).float().reshape(len(cands), *self.shape)
         z = Latent(x, x.new_zeros((len(cands), 0, *self.shape)), self.timesteps, method="ddim", eta=0.0, seeds=cands)
         images = to_uint8(self.source.to_pixels(ddim_decode_model_space(
             self.source, z, condition=self.source_cfg.condition, guidance_scale=self.source_cfg.guidance_scale)))

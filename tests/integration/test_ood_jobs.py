@@ -91,7 +91,8 @@ def test_fit_then_sample_exactly_count_and_rerun_noop(ray_cluster, s3, ood_setup
         for s in iter_tar_samples(io.BytesIO(s3.cat_file(f"{bucket}/unseen/images/{name}.tar"))):
             keys.append(s.key)
             prov = json.loads(s.members["latentshift.json"])
-            assert prov["candidate"] == int(s.key) and prov["t0"] == header["t0"] and prov["geometric"] is True
+            assert prov["candidate"] == int(s.key) and prov["t0"] == header["t0"]
+            assert prov["candidates"]["mode"] == "gaussian" and prov["candidates"]["selection"] == "tolerance"
             assert np.asarray(Image.open(io.BytesIO(s.members["png"]))).shape == (16, 16, 3)
     assert len(keys) == len(set(keys)) == 7
 
@@ -107,6 +108,33 @@ def test_sampling_without_geometric_selection_keeps_every_candidate(ray_cluster,
     assert s["acceptance_rate"] == 1.0 and s["images"] == 4
     keys = [x.key for x in iter_tar_samples(io.BytesIO(s3.cat_file(f"{bucket}/unseen/images/unseen-00000.tar")))]
     assert keys == ["000000000", "000000001", "000000002", "000000003"]
+
+
+def test_slerp_candidates_optimised_and_windowed_are_regenerated_on_the_actors(ray_cluster, s3, ood_setup, pixel_model):
+    """ood.candidates: slerp (weight chosen by the geometry), a calibrated official window and two
+    optimisation steps; the actors regenerate each kept latent from its index alone: the latent the
+    run stored at t0 is the one the maths makes from (stats, seed, index, settings in provenance)."""
+    import torch
+
+    from pipeline.diffusion.ood import CandidateSettings, candidate_latent
+    from pipeline.stages.ood import ood_stats
+
+    bucket, opts = ood_setup
+    cfg = config(bucket, opts, pixel_model, count=3, shard_size=3, candidates="slerp", selection="window",
+                 window="calibrated", window_coverage=1.0, optimise_steps=2, slerp_target_rate=0.3)
+    cfg.sampler.seed = 7
+    run_job(cfg, "ood-fit")
+    s = run_job(cfg, "ood-sample")
+    c = s["candidates"]
+    assert s["images"] == 3 and c["mode"] == "slerp" and c["selection"] == "window" and c["optimise_steps"] == 2
+    assert c["weight"] in [k / 21 for k in range(1, 21)] and 0 <= s["reservoir_acceptance_rate"] <= 1
+    stats = ood_stats(*read_stats(f"s3://{bucket}/unseen/stats/ood.safetensors", opts))
+    stored = dict(read_latents(f"s3://{bucket}/unseen/latents/unseen-00000.parquet", opts))  # (not the fit's)
+    assert len(stored) == 3
+    for key, z in stored.items():
+        prov_settings = CandidateSettings.from_dict(c)
+        expected = candidate_latent(stats, 7, int(key), prov_settings).reshape(z.x_start.shape)
+        assert torch.allclose(torch.from_numpy(z.x_start).double(), expected, atol=5e-3)  # float16 on disk
 
 
 def test_bad_inputs(ray_cluster, s3, ood_setup, pixel_model, other_pixel_model):

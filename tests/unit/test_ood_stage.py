@@ -44,3 +44,22 @@ def test_partial_fits_merge_to_the_exact_fit_and_forward_few_latents(pixel_model
     assert reservoir.priorities == direct.priorities and torch.allclose(reservoir.latents, direct.latents, atol=1e-6)
     assert forwarded < 20  # 9 here: only reservoir entrants travel to the driver, not all 40 latents
     assert shape == (3, 16, 16)
+
+
+def test_the_ood_section_maps_to_candidate_settings():
+    import torch
+
+    from pipeline.config import OODConfig
+    from pipeline.diffusion.ood import GeometryWindow, OODStats, measure_geometry
+    from pipeline.stages.ood import candidate_settings
+
+    ref = torch.randn(40, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    stats = OODStats(ref.mean(0), torch.ones(1), ref, measure_geometry(ref))
+    assert candidate_settings(OODConfig(geometric=False), stats).selection == "none"
+    plain = candidate_settings(OODConfig(), stats)
+    assert (plain.mode, plain.selection, plain.tolerance, plain.optimise_steps) == ("gaussian", "tolerance", 2.0, 0)
+    official = candidate_settings(OODConfig(selection="window", window="official", candidates="slerp"), stats)
+    assert official.window == GeometryWindow() and official.mode == "slerp" and official.weight is None
+    calibrated = candidate_settings(OODConfig(selection="window", window_coverage=0.8), stats).window
+    assert calibrated.distance > GeometryWindow().distance  # 64 dimensions: far wider than the official 0.05 %
+    assert candidate_settings(OODConfig(optimise_steps=3, optimise_lr=0.1), stats).optimise_steps == 3
