@@ -165,9 +165,11 @@ class RuntimeConfig(Section):
 class OODConfig(Section):
     t0: int = Field(500, ge=1)
     inversion_steps: int = Field(40, ge=1)
-    # scalar: np.var over every entry, the official estimator (DiscoveryDiff discovery.py:509);
-    # isotropic: the mean of per-dimension variances; diagonal: one per dimension
-    variance: Literal["scalar", "isotropic", "diagonal"] = "scalar"
+    # isotropic: the mean of per-dimension variances; scalar: np.var over every entry, the official
+    # estimator (DiscoveryDiff discovery.py:509), which adds the spread of the per-dimension means,
+    # so Gaussian draws land further out than the data (tolerance selection then keeps none:
+    # use it with slerp candidates, as the official code); diagonal: one per dimension
+    variance: Literal["isotropic", "scalar", "diagonal"] = "isotropic"
     stats: str | None = None
     count: int = Field(1000, ge=1)
     # candidates: gaussian = μ + σ·n; slerp = the official slerp of a real inverted latent toward
