@@ -55,7 +55,7 @@ def test_overrides_are_typed(tmp_path):
         ("source.guidance_scale=-1", r"^config error: source\.guidance_scale = -1: "),
         ("sampler.refine_steps=20000", r"^config error: sampler\.refine_steps = 20000: Input should be less than or equal to 10000$"),
         ("source.condition=[1, 2]", r"^config error: source\.condition = \[1, 2\]: .*integer or a valid string$"),
-        ("ood.variance=full", r"^config error: ood\.variance = \"full\": .*'isotropic' or 'diagonal'$"),
+        ("ood.variance=full", r"^config error: ood\.variance = \"full\": .*'isotropic', 'scalar' or 'diagonal'$"),
     ],
 )
 def test_each_bad_value_is_one_line_naming_key_value_and_rule(tmp_path, override, expected):
