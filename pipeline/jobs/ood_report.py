@@ -31,6 +31,7 @@ def write_report(run, reference: str, reference_stats: str) -> dict:
     cross = point_geometry(fits["ood"]["latents"], fits["id"]["latents"])
     report = {"separability": sep, "ood": stats["ood"], "id": stats["id"],
               "ood_to_id_distance_mean": float(cross["distance"].mean()),
+              "selection": selection_rates(fits["ood"]["latents"], fits["id"]["latents"], cfg.ood),
               "distinguishable": sep["mean_distance"] > sep["d_quarter"],
               "input": cfg.input.uri, "reference": reference, "model": cfg.source.model, "t0": state["timesteps"][0]}
     json_path, png_path = store.path("report", "ood_vs_id.json"), store.path("report", "ood_vs_id.png")
@@ -38,6 +39,33 @@ def write_report(run, reference: str, reference_stats: str) -> dict:
     store.put(png_path, _figure(raw, sep))
     report["json"], report["png"] = json_path, png_path
     return report
+
+
+def selection_rates(ood: torch.Tensor, id_latents: torch.Tensor, ood_cfg) -> dict:
+    """Does the geometric selection discriminate? The share of real OOD latents (the reservoir,
+    each left out of its own references where the selection draws references) and of ID latents
+    that each selection keeps, measured against the OOD reservoir as ``ood sample`` does."""
+    from pipeline.diffusion.ood import (
+        CandidateSettings,
+        GeometryWindow,
+        OODStats,
+        acceptance_rate,
+        calibrate_window,
+        measure_geometry,
+    )
+
+    ood = ood.reshape(ood.shape[0], -1).double()
+    stats = OODStats(ood.mean(0), torch.ones(1), ood, measure_geometry(ood))
+    selections = {
+        f"tolerance_{ood_cfg.tolerance:g}": CandidateSettings(selection="tolerance", tolerance=ood_cfg.tolerance),
+        "window_official": CandidateSettings(selection="window", window=GeometryWindow()),
+        f"window_calibrated_{ood_cfg.window_coverage:g}": CandidateSettings(
+            selection="window", window=calibrate_window(ood, stats.geometry, coverage=ood_cfg.window_coverage)),
+    }
+    everyone = list(range(ood.shape[0]))
+    return {name: {"ood": round(acceptance_rate(ood, stats, s, exclude=everyone), 4),
+                   "id": round(acceptance_rate(id_latents.reshape(id_latents.shape[0], -1).double(), stats, s), 4)}
+            for name, s in selections.items()}
 
 
 def _figure(raw: dict, sep: dict) -> bytes:

@@ -80,6 +80,10 @@ def test_fit_then_sample_exactly_count_and_rerun_noop(ray_cluster, s3, ood_setup
     assert report["ood"]["count"] == 20 and report["id"]["count"] == 20 and isinstance(report["distinguishable"], bool)
     assert s3.cat_file(f"{bucket}/unseen/report/ood_vs_id.png")[:8] == b"\x89PNG\r\n\x1a\n"
     assert fit["report"]["distinguishable"] == report["distinguishable"]
+    # does each selection tell real OOD latents from ID ones? rates on both, for the user to judge
+    assert set(report["selection"]) == {"tolerance_3", "window_official", "window_calibrated_0.9"}
+    assert all(0 <= r["ood"] <= 1 and 0 <= r["id"] <= 1 for r in report["selection"].values())
+    assert report["selection"]["window_calibrated_0.9"]["ood"] > report["selection"]["window_official"]["ood"]
 
     again = run_job(cfg, "ood-fit")  # same inputs and settings: up to date
     assert again.get("up_to_date") is True
