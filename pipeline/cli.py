@@ -91,7 +91,8 @@ def cmd_shards_ls(args: argparse.Namespace) -> int:
 def cmd_shapes(args: argparse.Namespace) -> int:
     from pipeline.demo.shapes import write_shapes
 
-    for path in write_shapes(args.domain, args.count, args.out, seed=args.seed, per_shard=args.per_shard):
+    for path in write_shapes(args.domain, args.count, args.out, seed=args.seed, per_shard=args.per_shard,
+                             aligned=args.aligned):
         print(path)
     return 0
 
@@ -230,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="URI")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--per-shard", type=int, default=256)
+    p.add_argument("--aligned", action="store_true",
+                   help="fixed, centred 20 px box (only the colour varies), as the paper's aligned datasets")
     p.set_defaults(func=cmd_shapes)
 
     p = sub.add_parser("train-demo", help="train a bundled demo DDPM on a shape domain (resumes from its checkpoint)")

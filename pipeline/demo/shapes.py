@@ -4,6 +4,14 @@
 saturation 1, value uniform in [0.8, 1.0]; bounding-box side uniform in [12, 24] px, placed
 uniformly so the shape is fully inside. Hard edges (no anti-aliasing), so the shape metric
 can read a shape off its fill ratio. Seeded and vectorised: a batch is a few numpy ops.
+
+``aligned=True`` fixes the box instead: side ``ALIGNED_SIDE`` = 20 px, centred (6 px margins),
+so every sample has the same mask and only its colour varies, as the centred or aligned
+datasets of the unseen-synthesis paper (AFHQ, CelebA-HQ, LSUN) are. 20 px lies inside the
+sizes the bundled models were trained on (12–24, mean 18), is even so the box centres exactly on
+the 32 px canvas, and gives the triangle's apex enough pixels for the fill-ratio metric. The
+colour draws are those of the unaligned domain with the same seed. The bundled models were
+trained on the unaligned default, which stays as it was.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import numpy as np
 DOMAINS = ("discs", "squares", "triangles")
 SIZE = 32
 SIDE_RANGE = (12, 24)
+ALIGNED_SIDE = 20
 
 
 def hsv_to_rgb(h: np.ndarray, s: float, v: np.ndarray) -> np.ndarray:
@@ -49,12 +58,15 @@ def shape_masks(domain: str, side: np.ndarray, left: np.ndarray, top: np.ndarray
     return inside & (np.abs(u - 0.5) <= v / 2)  # apex at the top centre, base along the bottom
 
 
-def render(domain: str, count: int, seed: int = 0) -> tuple[np.ndarray, list[dict]]:
+def render(domain: str, count: int, seed: int = 0, aligned: bool = False) -> tuple[np.ndarray, list[dict]]:
     """(count, 32, 32, 3) uint8 images and their metadata (domain, hue, value, box)."""
     rng = np.random.default_rng([seed, DOMAINS.index(domain) if domain in DOMAINS else 99])
     side = rng.integers(SIDE_RANGE[0], SIDE_RANGE[1] + 1, count)
     left = np.floor(rng.random(count) * (SIZE - side + 1)).astype(int)
     top = np.floor(rng.random(count) * (SIZE - side + 1)).astype(int)
+    if aligned:  # drawn above all the same, so the colours below match the unaligned domain's
+        side = np.full(count, ALIGNED_SIDE)
+        left = top = np.full(count, (SIZE - ALIGNED_SIDE) // 2)
     hue = rng.random(count) * 360.0
     value = 0.8 + 0.2 * rng.random(count)
     colour = hsv_to_rgb(hue, 1.0, value)  # (count, 3)
@@ -66,14 +78,15 @@ def render(domain: str, count: int, seed: int = 0) -> tuple[np.ndarray, list[dic
 
 
 def write_shapes(domain: str, count: int, out: str, seed: int = 0, per_shard: int = 256,
-                 storage_options: dict | None = None) -> list[str]:
-    """Write ``count`` images of ``domain`` as WebDataset shards ``<out>/<domain>-NNNNN.tar``."""
+                 storage_options: dict | None = None, aligned: bool = False) -> list[str]:
+    """Write ``count`` images of ``domain`` as WebDataset shards ``<out>/<domain>-NNNNN.tar``
+    (``aligned``: the fixed, centred box; see ``render``)."""
     from PIL import Image
 
     from pipeline.data.filesystems import put_bytes, url_to_fs
     from pipeline.data.shards import write_samples
 
-    images, meta = render(domain, count, seed)
+    images, meta = render(domain, count, seed, aligned=aligned)
     fs, root = url_to_fs(out, storage_options)
     fs.makedirs(root, exist_ok=True)
     written = []

@@ -53,8 +53,11 @@ def build(run, shards):
     cfg, size, source = run.cfg, run.cfg.ood.shard_size, stats_uri(run.cfg)
     tensors, header = read_stats(source, cfg.output.storage_options)
     stats = ood_stats(tensors, header)
-    result = sample_candidates(stats, cfg.ood.count, run_seed=cfg.sampler.seed,
-                               settings=candidate_settings(cfg.ood, stats), target_rate=cfg.ood.slerp_target_rate)
+    try:
+        result = sample_candidates(stats, cfg.ood.count, run_seed=cfg.sampler.seed,
+                                   settings=candidate_settings(cfg.ood, stats), target_rate=cfg.ood.slerp_target_rate)
+    except ValueError as exc:  # a selection that keeps too few, or no slerp weight that passes: name the keys
+        raise ConfigError(f"config error: ood sample: {exc}") from None
     chosen = dataclasses.asdict(result.settings)  # the slerp weight resolved: what regenerates every latent
     acceptance = round(result.acceptance_rate, 4)
     run.summary.update(candidates_drawn=result.drawn, kept=len(result.indices), acceptance_rate=acceptance,

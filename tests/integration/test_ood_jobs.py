@@ -151,6 +151,9 @@ def test_bad_inputs(ray_cluster, s3, ood_setup, pixel_model, other_pixel_model):
     other_t0 = config(bucket, opts, pixel_model, count=2, t0=300)
     with pytest.raises(ConfigError, match=r"fitted at t0 = 500, not ood\.t0 = 300"):
         run_job(other_t0, "ood-sample")
+    tight = config(bucket, opts, pixel_model, count=2, tolerance=1e-9)
+    with pytest.raises(ConfigError, match=r"^config error: ood sample: geometric selection \(tolerance\) kept 0 of"):
+        run_job(tight, "ood-sample")
     empty = config(bucket, opts, pixel_model)
     empty.input.uri = f"s3://{bucket}/nothing/"
     with pytest.raises(StorageError, match="no .tar shards found"):

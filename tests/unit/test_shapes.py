@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.shards import iter_tar_samples
-from pipeline.demo.shapes import DOMAINS, render, write_shapes
+from pipeline.demo.shapes import ALIGNED_SIDE, DOMAINS, render, write_shapes
 from pipeline.metrics.shapes import FILL, hue_error, measure_shapes, shape_rate
 
 
@@ -64,3 +64,40 @@ def test_write_shapes_as_shards(tmp_path):
     assert meta["domain"] == "triangles" and len(meta["box"]) == 4
     img = np.asarray(Image.open(io.BytesIO(samples[0].members["png"])))
     assert measure_shapes(img[None])["label"][0] == "triangles"
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_aligned_masks_are_identical_and_only_colour_varies(domain):
+    images, meta = render(domain, 200, seed=5, aligned=True)
+    masks = images.max(axis=3) > 0
+    assert (masks == masks[0]).all()  # one mask for every sample
+    margin = (32 - ALIGNED_SIDE) // 2
+    assert all(m["box"] == [margin, margin, ALIGNED_SIDE, ALIGNED_SIDE] for m in meta)
+    ys, xs = np.nonzero(masks[0])
+    assert xs.min() >= margin and xs.max() < margin + ALIGNED_SIDE and ys.min() >= margin and ys.max() < margin + ALIGNED_SIDE
+    colours = images[:, ys[0], xs[0]]  # every lit pixel of a sample has its one colour
+    assert (images[masks] == np.repeat(colours, masks[0].sum(), axis=0)).all()
+    assert len(np.unique(colours, axis=0)) > 150  # and the colour varies
+    unaligned, unaligned_meta = render(domain, 200, seed=5)
+    assert [m["hue"] for m in meta] == [m["hue"] for m in unaligned_meta]  # the same colour draws
+    assert not (unaligned.max(axis=3) > 0).all(axis=0).all()
+
+
+def test_metric_labels_aligned_triangles_as_triangles():
+    images, meta = render("triangles", 500, seed=6, aligned=True)
+    m = measure_shapes(images)
+    assert (m["label"] == "triangles").all()
+    assert np.median(hue_error(m["hue"], [x["hue"] for x in meta])) < 1.0
+
+
+def test_unaligned_default_is_unchanged():
+    a, meta = render("triangles", 50, seed=1)
+    b, _ = render("triangles", 50, seed=1, aligned=False)
+    assert np.array_equal(a, b) and len({tuple(m["box"]) for m in meta}) > 1
+
+
+def test_write_aligned_shards(tmp_path):
+    paths = write_shapes("triangles", 3, str(tmp_path), seed=0, aligned=True)
+    samples = [s for p in paths for s in iter_tar_samples(open(p, "rb"))]
+    masks = [np.asarray(Image.open(io.BytesIO(s.members["png"]))).max(axis=2) > 0 for s in samples]
+    assert all((m == masks[0]).all() for m in masks)
