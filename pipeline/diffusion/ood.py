@@ -275,33 +275,15 @@ def within_tolerance(per_point: dict[str, torch.Tensor], geometry: dict[str, flo
 def sample_latents(mean: torch.Tensor, variance: torch.Tensor, count: int, *, run_seed: int = 0,
                    reference: torch.Tensor | None = None, geometry: dict | None = None, tolerance: float = 2.0,
                    batch: int = 256, max_draws: int | None = None) -> SampleResult:
-    """Indices of the first ``count`` candidates that pass geometric selection (or all, without).
-
-    Candidates are drawn in index order, so the kept set is the same however it is batched.
+    """Indices of the first ``count`` Gaussian candidates within ``tolerance`` × the data's spread
+    of its geometry (or all, without a reference): ``sample_candidates`` with its default settings.
     """
-    if reference is None:
-        return SampleResult(list(range(count)), count)
-    if geometry is None:
+    if reference is not None and geometry is None:
         raise ValueError("geometric selection needs the measured geometry of the reference latents")
-    max_draws = max_draws or max(100 * count, 10_000)
-    kept: list[int] = []
-    drawn = 0
-    while len(kept) < count and drawn < max_draws:
-        idx = list(range(drawn, min(drawn + batch, max_draws)))
-        x = draw_candidates(mean, variance, idx, run_seed)
-        ok = within_tolerance(point_geometry(x, reference), geometry, tolerance)
-        for i, good in zip(idx, ok.tolist(), strict=True):
-            if good and len(kept) < count:
-                kept.append(i)
-            drawn = i + 1
-            if len(kept) == count:
-                break
-    if len(kept) < count:
-        raise ValueError(
-            f"geometric selection kept {len(kept)} of {drawn} candidates, short of {count}; "
-            f"raise ood.tolerance (now {tolerance}) or lower ood.count"
-        )
-    return SampleResult(kept, drawn)
+    settings = CandidateSettings(selection="tolerance" if reference is not None else "none", tolerance=tolerance)
+    result = sample_candidates(OODStats(mean, variance, reference, geometry), count, run_seed=run_seed,
+                               settings=settings, batch=batch, max_draws=max_draws)
+    return SampleResult(result.indices, result.drawn)
 
 
 def separability(mean_a: torch.Tensor, mean_b: torch.Tensor) -> dict[str, float]:
@@ -641,6 +623,8 @@ def sample_candidates(stats: OODStats, count: int, *, run_seed: int = 0,
             if len(kept) == count:
                 break
     if len(kept) < count:
+        widen = (f"raise ood.tolerance (now {settings.tolerance})" if settings.selection == "tolerance"
+                 else "widen the window (ood.window: calibrated, a larger ood.window_coverage)")
         raise ValueError(f"geometric selection ({settings.selection}) kept {len(kept)} of {drawn} candidates, "
-                         f"short of {count}; widen it (ood.tolerance, the window) or lower ood.count")
+                         f"short of {count}; {widen} or lower ood.count")
     return CandidateResult(kept, drawn, settings)
