@@ -118,13 +118,12 @@ class ShardLedger:
         self.store.remove_empty_folder(self.store.path("_staging"))
         self.store.remove_empty_folder(self.store.claims())
 
-    def done_elsewhere(self, shard: str) -> bool:
-        """Another run holds ``shard`` now, or committed it: not this run's to finish."""
+    def taken_by(self, shard: str) -> str | None:
+        """The other run that holds ``shard`` now, or committed it; None if it is this run's to finish."""
         holder = self.claims.holder(shard)
-        if holder is not None:
-            return holder != self.run_id
-        path = self.store.ledger(shard)
-        return self.store.exists(path) and self.store.get_json(path).get("run_id") != self.run_id
+        if holder is None and self.store.exists(self.store.ledger(shard)):
+            holder = self.store.get_json(self.store.ledger(shard)).get("run_id")
+        return holder if holder != self.run_id else None
 
     def record_run(self, summary: dict) -> str:
         path = self.store.path("_ledger", "runs", f"{self.run_id}.json")

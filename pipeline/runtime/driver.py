@@ -75,8 +75,8 @@ def write_and_commit(run, built, shards: list[ShardRef]) -> dict:
     lost = {r["shard"] for r in records if r.get("lost")}  # taken over by another run (our lease ran out)
     records = [r for r in records if not r.get("lost")]
     # a shard whose reader found it claimed (or committed) by another run is that run's, not missing
-    elsewhere = {s: ledger.claims.holder(s) for s in sorted(lost) + tracker.incomplete()
-                 if s in lost or ledger.done_elsewhere(s)}
+    elsewhere = {s: ledger.taken_by(s) for s in lost}
+    elsewhere.update({s: run_id for s in tracker.incomplete() if (run_id := ledger.taken_by(s))})
     incomplete = [s for s in tracker.incomplete() if s not in elsewhere]
     if incomplete:
         log.error("shards not committed (rows missing): %s", ", ".join(incomplete))
