@@ -60,6 +60,12 @@ def process_started(pid: int) -> float | None:
         return None
 
 
+def generation(name: str) -> int | None:
+    """``<n>.json`` → n; None for any other name under _claims/ (a temp file, say)."""
+    stem = name[: -len(".json")] if name.endswith(".json") else ""
+    return int(stem) if stem.isdigit() else None
+
+
 @dataclass
 class Claims:
     """One run's side of the claims under ``store``; picklable, so readers on workers claim too."""
@@ -92,8 +98,8 @@ class Claims:
 
     # ---- shard claims ----------------------------------------------------------------
     def _generations(self, shard: str) -> list[int]:
-        names = (posixpath.basename(p) for p in self.store.find(self.store.claims(shard)))
-        return sorted(int(n[: -len(".json")]) for n in names if n.endswith(".json") and n[: -len(".json")].isdigit())
+        found = (generation(posixpath.basename(p)) for p in self.store.find(self.store.claims(shard)))
+        return sorted(g for g in found if g is not None)
 
     def _read(self, shard: str, generation: int) -> dict:
         try:
@@ -101,10 +107,14 @@ class Claims:
         except (FileNotFoundError, ValueError):  # released meanwhile, or damaged
             return {}
 
+    def _top_run(self, shard: str, gens: list[int] | None = None) -> str | None:
+        """The run named by the shard's highest claim generation, alive or not; None if unclaimed."""
+        gens = self._generations(shard) if gens is None else gens
+        return self._read(shard, gens[-1]).get("run_id") if gens else None
+
     def holder(self, shard: str) -> str | None:
         """The run that holds the shard now, or None (unclaimed, or its run is dead)."""
-        gens = self._generations(shard)
-        run = self._read(shard, gens[-1]).get("run_id") if gens else None
+        run = self._top_run(shard)
         return run if run and self.alive(run) else None
 
     def take(self, shard: str) -> bool:
@@ -113,7 +123,7 @@ class Claims:
             gens = self._generations(shard)
             nxt = 0
             if gens:
-                top = self._read(shard, gens[-1]).get("run_id")
+                top = self._top_run(shard, gens)
                 if top == self.run_id:
                     return True
                 if top is not None and self.alive(top):
@@ -127,8 +137,7 @@ class Claims:
         return False
 
     def holds(self, shard: str) -> bool:
-        gens = self._generations(shard)
-        return bool(gens) and self._read(shard, gens[-1]).get("run_id") == self.run_id
+        return self._top_run(shard) == self.run_id
 
     def release(self, shard: str) -> None:
         """Give the shard up (committed, or left undone), if this run holds it."""
@@ -139,7 +148,7 @@ class Claims:
     def _release(self, shard: str, gens: list[int]) -> None:
         """Highest generation first, so a run that looks meanwhile never sees an older, dead
         generation on top of a live one it would then overwrite."""
-        if self._read(shard, gens[-1]).get("run_id") == self.run_id:
+        if self._top_run(shard, gens) == self.run_id:
             for g in reversed(gens):
                 self.store.remove(posixpath.join(self.store.claims(shard), f"{g}.json"))
             self.store.remove_empty_folder(self.store.claims(shard))
@@ -149,8 +158,8 @@ class Claims:
         root, gens = self.store.claims(), {}
         for p in self.store.find(root):
             shard, name = posixpath.split(posixpath.relpath(p, root))
-            if name.endswith(".json") and name[: -len(".json")].isdigit():
-                gens.setdefault(shard, []).append(int(name[: -len(".json")]))
+            if (g := generation(name)) is not None:
+                gens.setdefault(shard, []).append(g)
         return {shard: sorted(g) for shard, g in gens.items()}
 
     def release_all(self, shards: Iterable[str]) -> None:
@@ -165,7 +174,7 @@ class Claims:
         claimed, out, alive = self._all(), {}, {}
         for shard in shards:
             if shard in claimed:
-                run = self._read(shard, claimed[shard][-1]).get("run_id")
+                run = self._top_run(shard, claimed[shard])
                 if run and run != self.run_id and alive.setdefault(run, self.alive(run)):
                     out[shard] = run
         return out
