@@ -15,8 +15,8 @@ import torch
 
 from pipeline.diffusion.ddim_step import forward_noise, posterior_sample
 from pipeline.diffusion.latent import Latent
-from pipeline.diffusion.noise import default_seeds, per_sample_noise
-from pipeline.diffusion.sampling import denoise, innovation_scale, step_mean
+from pipeline.diffusion.noise import NoiseSource, default_seeds
+from pipeline.diffusion.sampling import denoise, innovation_scale, mean_from_eps, step_mean
 from pipeline.diffusion.schedule import ddim_sigma
 
 
@@ -28,6 +28,46 @@ def dpm_encode(den, x0: torch.Tensor, **kwargs) -> Latent:
 def dpm_decode(den, z: Latent, **kwargs) -> torch.Tensor:
     """DPM latent → images (B,3,H,W) in [-1,1]. Keyword arguments as ``dpm_decode_model_space``."""
     return den.to_pixels(dpm_decode_model_space(den, z, **kwargs))
+
+
+@torch.no_grad()
+def dpm_translate(
+    source,
+    target,
+    x0: torch.Tensor,
+    *,
+    steps: int = 50,
+    eta: float = 0.1,
+    strength: float = 0.8,
+    source_condition=None,
+    source_guidance: float = 1.0,
+    target_condition=None,
+    target_guidance: float = 1.0,
+    seeds: Sequence[int] | None = None,
+    refine_steps: int = 0,
+    keep_noise: bool = True,
+) -> tuple[Latent, torch.Tensor]:
+    """Images → (source latent, target images): ``dpm_encode`` with the source, ``dpm_decode`` with the target.
+
+    When source and target are one model (zero-shot: one model, two conditions), the decoder
+    walks in lockstep with the encoder: step i of both is one network call carrying the source
+    and target batches and their guidance branches, as diffusers' CycleDiffusionPipeline does
+    (pipeline_cycle_diffusion.py, one ``unet`` call per step over source and target latents).
+    The result equals encode-then-decode up to float rounding. ``keep_noise=False`` returns a
+    start-only latent (for ``output.latents: start | none``), holding no per-step maps.
+    """
+    if source is not target:
+        z = dpm_encode(source, x0, steps=steps, eta=eta, strength=strength, condition=source_condition,
+                       guidance_scale=source_guidance, seeds=seeds)
+        x = dpm_decode(target, z, condition=target_condition, guidance_scale=target_guidance,
+                       refine_steps=refine_steps)
+        return (z if keep_noise else z.without_noise()), x
+    reconstruct = _same_condition(source_condition, target_condition)
+    z, y = _encode_walk(source, source.to_model_space(x0), steps, eta, strength, source_condition, source_guidance,
+                        seeds, decode_alongside=(target_condition, target_guidance, reconstruct), keep_noise=keep_noise)
+    if refine_steps > 0:
+        y = refine(target, y, refine_steps, z.seeds, target_condition, target_guidance)
+    return z, target.to_pixels(y)
 
 
 @torch.no_grad()
@@ -51,6 +91,15 @@ def dpm_encode_model_space(
     reconstruction adds back (exact for every scheduler configuration) and a translation
     ignores, taking that step deterministically as the official code and diffusers do.
     """
+    z, _ = _encode_walk(den, x0, steps, eta, strength, condition, guidance_scale, seeds)
+    return z
+
+
+def _encode_walk(den, x0, steps, eta, strength, condition, guidance_scale, seeds, decode_alongside=None,
+                 keep_noise=True) -> tuple[Latent, torch.Tensor | None]:
+    """The DPM-Encoder's walk; with ``decode_alongside`` = (condition, guidance_scale, reconstruct),
+    also the generative walk of the same model under that condition, driven by each ε_t as soon
+    as it is solved (one network call per step for both)."""
     if not eta > 0:
         raise ValueError(
             f"the DPM-Encoder is stochastic and needs eta > 0 (got {eta}); "
@@ -62,21 +111,28 @@ def dpm_encode_model_space(
     seeds = list(seeds) if seeds is not None else default_seeds(x0.shape[0])
     if len(seeds) != x0.shape[0]:
         raise ValueError(f"got {len(seeds)} seeds for a batch of {x0.shape[0]}")
-    # n[:, 0] noises x0 to t0, n[:, i + 1] is the posterior noise of step i.
-    n = per_sample_noise(seeds, (1 + len(moves), *x0.shape[1:]), den.device)
+    # map 0 noises x0 to t0, map i + 1 is the posterior noise of step i; each drawn on the device when needed
+    noise, shape = NoiseSource(seeds, den.device), tuple(x0.shape[1:])
 
-    x_t = forward_noise(x0, moves[0].alpha_t, n[:, 0])  # x_{t0} = √ᾱ x0 + √(1−ᾱ) n
-    x_start = x_t
+    x_t = forward_noise(x0, moves[0].alpha_t, noise.draw(0, shape))  # x_{t0} = √ᾱ x0 + √(1−ᾱ) n
+    x_start = y_t = x_t  # the decoder alongside starts where the encoder does
     innovations = []
     for i, m in enumerate(moves):
         sigma = ddim_sigma(eta, m.alpha_t, m.alpha_prev)
-        x_p = x0 if m.is_last else posterior_sample(x0, x_t, m.alpha_t, m.alpha_prev, sigma, n[:, i + 1])
-        mean = step_mean(den, x_t, m, sigma, condition, guidance_scale)
-        innovations.append((x_p - mean) / innovation_scale(sigma, residual=True))  # ε_t = (x_p − μ_θ)/σ_t
+        x_p = x0 if m.is_last else posterior_sample(x0, x_t, m.alpha_t, m.alpha_prev, sigma, noise.draw(i + 1, shape))
+        parts = [(x_t, condition, guidance_scale)]
+        if decode_alongside is not None:
+            parts.append((y_t, decode_alongside[0], decode_alongside[1]))
+        eps = den.eps_many(m.t, parts)
+        eps_t = (x_p - mean_from_eps(den, x_t, eps[0], m, sigma)) / innovation_scale(sigma, residual=True)  # ε_t = (x_p − μ_θ)/σ_t
+        if decode_alongside is not None:  # x_p = μ_θ + σ_t ε_t on the target side (denoise's step)
+            y_t = mean_from_eps(den, y_t, eps[1], m, sigma) + innovation_scale(sigma, decode_alongside[2]) * eps_t
+        if keep_noise:
+            innovations.append(eps_t)
         x_t = x_p
-    return Latent(
+    z = Latent(
         x_start=x_start,
-        noise=torch.stack(innovations, 1),
+        noise=torch.stack(innovations, 1) if keep_noise else x_start.new_zeros((x0.shape[0], 0, *shape)),
         timesteps=timesteps,
         method="dpm",
         eta=float(eta),
@@ -84,6 +140,7 @@ def dpm_encode_model_space(
         source=den.source,
         condition=condition,
     )
+    return z, (y_t if decode_alongside is not None else None)
 
 
 @torch.no_grad()
@@ -122,10 +179,7 @@ def is_reconstruction(den, z: Latent, condition) -> bool:
     """Decoding ``z`` with ``den`` and ``condition`` goes back to where it was encoded."""
     if z.source is None or z.source != den.source:
         return False
-    try:
-        return bool(z.condition == condition)
-    except (TypeError, RuntimeError):  # e.g. tensors, which compare elementwise
-        return False
+    return _same_condition(z.condition, condition)
 
 
 @torch.no_grad()
@@ -142,14 +196,21 @@ def refine(den, x0: torch.Tensor, refine_steps: int, seeds: Sequence[int], condi
     if not seeds:
         seeds = default_seeds(x0.shape[0])
     timesteps = list(range(refine_steps - 1, -1, -1))
-    shape = tuple(x0.shape[1:])
-    x = forward_noise(x0, den.schedule.alpha(timesteps[0]), per_sample_noise(seeds, shape, den.device, "refine"))
+    shape, noise = tuple(x0.shape[1:]), NoiseSource(seeds, den.device, "refine")
+    x = forward_noise(x0, den.schedule.alpha(timesteps[0]), noise.draw(0, shape))
     for i, step in enumerate(den.schedule.steps_along(timesteps)):
         sigma = ddim_sigma(1.0, step.alpha_t, step.alpha_prev)  # η = 1 (ddpm_ddim_wrapper.py:435)
         x = step_mean(den, x, step, sigma, condition, guidance_scale)
         if sigma > 0:  # one map per step, drawn as it is needed: refine 1000 would not fit at once
-            x = x + sigma * per_sample_noise(seeds, shape, den.device, f"refine/{i}")
+            x = x + sigma * noise.draw(i + 1, shape)
     return x
+
+
+def _same_condition(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except (TypeError, RuntimeError):  # e.g. tensors, which compare elementwise
+        return False
 
 
 def _check_shape(den, z: Latent) -> None:

@@ -61,6 +61,10 @@ class Latent:
     def __len__(self) -> int:
         return int(self.x_start.shape[0])
 
+    def without_noise(self) -> Latent:
+        """The start-only latent of the same samples (what ``output.latents: start`` stores)."""
+        return replace(self, noise=self.noise[:, :0])
+
     def to(self, *args, **kwargs) -> Latent:
         """Like ``Tensor.to``: a device, a dtype, or both."""
         return replace(self, x_start=self.x_start.to(*args, **kwargs), noise=self.noise.to(*args, **kwargs))
@@ -106,7 +110,8 @@ class Latent:
         ``start_only`` keeps x_start alone (``output.latents: start``).
         """
         stacked = self.x_start.unsqueeze(1) if start_only else torch.cat([self.x_start.unsqueeze(1), self.noise], 1)
-        arr = stacked.detach().to("cpu", torch.float32).numpy().astype(dtype, copy=False)
+        # cast on the model's device: half the bytes cross to the host for float16 rows
+        arr = stacked.detach().to(torch.from_numpy(np.zeros(0, dtype)).dtype).cpu().numpy()
         return arr.reshape(arr.shape[0], -1), tuple(arr.shape[1:])
 
     @classmethod

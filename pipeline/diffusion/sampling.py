@@ -28,7 +28,11 @@ def innovation_scale(sigma: float, residual: bool = False) -> float:
 
 def step_mean(den, x_t: torch.Tensor, step: Step, sigma: float, condition=None, guidance_scale: float = 1.0):
     """μ_θ(x_t) = √ᾱ_p x̂0 + c2 ε_θ, with x̂0 clipped/thresholded as the model's scheduler does."""
-    eps = den.eps(x_t, step.t, condition, guidance_scale)
+    return mean_from_eps(den, x_t, den.eps(x_t, step.t, condition, guidance_scale), step, sigma)
+
+
+def mean_from_eps(den, x_t: torch.Tensor, eps: torch.Tensor, step: Step, sigma: float) -> torch.Tensor:
+    """μ_θ(x_t) from an ε_θ already computed (e.g. in one network call with other walks)."""
     x0_hat = den.schedule.process_x0(predict_x0(x_t, eps, step.alpha_t))
     return generative_mean(x0_hat, eps, step.alpha_prev, sigma)
 

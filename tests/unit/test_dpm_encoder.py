@@ -256,17 +256,18 @@ def test_same_model_other_condition_is_a_translation_too(class_model):
 def official_refine(den, x0, refine_steps: int, seeds) -> torch.Tensor:
     """cycle-diffusion ddpm_ddim_wrapper.py:431-453 through diffusers' DDIMScheduler: noise to
     t = R − 1, then DDIM steps with η = 1 on the 1000-step grid (t → t − 1), the step from t = 0
-    to ᾱ = 1 with σ = 0. Noise maps drawn as refine draws them (seed streams)."""
+    to ᾱ = 1 with σ = 0. Noise maps drawn as refine draws them (the "refine" stream: map 0
+    re-noises, map i + 1 is step i's)."""
     from pipeline.diffusion import per_sample_noise
 
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
     scheduler.set_timesteps(1000)
     shape = tuple(x0.shape[1:])
     a = float(scheduler.alphas_cumprod[refine_steps - 1])
-    x = a**0.5 * x0 + (1 - a) ** 0.5 * per_sample_noise(seeds, shape, stream="refine")
+    x = a**0.5 * x0 + (1 - a) ** 0.5 * per_sample_noise(seeds, shape, stream="refine", index=0)
     for i, t in enumerate(range(refine_steps - 1, -1, -1)):
         out = den.unet(x, torch.tensor([t] * x.shape[0])).sample
-        x = scheduler.step(out, t, x, eta=1.0, variance_noise=per_sample_noise(seeds, shape, stream=f"refine/{i}")).prev_sample
+        x = scheduler.step(out, t, x, eta=1.0, variance_noise=per_sample_noise(seeds, shape, stream="refine", index=i + 1)).prev_sample
     return x
 
 
