@@ -7,7 +7,7 @@ import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from pipeline.errors import LatentshiftError
+from pipeline.errors import ConfigError, LatentshiftError
 
 
 def _version() -> str:
@@ -143,10 +143,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.tools.bench import run_bench
+    import tempfile
+    from pathlib import Path
 
-    run_bench(load_config(args.config, args.overrides), images=args.images, per_shard=args.per_shard)
+    from pipeline.config import load_config
+    from pipeline.tools.bench import random_config, run_bench
+
+    if args.random and args.config:
+        raise ConfigError("bench takes --config or --random, not both")
+    if not args.random:
+        run_bench(load_config(args.config, args.overrides), images=args.images, per_shard=args.per_shard,
+                  peer=not args.no_peer)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="latentshift-models-") as tmp:
+        cfg = random_config(args.random, Path(tmp), args.overrides)
+        run_bench(cfg, images=args.images, per_shard=args.per_shard, peer=not args.no_peer)
     return 0
 
 
@@ -244,10 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
     p.set_defaults(func=cmd_train_demo)
 
-    p = sub.add_parser("bench", help="pipeline images/s vs a bare in-process loop on generated images")
+    p = sub.add_parser("bench", help="translate on generated images: pipeline vs bare loop vs diffusers, GPU busy")
     _add_config_args(p)
+    p.add_argument("--random", choices=("ddpm-256", "sd-1", "tiny-pixel", "tiny-sd"),
+                   help="random-weight models of this shape instead of a config's (--set still applies)")
     p.add_argument("--images", type=int, default=64)
     p.add_argument("--per-shard", type=int, default=16)
+    p.add_argument("--no-peer", action="store_true", help="skip diffusers' CycleDiffusionPipeline (zero-shot configs)")
     p.set_defaults(func=cmd_bench)
 
     shards = sub.add_parser("shards", help="pack image folders into WebDataset shards; list shards")

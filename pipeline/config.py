@@ -142,6 +142,9 @@ class RuntimeConfig(Section):
     actors: int | list[int] = 1  # n, or [min, max] for an autoscaling pool
     gpus_per_actor: Literal["auto"] | float = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # torch.compile of the UNet on GPU actors (ignored on CPU): "default", or "reduce-overhead" (CUDA
+    # graphs too). Compiling takes about a minute per actor, repaid on long runs; see README Performance.
+    compile: Literal["off", "default", "reduce-overhead"] = "off"
 
     @field_validator("actors")
     @classmethod

@@ -94,6 +94,20 @@ class RowBuffer:
         for c in self.columns:
             self.values[c].append(row.get(c, COLUMNS[c][1]))
 
+    def extend(self, per_row: dict, **same) -> None:
+        """Many rows at once: ``per_row`` columns are sequences of one length, ``same`` values every row shares."""
+        unknown = (per_row.keys() | same.keys()) - self.known
+        if unknown:
+            raise KeyError(f"columns {sorted(unknown)} are not in this boundary's schema")
+        n = len(next(iter(per_row.values())))
+        if any(len(v) != n for v in per_row.values()):
+            raise ValueError("per-row columns must have one length")
+        for c in self.columns:
+            if c in per_row:
+                self.values[c].extend(per_row[c])
+            else:
+                self.values[c].extend([same.get(c, COLUMNS[c][1])] * n)
+
     def __len__(self) -> int:
         return len(self.values[self.columns[0]])
 

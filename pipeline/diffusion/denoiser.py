@@ -51,6 +51,7 @@ class Denoiser:
     tokenizer: object | None = None
     num_class_embeds: int | None = None
     null_class: int | None = None
+    compiled: bool = False  # the UNet is torch.compile'd: callers keep batch shapes fixed
     _prompt_cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
     # ---- what kind of model this is -------------------------------------------------
@@ -168,7 +169,8 @@ class Denoiser:
             out = self.unet(x, ts, class_labels=labels).sample
         else:
             out = self.unet(x, ts).sample
-        return out.float()
+        # a compiled UNet with CUDA graphs (reduce-overhead) reuses its output buffer on the next call
+        return out.to(torch.float32, copy=self.compiled)
 
     def _per_sample(self, condition, b: int) -> list:
         items = list(condition) if isinstance(condition, (list, tuple)) else [condition] * b

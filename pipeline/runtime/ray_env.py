@@ -104,13 +104,20 @@ def read_latent_files(run, shards: list[ShardRef]):
 
 def model_stage(ds, runtime: RuntimeConfig, stage_cls, **sections):
     """An actor pool (``runtime.actors``), ``num_gpus`` per actor, fixed-size batches; ``sections``
-    are the config sections the stage's constructor takes."""
+    are the config sections the stage's constructor takes.
+
+    A stage with ``concurrent_batches`` 2 runs two batches per actor in threads, its device lock
+    letting one compute at a time (pipeline/stages/base.py): the host work of one overlaps the
+    device work of the next.
+    """
     import ray.data
 
     actors = runtime.actors
-    pool = (ray.data.ActorPoolStrategy(min_size=actors[0], max_size=actors[1]) if isinstance(actors, list)
-            else ray.data.ActorPoolStrategy(size=actors))
+    size = {"min_size": actors[0], "max_size": actors[1]} if isinstance(actors, list) else {"size": actors}
+    calls = stage_cls.concurrent_batches
+    pool = ray.data.ActorPoolStrategy(**size, max_concurrent_calls_per_actor=calls,
+                                      enable_true_multi_threading=calls > 1)
     gpus = gpus_per_actor(runtime)
     return ds.map_batches(stage_cls, batch_format="numpy", batch_size=runtime.batch_size, compute=pool,
                           num_gpus=gpus, num_cpus=0 if gpus else 1,
-                          fn_constructor_kwargs={"dtype": runtime.dtype, **sections})
+                          fn_constructor_kwargs={"dtype": runtime.dtype, "compile": runtime.compile, **sections})

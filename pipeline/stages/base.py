@@ -1,34 +1,112 @@
-"""What every model stage shares: loading models once per actor, and typed rows out.
+"""What every model stage shares: loading models once per actor, the device lock, and typed rows out.
 
 A model stage is a Ray Data callable class run on an actor pool. It takes the config sections
 it needs (never the whole job config), loads its models in ``__init__`` (once per actor), and
 turns one numpy batch of rows (``pipeline.data.rows``) into another.
+
+A stage that splits a batch into ``prepare`` (host: pick rows, stack arrays), ``compute`` (the
+device: every tensor op, results copied back as numpy) and ``emit`` (host: rows out) runs two
+batches at once in its actor's threads (``concurrent_batches = 2``, Ray Data's
+``max_concurrent_calls_per_actor``): the device lock lets one batch compute at a time, so one
+batch's host work and Ray's batching overlap the next batch's device work, and the device never
+waits on the host. Only one batch's tensors are on the device at a time.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from dataclasses import dataclass
+
 import numpy as np
+import torch
 
 from pipeline.config import ModelConfig, OutputConfig
 from pipeline.data.model_store import resolve_model
+from pipeline.data.profile import StageProfile, now
 from pipeline.data.rows import RowBuffer, RowKind, rows_of
 from pipeline.diffusion import Denoiser, Latent, load_denoiser
 
 
-def load_model(section: ModelConfig, dtype: str, clip_x0: str = "auto") -> Denoiser:
+def load_model(section: ModelConfig, dtype: str, clip_x0: str = "auto", compile: str = "off") -> Denoiser:
     """A model section → a Denoiser on this actor's device (the source resolved by data/), its
-    x̂0 clipping as ``sampler.clip_x0`` says."""
+    x̂0 clipping as ``sampler.clip_x0`` says, its UNet compiled as ``runtime.compile`` says."""
     folder = resolve_model(section.model, section.storage_options, allow_pickle=section.allow_pickle)
     den = load_denoiser(folder, dtype=dtype, null_class=section.null_class)
     den.schedule = den.schedule.with_x0_clip(clip_x0)
+    if compile != "off" and den.device.type == "cuda":  # CPU: compiling costs more than it saves here
+        # compiled once per actor, on the first batch; batches keep one shape (ModelStage.pad_to)
+        den.unet = torch.compile(den.unet, mode=compile)
+        den.compiled = True
     return den
+
+
+@dataclass
+class LatentMaps:
+    """A batch's latent maps on the host, as ``output.latents`` asks: (B, 1 + K | 1, C, h, w)."""
+
+    maps: np.ndarray
+    timesteps: list[int]
+    seeds: list[int]
+
+    @classmethod
+    def of(cls, z: Latent, output: OutputConfig) -> LatentMaps | None:
+        if output.latents == "none":
+            return None
+        dtype = np.float16 if output.latent_dtype == "float16" else np.float32
+        flat, shape = z.to_rows(dtype=dtype, start_only=(output.latents == "start"))
+        return cls(flat.reshape(len(z), *shape), list(z.timesteps), list(z.seeds))
 
 
 class ModelStage:
     """Base of the actor-pool stages: rejects pass through, latents leave as LATENT rows."""
 
+    concurrent_batches = 1  # 2 for stages written as prepare → compute → emit
+
     def __init__(self, output: OutputConfig | None = None):
         self.output = output or OutputConfig()
+        self.profile = StageProfile(type(self).__name__)
+        self._device_lock = threading.Lock()
+        self._init_start = now()
+        self._fixed_batch = 0
+
+    def ready(self) -> None:
+        """Called at the end of a subclass's ``__init__``: its models are loaded."""
+        self.profile.record("load", start=self._init_start, end=now())
+
+    # ---- the three phases ---------------------------------------------------------------
+    def __call__(self, batch: dict) -> dict:
+        start, t0 = now(), time.perf_counter()
+        work = self.prepare(batch)
+        t1 = time.perf_counter()
+        with self._device_lock:
+            t2 = time.perf_counter()
+            result = self.compute(work)
+            t3 = time.perf_counter()
+        out = self.emit(batch, work, result)
+        t4 = time.perf_counter()
+        self.profile.record("batch", start=start, end=now(), rows=len(batch["kind"]),
+                            samples=int(len(self.samples(batch))), device_s=t3 - t2,
+                            host_s=(t1 - t0) + (t4 - t3), wait_s=t2 - t1)
+        return out
+
+    def prepare(self, batch: dict):
+        raise NotImplementedError
+
+    def compute(self, work):
+        raise NotImplementedError
+
+    def emit(self, batch: dict, work, result) -> dict:
+        raise NotImplementedError
+
+    # ---- helpers ------------------------------------------------------------------------
+    def pad_to(self, den: Denoiser, n: int) -> int:
+        """Rows to run a batch of n as: a compiled UNet keeps the largest batch seen (the first,
+        normally full) so that a short last batch does not recompile; otherwise n."""
+        if not getattr(den, "compiled", False):
+            return n
+        self._fixed_batch = max(self._fixed_batch, n)
+        return self._fixed_batch
 
     @staticmethod
     def samples(batch: dict) -> np.ndarray:
@@ -41,17 +119,16 @@ class ModelStage:
             rows.add(shard=batch["shard"][i], key=batch["key"][i], index=int(batch["index"][i]),
                      kind=RowKind.REJECT, error=str(batch["error"][i]))
 
-    def add_latent_rows(self, rows: RowBuffer, z: Latent, batch: dict, idx: np.ndarray) -> int:
+    def add_latent_rows(self, rows: RowBuffer, z: Latent | LatentMaps | None, batch: dict, idx: np.ndarray) -> int:
         """One LATENT row per (sample, map), as ``output.latents`` asks; returns rows per sample."""
-        mode = self.output.latents
-        if mode == "none":
+        lat = z if isinstance(z, LatentMaps) or z is None else LatentMaps.of(z, self.output)
+        if lat is None:
             return 0
-        dtype = np.float16 if self.output.latent_dtype == "float16" else np.float32
-        flat, shape = z.to_rows(dtype=dtype, start_only=(mode == "start"))
-        maps = flat.reshape(len(z), *shape)
-        for b, i in enumerate(idx):
-            for step in range(shape[0]):
-                rows.add(shard=batch["shard"][i], key=batch["key"][i], index=int(batch["index"][i]),
-                         kind=RowKind.LATENT, latent=maps[b, step], step=step, timesteps=z.timesteps,
-                         seed=z.seeds[b] if z.seeds else 0)
-        return shape[0]
+        k = lat.maps.shape[1]
+        n = len(idx) * k
+        seeds = np.asarray(lat.seeds or [0] * len(idx), dtype=np.int64)
+        rows.extend({"shard": np.repeat(batch["shard"][idx], k), "key": np.repeat(batch["key"][idx], k),
+                     "index": np.repeat(batch["index"][idx], k), "step": np.tile(np.arange(k), len(idx)),
+                     "latent": list(lat.maps.reshape(n, *lat.maps.shape[2:])), "seed": np.repeat(seeds, k)},
+                    kind=RowKind.LATENT, timesteps=lat.timesteps)
+        return k

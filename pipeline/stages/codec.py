@@ -7,16 +7,19 @@ latents with the target.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from pipeline.config import ModelConfig, OutputConfig, SamplerConfig
 from pipeline.data.rows import RowBuffer, RowKind, source_condition
 from pipeline.diffusion import Latent, ddim_decode, ddim_invert, dpm_decode, dpm_encode, sample_seed
+from pipeline.diffusion.dpm import dpm_translate
 from pipeline.errors import ModelLoadError
 from pipeline.metrics.quality import psnr, ssim
-from pipeline.stages.base import ModelStage, load_model
-from pipeline.stages.tensors import to_model_range, to_uint8
+from pipeline.stages.base import LatentMaps, ModelStage, load_model
+from pipeline.stages.tensors import to_model_range, to_uint8, to_uint8_tensor
 
 
 def check_refine(den, refine_steps: int) -> None:
@@ -34,13 +37,38 @@ def decode_with(target, z: Latent, section: ModelConfig, refine_steps: int = 0) 
     return ddim_decode(target, z, condition=section.condition, guidance_scale=section.guidance_scale)
 
 
+@dataclass
+class Work:
+    """What ``prepare`` hands the device: the sample rows, their seeds and pixels (padded rows last)."""
+
+    idx: np.ndarray
+    seeds: list[int]
+    pixels: torch.Tensor | None  # (n, H, W, 3) uint8 on the host, pinned when a GPU waits for it
+
+
+@dataclass
+class Outputs:
+    """What ``compute`` hands back, on the host: latent maps, output images, their metrics."""
+
+    latents: LatentMaps | None
+    timesteps: list[int]
+    images: np.ndarray | None = None  # (B, H, W, 3) uint8
+    psnr: np.ndarray | None = None
+    ssim: np.ndarray | None = None
+
+
 class EncodeStage(ModelStage):
     """Images → latents with the source model."""
 
-    def __init__(self, source: ModelConfig, sampler: SamplerConfig, output: OutputConfig, dtype: str = "auto"):
+    concurrent_batches = 2
+
+    def __init__(self, source: ModelConfig, sampler: SamplerConfig, output: OutputConfig, dtype: str = "auto",
+                 compile: str = "off", ready: bool = True):
         super().__init__(output)
         self.source_cfg, self.sampler = source, sampler
-        self.source = load_model(source, dtype, sampler.clip_x0)
+        self.source = load_model(source, dtype, sampler.clip_x0, compile)
+        if ready:
+            self.ready()
 
     def encode(self, x0: torch.Tensor, seeds: list[int]) -> Latent:
         s, src = self.sampler, self.source_cfg
@@ -52,84 +80,137 @@ class EncodeStage(ModelStage):
         z.seeds = list(seeds)
         return z
 
-    def __call__(self, batch: dict) -> dict:
+    def run(self, x0: torch.Tensor, seeds: list[int]) -> tuple[Latent, torch.Tensor | None]:
+        """The device work of a batch: (latent, output images or None)."""
+        return self.encode(x0, seeds), None
+
+    def prepare(self, batch: dict) -> Work:
+        idx = self.samples(batch)
+        if not len(idx):
+            return Work(idx, [], None)
+        seeds = [sample_seed(self.sampler.seed, f"{batch['shard'][i]}/{batch['key'][i]}") for i in idx]
+        pixels = torch.from_numpy(np.stack(batch["pixels"][idx]))
+        pad = self.pad_to(self.source, len(idx)) - len(idx)  # fixed shapes for a compiled UNet
+        if pad:
+            pixels = torch.cat([pixels, pixels[-1:].expand(pad, *pixels.shape[1:])])
+            seeds = seeds + [seeds[-1]] * pad
+        if self.source.device.type == "cuda":
+            pixels = pixels.pin_memory()  # the copy to the device then overlaps nothing on the host
+        return Work(idx, seeds, pixels)
+
+    def compute(self, work: Work) -> Outputs | None:
+        if work.pixels is None:
+            return None
+        n = len(work.idx)
+        src = work.pixels.to(self.source.device, non_blocking=True)
+        z, out = self.run(to_model_range(src), work.seeds)
+        z = z[:n] if len(z) > n else z
+        result = Outputs(LatentMaps.of(z, self.output), list(z.timesteps))
+        if out is not None:  # uint8 and metrics on the device; only bytes the writer needs come back
+            out8 = to_uint8_tensor(out[:n])
+            a, b = src[:n].permute(0, 3, 1, 2), out8.permute(0, 3, 1, 2)
+            result.images = out8.cpu().numpy()
+            result.psnr, result.ssim = psnr(a, b).cpu().numpy(), ssim(a, b).cpu().numpy()
+        return result
+
+    def emit(self, batch: dict, work: Work, result: Outputs | None) -> dict:
         rows = RowBuffer()
         self.pass_rejects(rows, batch)
-        idx = self.samples(batch)
-        if len(idx):
-            seeds = [sample_seed(self.sampler.seed, f"{batch['shard'][i]}/{batch['key'][i]}") for i in idx]
-            src_pixels = np.stack(batch["pixels"][idx])
-            z = self.encode(to_model_range(src_pixels), seeds)
-            images, scores = self.outputs(src_pixels, z)
-            n_lat = self.add_latent_rows(rows, z, batch, idx)
-            for j, i in enumerate(idx):
-                rows.add(shard=batch["shard"][i], key=batch["key"][i], index=int(batch["index"][i]),
-                         kind=RowKind.SAMPLE, pixels=None if images is None else images[j],
-                         member_names=batch["member_names"][i], member_data=batch["member_data"][i],
-                         timesteps=z.timesteps, seed=seeds[j], latent_rows=n_lat,
-                         **({} if scores is None else {"psnr": scores[0][j], "ssim": scores[1][j]}))
+        if result is None:
+            return rows.batch()
+        idx = work.idx
+        n_lat = self.add_latent_rows(rows, result.latents, batch, idx)
+        per_row = {"shard": batch["shard"][idx], "key": batch["key"][idx], "index": batch["index"][idx],
+                   "member_names": batch["member_names"][idx], "member_data": batch["member_data"][idx],
+                   "seed": np.asarray(work.seeds[: len(idx)], dtype=np.int64)}
+        if result.images is not None:
+            per_row.update(pixels=list(result.images), psnr=result.psnr, ssim=result.ssim)
+        rows.extend(per_row, kind=RowKind.SAMPLE, timesteps=result.timesteps, latent_rows=n_lat)
         return rows.batch()
-
-    def outputs(self, src_pixels: np.ndarray, z: Latent):
-        """Images to write (uint8 NHWC) and (psnr, ssim) per sample; encoding writes latents only."""
-        return None, None
 
 
 class TranslateStage(EncodeStage):
-    """Images → source latents → target decode (CycleDiffusion), with PSNR/SSIM against the input."""
+    """Images → source latents → target decode (CycleDiffusion), with PSNR/SSIM against the input.
+
+    With one model for both (zero-shot), encoder and decoder walk in lockstep: one UNet call per
+    step (``dpm_translate``)."""
 
     def __init__(self, source: ModelConfig, target: ModelConfig, sampler: SamplerConfig, output: OutputConfig,
-                 dtype: str = "auto"):
-        super().__init__(source, sampler, output, dtype)
+                 dtype: str = "auto", compile: str = "off"):
+        super().__init__(source, sampler, output, dtype, compile, ready=False)
         self.target_cfg = target
         same = target.model == source.model and target.allow_pickle == source.allow_pickle
-        self.target = self.source if same else load_model(target, dtype, sampler.clip_x0)
+        self.target = self.source if same else load_model(target, dtype, sampler.clip_x0, compile)
         check_refine(self.target, sampler.refine_steps)
+        self.ready()
 
     def decode(self, z: Latent) -> torch.Tensor:
         return decode_with(self.target, z, self.target_cfg, self.sampler.refine_steps)
 
-    def outputs(self, src_pixels: np.ndarray, z: Latent):
-        out = to_uint8(self.decode(z))
-        a = torch.from_numpy(src_pixels).permute(0, 3, 1, 2)
-        b = torch.from_numpy(out).permute(0, 3, 1, 2)
-        return out, (psnr(a, b).tolist(), ssim(a, b).tolist())
+    def run(self, x0: torch.Tensor, seeds: list[int]) -> tuple[Latent, torch.Tensor]:
+        s, src, tgt = self.sampler, self.source_cfg, self.target_cfg
+        if s.method != "dpm":
+            z = self.encode(x0, seeds)
+            return z, self.decode(z)
+        return dpm_translate(self.source, self.target, x0, steps=s.steps, eta=s.eta, strength=s.strength,
+                             source_condition=src.condition, source_guidance=src.guidance_scale,
+                             target_condition=tgt.condition, target_guidance=tgt.guidance_scale, seeds=seeds,
+                             refine_steps=s.refine_steps, keep_noise=self.output.latents == "full")
 
 
 class DecodeStage(ModelStage):
     """Stored latents → images with the target model."""
 
-    def __init__(self, target: ModelConfig, refine_steps: int = 0, clip_x0: str = "auto", dtype: str = "auto"):
+    concurrent_batches = 2
+
+    def __init__(self, target: ModelConfig, refine_steps: int = 0, clip_x0: str = "auto", dtype: str = "auto",
+                 compile: str = "off"):
         super().__init__()
         self.target_cfg, self.refine_steps = target, refine_steps
-        self.target = load_model(target, dtype, clip_x0)
+        self.target = load_model(target, dtype, clip_x0, compile)
         check_refine(self.target, refine_steps)
+        self.ready()
 
-    def __call__(self, batch: dict) -> dict:
-        rows = RowBuffer()
-        self.pass_rejects(rows, batch)
-        groups: dict[tuple, list[int]] = {}  # latents decode together when their settings match
+    def prepare(self, batch: dict) -> list[tuple[tuple, list[int], Latent]]:
+        """Latents that decode together (same settings), stacked on the host."""
+        groups: dict[tuple, list[int]] = {}
         for i in self.samples(batch):
             spec = (tuple(int(t) for t in batch["timesteps"][i]), str(batch["method"][i]), float(batch["eta"][i]),
                     tuple(batch["latent"][i].shape), str(batch["source_model"][i]), str(batch["source_cond"][i]))
             groups.setdefault(spec, []).append(int(i))
-        for (timesteps, method, eta, shape, model, cond), idx in groups.items():
-            stacked = np.stack([batch["latent"][i] for i in idx])
-            z = Latent.from_rows(stacked.reshape(len(idx), -1), shape, list(timesteps), method=method, eta=eta,
-                                 seeds=[int(batch["seed"][i]) for i in idx])
+        work = []
+        for spec, idx in groups.items():
+            timesteps, method, eta, shape, model, cond = spec
+            rows = np.stack([batch["latent"][i] for i in idx]).reshape(len(idx), -1)
+            pad = self.pad_to(self.target, len(idx)) - len(idx)
+            seeds = [int(batch["seed"][i]) for i in idx]
+            if pad:  # fixed shapes for a compiled UNet
+                rows, seeds = np.concatenate([rows, np.repeat(rows[-1:], pad, 0)]), seeds + [seeds[-1]] * pad
+            z = Latent.from_rows(rows, shape, list(timesteps), method=method, eta=eta, seeds=seeds)
             # who encoded it: decoding with the same model and condition is a reconstruction
             z.source, z.condition = model or None, source_condition(cond)
-            try:
-                out = to_uint8(decode_with(self.target, z, self.target_cfg, self.refine_steps))
-            except ValueError as exc:  # e.g. a start-only latent, or a latent of another model kind
-                for i in idx:
-                    rows.add(shard=batch["shard"][i], key=batch["key"][i], index=int(batch["index"][i]),
-                             kind=RowKind.REJECT, error=f"cannot decode: {exc}")
-                continue
-            for j, i in enumerate(idx):
-                rows.add(shard=batch["shard"][i], key=batch["key"][i], index=int(batch["index"][i]),
-                         kind=RowKind.SAMPLE, pixels=out[j], timesteps=timesteps, method=method, eta=eta,
-                         seed=int(batch["seed"][i]), source_model=batch["source_model"][i],
-                         source_cond=batch["source_cond"][i])
-        return rows.batch()
+            work.append((spec, idx, z))
+        return work
 
+    def compute(self, work) -> list[np.ndarray | str]:
+        """Per group: uint8 images, or why the group cannot be decoded."""
+        out = []
+        for _, idx, z in work:
+            try:
+                out.append(to_uint8(decode_with(self.target, z, self.target_cfg, self.refine_steps)[: len(idx)]))
+            except ValueError as exc:  # e.g. a start-only latent, or a latent of another model kind
+                out.append(f"cannot decode: {exc}")
+        return out
+
+    def emit(self, batch: dict, work, result) -> dict:
+        rows = RowBuffer()
+        self.pass_rejects(rows, batch)
+        for ((timesteps, method, eta, *_), idx, _), images in zip(work, result, strict=True):
+            per_row = {"shard": batch["shard"][idx], "key": batch["key"][idx], "index": batch["index"][idx]}
+            if isinstance(images, str):
+                rows.extend(per_row, kind=RowKind.REJECT, error=images)
+                continue
+            per_row.update(pixels=list(images), seed=batch["seed"][idx], source_model=batch["source_model"][idx],
+                           source_cond=batch["source_cond"][idx])
+            rows.extend(per_row, kind=RowKind.SAMPLE, timesteps=timesteps, method=method, eta=eta)
+        return rows.batch()

@@ -58,12 +58,13 @@ class InvertAndFitStage(ModelStage):
     """
 
     def __init__(self, source: ModelConfig, ood: OODConfig, output: OutputConfig, clip_x0: str = "auto",
-                 dtype: str = "auto"):
+                 dtype: str = "auto", compile: str = "off"):
         super().__init__(output)
         self.source_cfg, self.ood = source, ood
-        self.source = load_model(source, dtype, clip_x0)
+        self.source = load_model(source, dtype, clip_x0, compile)
         self.grid = ood_grid(self.source.schedule, ood.t0, ood.inversion_steps)
         self.reservoir = Reservoir(ood.reservoir)  # this actor's, across its batches
+        self.ready()
 
     def __call__(self, batch: dict) -> dict:
         rows = RowBuffer()
@@ -117,7 +118,8 @@ class SampleDecodeStage(ModelStage):
     (never shipped) → DDIM decode."""
 
     def __init__(self, source: ModelConfig, output: OutputConfig, run_seed: int, stats_uri: str,
-                 stats_options: dict, candidates: dict | None = None, clip_x0: str = "auto", dtype: str = "auto"):
+                 stats_options: dict, candidates: dict | None = None, clip_x0: str = "auto", dtype: str = "auto",
+                 compile: str = "off"):
         super().__init__(output)
         from pipeline.data.stats import read_stats
 
@@ -127,7 +129,8 @@ class SampleDecodeStage(ModelStage):
         self.shape = tuple(header["shape"])
         self.timesteps = list(header["timesteps"])
         self.source_cfg, self.run_seed = source, run_seed
-        self.source = load_model(source, dtype, clip_x0)
+        self.source = load_model(source, dtype, clip_x0, compile)
+        self.ready()
 
     def __call__(self, batch: dict) -> dict:
         rows = RowBuffer()
