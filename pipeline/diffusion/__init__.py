@@ -18,6 +18,7 @@ from pipeline.diffusion.dpm import (
     dpm_decode_model_space,
     dpm_encode,
     dpm_encode_model_space,
+    dpm_translate,
 )
 from pipeline.diffusion.latent import Latent
 from pipeline.diffusion.noise import per_sample_noise, sample_seed
@@ -33,6 +34,7 @@ __all__ = [
     "dpm_decode_model_space",
     "dpm_encode",
     "dpm_encode_model_space",
+    "dpm_translate",
     "load_denoiser",
     "per_sample_noise",
     "sample_seed",

@@ -376,3 +376,46 @@ def load_denoiser(
         den.text_encoder = load(te_cls, "text_encoder")
         den.tokenizer = transformers.AutoTokenizer.from_pretrained(comps["tokenizer"], local_files_only=True)
     return den
+
+
+def check_weights_fit(folder, *, source: str | None = None) -> None:
+    """The safetensors weights of a local model folder have the shapes its configs build.
+
+    Each network is built on the meta device from its config (no memory, no weights) and its
+    parameter shapes compared with the safetensors headers (no tensor is read). A preflight calls
+    it before Ray starts, so weights that do not fit fail in one line, not on every actor.
+    Tensors only one side names (renamed legacy keys, buffers) are left to the loader.
+    """
+    import diffusers
+    from safetensors import safe_open
+
+    path, source, _ = _local_folder(folder, source, True)
+    for name in ("unet", "vae", "text_encoder"):
+        component = path / name
+        files = sorted(component.glob("*.safetensors")) if component.is_dir() else []
+        if not files:
+            continue  # pickle weights (allow_pickle) are checked when loaded
+        cfg = _read_json(component / "config.json")
+        with torch.device("meta"):
+            if name == "text_encoder":
+                import transformers
+
+                cls_name = (cfg.get("architectures") or ["CLIPTextModel"])[0]
+                cls = getattr(transformers, cls_name, transformers.CLIPTextModel)
+                model = cls(cls.config_class.from_dict(cfg))
+            else:
+                cls_name = cfg.get("_class_name", "UNet2DModel" if name == "unet" else "AutoencoderKL")
+                cls = getattr(diffusers, cls_name, None)
+                if cls is None:
+                    continue  # an unsupported class is resolve_model's message
+                model = cls.from_config(cfg)
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+                    shape = tuple(st.get_slice(key).get_shape())
+                    if key in expected and expected[key] != shape:
+                        raise ModelLoadError(
+                            f"model {source!r}: {name}/{f.name} holds {key} of shape {list(shape)}, but "
+                            f"{name}/config.json builds {list(expected[key])}: the weights do not fit this config"
+                        )

@@ -11,12 +11,15 @@ from pipeline.runtime.job import Job
 
 
 def check_models(job: Job, cfg: JobConfig) -> None:
-    """Resolve every model the job loads (existence, layout, pickle policy), before Ray starts.
+    """Resolve every model the job loads (existence, layout, pickle policy) and check that its
+    weights fit its configs, before Ray starts.
 
     ``resolve_model`` reads JSON and lists files only (a remote folder is fetched into the
-    model cache, which the actors then reuse); a bad model fails here with one line.
+    model cache, which the actors then reuse); ``check_weights_fit`` builds the networks on the
+    meta device and reads safetensors headers only. A bad model fails here with one line.
     """
     from pipeline.data.model_store import resolve_model
+    from pipeline.diffusion.denoiser import check_weights_fit
 
     seen = set()
     for name in job.models:
@@ -25,7 +28,8 @@ def check_models(job: Job, cfg: JobConfig) -> None:
         if key in seen:
             continue
         seen.add(key)
-        resolve_model(section.model, section.storage_options, allow_pickle=section.allow_pickle)
+        folder = resolve_model(section.model, section.storage_options, allow_pickle=section.allow_pickle)
+        check_weights_fit(folder)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

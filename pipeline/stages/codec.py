@@ -14,8 +14,15 @@ import torch
 
 from pipeline.config import ModelConfig, OutputConfig, SamplerConfig
 from pipeline.data.rows import RowBuffer, RowKind, source_condition
-from pipeline.diffusion import Latent, ddim_decode, ddim_invert, dpm_decode, dpm_encode, sample_seed
-from pipeline.diffusion.dpm import dpm_translate
+from pipeline.diffusion import (
+    Latent,
+    ddim_decode,
+    ddim_invert,
+    dpm_decode,
+    dpm_encode,
+    dpm_translate,
+    sample_seed,
+)
 from pipeline.errors import ModelLoadError
 from pipeline.metrics.quality import psnr, ssim
 from pipeline.stages.base import LatentMaps, ModelStage, load_model

@@ -6,8 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.diffusion import dpm_decode, dpm_encode, load_denoiser
-from pipeline.diffusion.dpm import dpm_translate
+from pipeline.diffusion import dpm_decode, dpm_encode, dpm_translate, load_denoiser
 
 pytestmark = pytest.mark.unit
 
