@@ -99,6 +99,8 @@ class RowBuffer:
         unknown = (per_row.keys() | same.keys()) - self.known
         if unknown:
             raise KeyError(f"columns {sorted(unknown)} are not in this boundary's schema")
+        if not per_row:
+            raise ValueError("extend needs at least one per-row column (it sets how many rows)")
         n = len(next(iter(per_row.values())))
         if any(len(v) != n for v in per_row.values()):
             raise ValueError("per-row columns must have one length")

@@ -188,15 +188,23 @@ def run_bench(cfg, images: int = 64, per_shard: int = 16, out=None, peer: bool =
         job.input.uri, job.input.storage_options = str(tmp / "in"), {}
         job.output.uri, job.output.storage_options = str(tmp / "out"), {}
         (tmp / "profile").mkdir()
-        previous = os.environ.get(ENV)
-        os.environ[ENV] = str(tmp / "profile")  # Ray's local workers inherit it
+        import ray
+
+        if ray.is_initialized():
+            raise RuntimeError("latentshift bench starts its own local Ray (its actors must inherit the profile "
+                               "folder); run it in a fresh process")
+        saved = {k: os.environ.get(k) for k in (ENV, "RAY_ADDRESS")}
+        # a fresh local Ray, even on a node of a running cluster: its workers inherit this environment
+        os.environ.update({ENV: str(tmp / "profile"), "RAY_ADDRESS": "local"})
         try:
             with GpuMonitor() as gpu, _PeakRSS() as mem:
                 run_start, mono_start = time.time(), time.monotonic()
                 summary = run_job(job, "translate", out=open(os.devnull, "w"))  # noqa: SIM115
                 run_end = time.time()
         finally:
-            os.environ.pop(ENV) if previous is None else os.environ.__setitem__(ENV, previous)
+            ray.shutdown()
+            for k, v in saved.items():
+                os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         prof = profile_figures(read_profile(tmp / "profile"), run_start)
 
     def mono(t: float) -> float:  # profile wall-clock → the monitor's monotonic clock

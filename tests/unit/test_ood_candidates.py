@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.diffusion.noise import per_sample_noise, sample_seed
 from pipeline.diffusion.ood import (
     CandidateSettings,
     GeometryWindow,
@@ -365,13 +366,17 @@ def test_default_gaussian_path_is_unchanged():
     scales = torch.rand(d, generator=g, dtype=F64) + 0.5
     ref = torch.randn(48, d, generator=g, dtype=F64) * scales + 0.3
     fit, geometry = MomentFit.of(ref), measure_geometry(ref)
-    # recorded from ood.py before the official sampler was added (git HEAD 8769ad8)
+    # recorded from ood.py (git HEAD e8330f1, when noise moved to the counter-based generator; the
+    # selection logic is the one of 8769ad8, before the official sampler was added)
     old = sample_latents(fit.mean, fit.variance(), 12, run_seed=3, reference=ref, geometry=geometry, tolerance=1.0)
-    assert old.indices == [5, 12, 17, 18, 33, 34, 39, 51, 57, 60, 65, 73] and old.drawn == 74
+    assert old.indices == [0, 3, 4, 8, 10, 11, 22, 31, 34, 35, 40, 42] and old.drawn == 43
     x = draw_candidates(fit.mean, fit.variance(), [0, 5], run_seed=3)
-    np.testing.assert_allclose(x[:, :3].numpy(), [[0.5131750701270177, 1.721539795513328, 1.8257285201166367],
-                                                  [0.671260533394453, 1.14277115503771, 1.1117033993499024]],
+    np.testing.assert_allclose(x[:, :3].numpy(), [[-0.28119094681620105, 1.7183647274591223, -1.0520901193437728],
+                                                  [0.8464212714583383, 0.34117701192798255, 1.6927132171613928]],
                                rtol=1e-12)
+    # and it is μ + σ ⊙ n with n candidate i's own noise map
+    n = per_sample_noise([sample_seed(3, f"ood-candidate/{i}") for i in (0, 5)], (d,)).to(F64)
+    assert torch.allclose(x, fit.mean.to(F64) + fit.variance().to(F64).sqrt() * n, rtol=1e-12, atol=0)
     # the new entry with default settings is the old one
     stats = OODStats(fit.mean, fit.variance(), ref, geometry)
     new = sample_candidates(stats, 12, run_seed=3, settings=CandidateSettings(tolerance=1.0))
