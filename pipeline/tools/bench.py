@@ -168,8 +168,9 @@ def _bare_loop(stage, size: int, n: int, batch_size: int) -> tuple[float, float 
 
 def _attention(den) -> str:
     """Which attention the UNet runs (diffusers' AttnProcessor2_0 is torch SDPA: flash / memory-efficient kernels)."""
-    procs = getattr(den.unet, "attn_processors", {}) or {}
-    return ", ".join(sorted({type(p).__name__ for p in procs.values()})) or "none"
+    unet = getattr(den.unet, "_orig_mod", den.unet)  # a compiled UNet wraps the module
+    procs = {type(m.processor).__name__ for m in unet.modules() if hasattr(m, "processor")}
+    return ", ".join(sorted(procs)) or "none"
 
 
 def run_bench(cfg, images: int = 64, per_shard: int = 16, out=None, peer: bool = True) -> dict:
