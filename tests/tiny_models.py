@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-
-CLIP_VOCAB_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 .,!?-'"
 
 
 def _scheduler(kind: str = "ddpm", **overrides):
@@ -20,21 +17,14 @@ def _scheduler(kind: str = "ddpm", **overrides):
 
 
 def pixel_unet(sample_size: int = 16, num_class_embeds: int | None = None, seed: int = 0):
+    """The tiny pixel UNet of ``latentshift bench --random tiny-pixel`` (its config), at ``sample_size``."""
     from diffusers import UNet2DModel
 
+    from pipeline.tools.random_models import model_configs
+
     torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=sample_size,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-        attention_head_dim=4,
-        num_class_embeds=num_class_embeds,
-    )
+    return UNet2DModel(**{**model_configs("tiny-pixel")["unet"], "sample_size": sample_size,
+                          "num_class_embeds": num_class_embeds})
 
 
 def save_pixel_model(path: Path, num_class_embeds: int | None = None, seed: int = 0, scheduler=None) -> Path:
@@ -46,61 +36,21 @@ def save_pixel_model(path: Path, num_class_embeds: int | None = None, seed: int 
     return path
 
 
-def _clip_tokenizer(path: Path):
-    from transformers import CLIPTokenizer
-
-    path.mkdir(parents=True, exist_ok=True)
-    tokens = ["<|startoftext|>", "<|endoftext|>"]
-    for c in CLIP_VOCAB_CHARS.replace(" ", ""):
-        tokens += [c, c + "</w>"]
-    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
-    (path / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"), model_max_length=16)
-    return tok, len(tokens)
-
-
 def save_sd_model(path: Path, seed: int = 0, scheduler=None) -> Path:
-    """A Stable-Diffusion-shaped folder: UNet2DConditionModel + AutoencoderKL + CLIP text encoder."""
+    """A Stable-Diffusion-shaped folder: UNet2DConditionModel + AutoencoderKL + CLIP text encoder, the
+    configs of ``latentshift bench --random tiny-sd`` (char-level CLIP tokenizer, 16 tokens)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from pipeline.tools.random_models import clip_tokenizer, model_configs
+
+    cfg = model_configs("tiny-sd")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=4,
-        norm_num_groups=4,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    tok, vocab = _clip_tokenizer(path / "_tok_src")
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab,
-            hidden_size=16,
-            intermediate_size=32,
-            num_attention_heads=2,
-            num_hidden_layers=2,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
+    unet = UNet2DConditionModel(**cfg["unet"])
+    vae = AutoencoderKL(**cfg["vae"])
+    (path / "_tok_src").mkdir(parents=True, exist_ok=True)
+    tok = clip_tokenizer(path / "_tok_src", cfg["tokenizer"]["model_max_length"])
+    text = CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))
     sched = scheduler or _scheduler(
         "ddim", beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
         clip_sample=False, set_alpha_to_one=False, steps_offset=1,

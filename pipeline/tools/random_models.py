@@ -228,7 +228,7 @@ def build_modules(shape: str) -> dict[str, torch.nn.Module]:
     }
 
 
-def _clip_tokenizer(folder: Path, model_max_length: int):
+def clip_tokenizer(folder: Path, model_max_length: int):
     """A CLIPTokenizer over a char-level vocab.json and an empty merges.txt (no download)."""
     from transformers import CLIPTokenizer
 
@@ -262,7 +262,7 @@ def save_random_model(path, shape: str, seed: int = 0, dtype: torch.dtype = torc
         pipe.save_pretrained(path, safe_serialization=True)
         return path
     with tempfile.TemporaryDirectory() as tok_dir:
-        tokenizer = _clip_tokenizer(Path(tok_dir), cfg["tokenizer"]["model_max_length"])
+        tokenizer = clip_tokenizer(Path(tok_dir), cfg["tokenizer"]["model_max_length"])
         pipe = StableDiffusionPipeline(
             vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=tokenizer, unet=modules["unet"],
             scheduler=DDIMScheduler(**cfg["scheduler"]),
