@@ -102,7 +102,7 @@ class EncodeStage(ModelStage):
             pixels = torch.cat([pixels, pixels[-1:].expand(pad, *pixels.shape[1:])])
             seeds = seeds + [seeds[-1]] * pad
         if self.source.device.type == "cuda":
-            pixels = pixels.pin_memory()  # the copy to the device then overlaps nothing on the host
+            pixels = pixels.pin_memory()  # pinned on the host thread: the copy in compute is asynchronous
         return Work(idx, seeds, pixels)
 
     def compute(self, work: Work) -> Outputs | None:
