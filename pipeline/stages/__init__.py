@@ -5,7 +5,7 @@
   codec.py    actor pools: encode / translate / decode latents
   ood.py      actor pools: invert and fit (PARTIAL rows for the driver); decode sampled latents
   write.py    CPU tasks: stage parts per shard through the ledger → one manifest row per part
-  base.py     what every model stage shares (model loading, rejects, LATENT rows)
+  base.py     what every model stage shares (model loading, prepare → compute → emit under a device lock, rejects, LATENT rows)
 
 The columns of each boundary are defined once, in ``pipeline.data.rows``.
 """
