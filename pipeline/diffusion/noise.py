@@ -25,6 +25,8 @@ from collections.abc import Sequence
 
 import torch
 
+# recorded in every output's provenance (sampler settings): which generator drew a latent's noise
+GENERATOR = "threefry2x32-20+box-muller"
 _M32 = 0xFFFFFFFF
 # Threefry-2x32 rotation constants and key-schedule parity (Random123 threefry.h, R_32x2_*; 0x1BD11BDA)
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))

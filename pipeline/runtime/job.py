@@ -108,9 +108,11 @@ def provenance(run: Run, settings: dict, latents: LatentMeta | None = None) -> P
 
 
 def sampler_settings(cfg: JobConfig) -> dict:
+    from pipeline.diffusion.noise import GENERATOR
+
     s = cfg.sampler
     return {"method": s.method, "steps": s.steps, "eta": s.eta, "strength": s.strength,
-            "refine_steps": s.refine_steps, "seed": s.seed, "clip_x0": s.clip_x0}
+            "refine_steps": s.refine_steps, "seed": s.seed, "clip_x0": s.clip_x0, "noise": GENERATOR}
 
 
 def source_latents(cfg: JobConfig, method: str | None = None) -> LatentMeta:

@@ -93,6 +93,7 @@ def test_translate_s3_to_s3_exactly_once_with_rejects(ray_cluster, s3, s3_server
         prov = json.loads(members["latentshift.json"])
         assert prov["source_model"] == str(pixel_model) and prov["target_model"] == str(other_pixel_model)
         assert prov["source_shard"] in ("shard-a", "shard-b") and prov["key"] == key
+        assert prov["noise"] == "threefry2x32-20+box-muller"  # which generator drew the latent
         assert 0 < prov["psnr"] < 60 and -1 <= prov["ssim"] <= 1  # translated, not copied
     assert VALID_ODD <= set(out_a)
 
