@@ -82,7 +82,7 @@ class NoiseSource:
     def draw(self, index: int, shape: Sequence[int]) -> torch.Tensor:
         b, n = len(self), math.prod(shape)
         pairs = (n + 1) // 2
-        # counter = (map index, pair index): element 2p and 2p + 1 of a map come from pair p
+        # counter = (pair index, map index): elements 2p and 2p + 1 of a map come from pair p
         p = torch.arange(pairs, dtype=torch.int64, device=self.device).expand(b, pairs)
         c1 = torch.full((b, pairs), int(index) & _M32, dtype=torch.int64, device=self.device)
         w0, w1 = threefry2x32((self.key[:, :1], self.key[:, 1:]), (p, c1))

@@ -35,7 +35,7 @@ def load_model(section: ModelConfig, dtype: str, clip_x0: str = "auto", compile:
     den = load_denoiser(folder, dtype=dtype, null_class=section.null_class)
     den.schedule = den.schedule.with_x0_clip(clip_x0)
     if compile != "off" and den.device.type == "cuda":  # CPU: compiling costs more than it saves here
-        # compiled once per actor, on the first batch; batches keep one shape (ModelStage.pad_to)
+        # compiled once per actor, on the first batch; batches keep one shape (ModelStage.padded)
         den.unet = torch.compile(den.unet, mode=compile)
         den.compiled = True
     return den
@@ -100,13 +100,17 @@ class ModelStage:
         raise NotImplementedError
 
     # ---- helpers ------------------------------------------------------------------------
-    def pad_to(self, den: Denoiser, n: int) -> int:
-        """Rows to run a batch of n as: a compiled UNet keeps the largest batch seen (the first,
-        normally full) so that a short last batch does not recompile; otherwise n."""
-        if not getattr(den, "compiled", False):
-            return n
-        self._fixed_batch = max(self._fixed_batch, n)
-        return self._fixed_batch
+    def padded(self, den: Denoiser, rows: np.ndarray, seeds: list[int]) -> tuple[np.ndarray, list[int]]:
+        """``rows`` and their seeds as a batch of fixed shape: for a compiled UNet, padded with copies of
+        the last row to the largest batch seen (the first, normally full), so that a short last batch
+        does not recompile; unchanged otherwise. Callers drop the padded rows' results."""
+        if not den.compiled:
+            return rows, seeds
+        self._fixed_batch = max(self._fixed_batch, len(rows))
+        pad = self._fixed_batch - len(rows)
+        if not pad:
+            return rows, seeds
+        return np.concatenate([rows, np.repeat(rows[-1:], pad, 0)]), seeds + [seeds[-1]] * pad
 
     @staticmethod
     def samples(batch: dict) -> np.ndarray:

@@ -96,11 +96,8 @@ class EncodeStage(ModelStage):
         if not len(idx):
             return Work(idx, [], None)
         seeds = [sample_seed(self.sampler.seed, f"{batch['shard'][i]}/{batch['key'][i]}") for i in idx]
-        pixels = torch.from_numpy(np.stack(batch["pixels"][idx]))
-        pad = self.pad_to(self.source, len(idx)) - len(idx)  # fixed shapes for a compiled UNet
-        if pad:
-            pixels = torch.cat([pixels, pixels[-1:].expand(pad, *pixels.shape[1:])])
-            seeds = seeds + [seeds[-1]] * pad
+        stacked, seeds = self.padded(self.source, np.stack(batch["pixels"][idx]), seeds)
+        pixels = torch.from_numpy(stacked)
         if self.source.device.type == "cuda":
             pixels = pixels.pin_memory()  # pinned on the host thread: the copy in compute is asynchronous
         return Work(idx, seeds, pixels)
@@ -188,11 +185,8 @@ class DecodeStage(ModelStage):
         work = []
         for spec, idx in groups.items():
             timesteps, method, eta, shape, model, cond = spec
-            rows = np.stack([batch["latent"][i] for i in idx]).reshape(len(idx), -1)
-            pad = self.pad_to(self.target, len(idx)) - len(idx)
-            seeds = [int(batch["seed"][i]) for i in idx]
-            if pad:  # fixed shapes for a compiled UNet
-                rows, seeds = np.concatenate([rows, np.repeat(rows[-1:], pad, 0)]), seeds + [seeds[-1]] * pad
+            rows, seeds = self.padded(self.target, np.stack([batch["latent"][i] for i in idx]).reshape(len(idx), -1),
+                                      [int(batch["seed"][i]) for i in idx])
             z = Latent.from_rows(rows, shape, list(timesteps), method=method, eta=eta, seeds=seeds)
             # who encoded it: decoding with the same model and condition is a reconstruction
             z.source, z.condition = model or None, source_condition(cond)
