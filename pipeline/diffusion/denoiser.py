@@ -102,7 +102,8 @@ class Denoiser:
         return (self.vae.config.latent_channels, image_shape[1] // factor, image_shape[2] // factor)
 
     # ---- ε_θ ---------------------------------------------------------------------------
-    @torch.no_grad()
+    # No torch.no_grad here: every weight is frozen, so no graph is built unless something the
+    # caller brings requires grad (an h-space DeltaBlock being trained, hspace_train.py).
     def eps(
         self,
         x_t: torch.Tensor,
@@ -113,7 +114,6 @@ class Denoiser:
         """ε_θ(x_t, t, c) in float32, with classifier-free guidance ε_u + w(ε_c − ε_u)."""
         return self.eps_many(t, [(x_t, condition, guidance_scale)])[0]
 
-    @torch.no_grad()
     def eps_many(self, t: int, parts: Sequence[tuple[torch.Tensor, object, float]]) -> list[torch.Tensor]:
         """ε_θ of several (x_t, condition, guidance_scale) batches at one timestep, in one network call.
 
