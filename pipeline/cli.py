@@ -183,7 +183,16 @@ def _add_job_commands(sub) -> None:
         p.set_defaults(func=cmd_job, job=job)
 
 
-GROUP_HELP = {"ood": "unseen-domain synthesis: fit OOD latent statistics, sample from them"}
+GROUP_HELP = {"ood": "unseen-domain synthesis: fit OOD latent statistics, sample from them",
+              "direction": "h-space editing: fit a direction for `latentshift edit`"}
+
+
+def cmd_lpips_export(args: argparse.Namespace) -> int:
+    from pipeline.metrics.lpips_net import export_lpips
+
+    export_lpips(args.path, args.net)
+    print(f"LPIPS ({args.net}) written to {args.path}; use it as hspace.lpips")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-shard", type=int, default=16)
     p.add_argument("--no-peer", action="store_true", help="skip diffusers' CycleDiffusionPipeline (zero-shot configs)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("lpips-export", help="(online, once) write the LPIPS network to a safetensors file for hspace.lpips")
+    p.add_argument("path")
+    p.add_argument("--net", choices=("alex", "vgg", "squeeze"), default="alex")
+    p.set_defaults(func=cmd_lpips_export)
 
     shards = sub.add_parser("shards", help="pack image folders into WebDataset shards; list shards")
     shard_sub = shards.add_subparsers(dest="shards_command", metavar="SUBCOMMAND", required=True)

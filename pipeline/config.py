@@ -196,6 +196,69 @@ class OODConfig(Section):
     shard_size: int = Field(256, ge=1)  # synthesized samples per output shard
 
 
+class ClipConfig(StorageOptions):
+    """An open_clip model from a local or s3:// checkpoint; nothing is ever downloaded at run time."""
+
+    model: str = "ViT-B-16"  # open_clip name, or a model-config JSON path (official: ViT-B/16, Asyrp main.py:212)
+    pretrained: str | None = None  # checkpoint file: local path or s3://, gs:// (safetensors)
+    allow_pickle: bool = False  # load a .pt/.bin checkpoint: only for files you trust
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class HSpaceTrainConfig(Section):
+    """Training a learned direction f_t (``hspace.method: learned``); defaults: the official
+    script_train.sh and main.py of kwonminki/Asyrp_official."""
+
+    loss: Literal["clip", "color"] = "clip"  # clip: directional CLIP (needs clip.pretrained); color: toward target_color
+    target_color: list[float] = Field(default_factory=lambda: [1.0, 0.0, 0.0])  # loss color: RGB in [0, 1]
+    templates: bool = True  # CLIP text features averaged over the official ImageNet prompt templates
+    images: int = Field(100, ge=1)  # script_train.sh --n_train_img 100: the first N of input.uri, by shard and key
+    iterations: int = Field(5, ge=1)  # --n_iter 5
+    batch_size: int = Field(1, ge=1)  # --bs_train 1
+    lr: float = Field(0.5, gt=0)  # --lr_training 0.5 (SGD)
+    lr_step: int = Field(3, ge=1)  # StepLR step_size (main.py:218)
+    lr_gamma: float = Field(0.1, gt=0)  # StepLR gamma (main.py:219)
+    attribute_weight: float = Field(1.0, ge=0)  # --clip_loss_w 1.0
+    l1_weight: float = Field(3.0, ge=0)  # --l1_loss_w 3.0
+
+
+class HSpaceConfig(Section):
+    """h-space editing (Asyrp): `direction fit` writes ``direction``, `edit` reads it."""
+
+    direction: str | None = None  # direction file (safetensors + JSON header): local path or s3://…
+    direction_storage_options: dict[str, Any] = Field(default_factory=dict)
+    # mean-difference: Δh_t = mean h_t over `examples` (set B) − over input.uri (set A), no training;
+    # learned: a DeltaBlock f_t(h, t) trained on input.uri with `train`
+    method: Literal["mean-difference", "learned"] = "mean-difference"
+    examples: str | list[str] | None = None  # set B shards (mean-difference), read with input.storage_options
+    t0: int = Field(999, ge=1)  # inversion target, snapped to the model's grid (official --t_0 999, main.py:159)
+    steps: int = Field(40, ge=1)  # grid of inversion and edit (official --n_inv_step / --n_test_step 40, main.py:160-162)
+    # fit: an int, "auto" (LPIPS, needs `lpips`) or null = the official fixed values (500, 200 in
+    # script_train.sh); edit: an int overrides, null = the direction file's own
+    t_edit: int | Literal["auto"] | None = None
+    t_boost: int | Literal["auto"] | None = None
+    lpips: str | None = None  # LPIPS network file for "auto" (safetensors, written by `latentshift lpips-export`)
+    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+    lpips_edit_threshold: float = Field(0.33, gt=0)  # t_edit: LPIPS(x0, x̂0_t) ≥ this · cos(texts) (main.py:21)
+    lpips_boost_threshold: float = Field(0.1, gt=0)  # t_boost: LPIPS(x0, x_t) ≥ this (main.py:22)
+    source_text: str | None = None  # learned with CLIP, and the cosine that scales the t_edit threshold
+    target_text: str | None = None
+    scales: list[float] = Field(default_factory=lambda: [1.0])  # edit strengths: one output image per scale
+    train: HSpaceTrainConfig = Field(default_factory=HSpaceTrainConfig)
+
+    @field_validator("scales")
+    @classmethod
+    def _scales(cls, v: list[float]) -> list[float]:
+        if not v:
+            raise ValueError("give at least one scale, e.g. [1.0]")
+        return v
+
+    @field_validator("direction_storage_options")
+    @classmethod
+    def _no_secrets(cls, v: dict) -> dict:
+        return StorageOptions._no_secrets(v)
+
+
 class JobConfig(Section):
     input: InputConfig = Field(default_factory=InputConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -205,6 +268,8 @@ class JobConfig(Section):
     image: ImageConfig = Field(default_factory=ImageConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     ood: OODConfig = Field(default_factory=OODConfig)
+    hspace: HSpaceConfig = Field(default_factory=HSpaceConfig)
+    clip: ClipConfig = Field(default_factory=ClipConfig)
 
     def require(self, *keys: str) -> None:
         """Fail with one line if a key a command needs is unset, e.g. ``require("target.model")``."""

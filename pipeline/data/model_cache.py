@@ -81,3 +81,32 @@ def materialize(uri: str, storage_options: dict | None = None, cache_dir: Path |
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def materialize_file(uri: str, storage_options: dict | None = None, cache_dir: Path | None = None) -> Path:
+    """A single file (a CLIP or LPIPS checkpoint): a local path as is, a remote one copied into the
+    cache once per (URI, object version)."""
+    if "://" not in uri or uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://")).expanduser()
+        if not path.is_file():
+            raise StorageError(f"{uri}: no such file")
+        return path
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        info = fs.info(path)
+    except Exception as exc:  # noqa: BLE001
+        raise explain_storage_error(uri, exc) from None
+    fingerprint = hashlib.sha256(json.dumps([uri, int(info.get("size") or 0), _version_of(info)]).encode()).hexdigest()[:20]
+    target = (cache_dir or default_cache_dir()) / "files" / fingerprint / path.rsplit("/", 1)[-1]
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        fs.get_file(path, str(tmp))
+        os.replace(tmp, target)  # atomic: actors that race each write their own temporary copy
+    except Exception as exc:  # noqa: BLE001
+        raise explain_storage_error(uri, exc) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target

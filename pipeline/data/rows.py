@@ -56,6 +56,8 @@ COLUMNS: dict[str, tuple[str, object]] = {
     "source_model": ("object", ""),  # decode: the model the stored latent came from
     "source_cond": ("object", ""),  # decode: its condition, as the latent file stores it (JSON text)
     "partial": ("object", b""),  # PARTIAL: safetensors bytes for the driver
+    "extra_names": ("object", ()),  # edit: member names of further output images of a sample ("scale1" …)
+    "extra_pixels": ("object", None),  # … and their uint8 pixels stacked (n, H, W, 3), written as <name>.<image_format>
     # manifest rows: what one staged part of a shard holds (pipeline.data.ledger counts them)
     "part": ("object", ""),
     "rows": ("int64", 0),  # SAMPLE + REJECT rows staged
@@ -74,7 +76,7 @@ LATENT_INPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "latent", "tim
 CANDIDATE_COLUMNS = ("shard", "key", "index", "kind", "candidate")
 OUTPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "pixels", "latent", "step", "latent_rows",
                   "member_names", "member_data", "timesteps", "method", "eta", "seed", "candidate", "psnr",
-                  "ssim", "source_model", "source_cond", "partial")
+                  "ssim", "source_model", "source_cond", "partial", "extra_names", "extra_pixels")
 MANIFEST_COLUMNS = ("shard", "part", "kind", "rows", "latent_rows", "latent_rows_expected", "images", "rejected",
                     "psnr_sum", "ssim_sum", "metric_count", "partial")
 
@@ -124,15 +126,16 @@ def column(name: str, values: list) -> np.ndarray:
         return np.asarray(values, dtype=dtype)
     out = np.empty(len(values), dtype=object)
     for i, v in enumerate(values):
-        if name in ("pixels", "latent"):
+        if name in ("pixels", "latent", "extra_pixels"):
             v = _EMPTY[name] if v is None else v
-        elif name in ("member_names", "member_data", "timesteps"):
+        elif name in ("member_names", "member_data", "timesteps", "extra_names"):
             v = list(v)
         out[i] = v
     return out
 
 
-_EMPTY = {"pixels": np.zeros((0, 0, 3), np.uint8), "latent": np.zeros((0, 0, 0), np.float16)}
+_EMPTY = {"pixels": np.zeros((0, 0, 3), np.uint8), "latent": np.zeros((0, 0, 0), np.float16),
+          "extra_pixels": np.zeros((0, 0, 0, 3), np.uint8)}
 
 
 def rows_of(batch: dict, kind: RowKind) -> np.ndarray:

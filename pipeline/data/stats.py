@@ -1,4 +1,4 @@
-"""OOD statistics files: safetensors tensors ``mean``, ``variance``, ``reference`` plus a JSON header.
+"""Tensor files (safetensors + a JSON header); OOD statistics files: safetensors tensors ``mean``, ``variance``, ``reference`` plus a JSON header.
 
 The header (safetensors metadata key ``latentshift``) holds count, t0 (requested and on-grid),
 the timesteps of the inversion, model, inversion settings, latent shape and the measured
@@ -20,6 +20,16 @@ HEADER_KEY = "latentshift"
 
 
 def write_stats(uri: str, storage_options: dict | None, tensors: dict[str, np.ndarray], header: dict) -> None:
+    write_tensor_file(uri, storage_options, tensors, header)
+
+
+def read_stats(uri: str, storage_options: dict | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    return read_tensor_file(uri, storage_options, ("mean", "variance", "reference"), "stats file",
+                            "fit it again with `latentshift ood fit`")
+
+
+def write_tensor_file(uri: str, storage_options: dict | None, tensors: dict[str, np.ndarray], header: dict) -> None:
+    """Named arrays and a JSON header as one safetensors file (OOD statistics, h-space directions)."""
     data = save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                             metadata={HEADER_KEY: json.dumps(header, sort_keys=True)})
     fs, path = url_to_fs(uri, storage_options)
@@ -32,7 +42,9 @@ def write_stats(uri: str, storage_options: dict | None, tensors: dict[str, np.nd
         raise explain_storage_error(uri, exc) from None
 
 
-def read_stats(uri: str, storage_options: dict | None = None) -> tuple[dict[str, np.ndarray], dict]:
+def read_tensor_file(uri: str, storage_options: dict | None, required: tuple[str, ...], what: str,
+                     fix: str) -> tuple[dict[str, np.ndarray], dict]:
+    """A file ``write_tensor_file`` wrote: its arrays and header; ``required`` arrays must be there."""
     fs, path = url_to_fs(uri, storage_options)
     try:
         data = get_bytes(fs, path)
@@ -42,10 +54,10 @@ def read_stats(uri: str, storage_options: dict | None = None) -> tuple[dict[str,
         tensors = load_safetensors(data)
         header = _header(data)
     except Exception as exc:  # noqa: BLE001
-        raise StorageError(f"{uri}: not a latentshift stats file ({type(exc).__name__}: {exc})") from None
-    for name in ("mean", "variance", "reference"):
+        raise StorageError(f"{uri}: not a latentshift {what} ({type(exc).__name__}: {exc})") from None
+    for name in required:
         if name not in tensors:
-            raise StorageError(f"{uri}: stats file has no {name!r} tensor; fit it again with `latentshift ood fit`")
+            raise StorageError(f"{uri}: {what} has no {name!r} tensor; {fix}")
     return tensors, header
 
 
@@ -55,3 +67,14 @@ def _header(data: bytes) -> dict:
     if HEADER_KEY not in meta:
         raise ValueError("no latentshift header")
     return json.loads(meta[HEADER_KEY])
+
+
+def tensors_to_bytes(tensors: dict[str, np.ndarray], meta: dict | None = None) -> bytes:
+    """A partial result for the driver (PARTIAL rows): safetensors bytes with a JSON header, never pickle."""
+    return save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                            metadata={HEADER_KEY: json.dumps(meta or {}, sort_keys=True)})
+
+
+def tensors_from_bytes(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
+    data = bytes(data)
+    return load_safetensors(data), _header(data)

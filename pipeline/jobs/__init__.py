@@ -10,10 +10,11 @@ from __future__ import annotations
 import sys
 
 from pipeline.errors import ConfigError
-from pipeline.jobs import decode, encode, ood_fit, ood_sample, translate
+from pipeline.jobs import decode, direction_fit, edit, encode, ood_fit, ood_sample, translate
 from pipeline.runtime.job import Job
 
-JOBS: dict[str, Job] = {j.name: j for j in (translate.JOB, encode.JOB, decode.JOB, ood_fit.JOB, ood_sample.JOB)}
+JOBS: dict[str, Job] = {j.name: j for j in (translate.JOB, encode.JOB, decode.JOB, ood_fit.JOB, ood_sample.JOB,
+                                           direction_fit.JOB, edit.JOB)}
 
 
 def get(name: str) -> Job:

@@ -69,6 +69,8 @@ def _stage_part(batch: dict, idx: list[int], shard: str, ledger: ShardLedger, im
             continue
         out = {image_format: encode_image(pixels, image_format),
                PROVENANCE_MEMBER: provenance.to_json(batch, i, int(batch["latent_rows"][i]))}
+        for name, extra in zip(batch["extra_names"][i], batch["extra_pixels"][i], strict=True):
+            out[f"{name}.{image_format}"] = encode_image(extra, image_format)  # edit: one image per further scale
         for ext, data in members(batch, i).items():
             out.setdefault(ext, data)
         samples.append((key, out))

@@ -1,0 +1,224 @@
+"""direction fit: an h-space direction for `latentshift edit` (Asyrp, seed 001).
+
+mean-difference: invert input.uri (set A) and hspace.examples (set B, a run of its own whose
+outputs go under output.uri/examples/) to t0, walk back with DDIM recording h at each timestep,
+and write Δh_t = mean_B h_t − mean_A h_t. Per-batch sums merge on the driver (float64), so the
+fit streams in bounded memory and any number of actors share it.
+learned: invert the first hspace.train.images of input.uri, then train a DeltaBlock f_t in one Ray
+task (a GPU when the actors get one) with the official loss and schedule.
+Either way t_edit / t_boost are the config's numbers, the official 500 / 200, or "auto" from the
+LPIPS curves of set A; the direction file records them with the model, grid and settings.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+
+import numpy as np
+
+from pipeline.errors import ConfigError, StorageError
+from pipeline.runtime.job import Built, Job, image_shards, provenance, source_latents
+
+MEANS_FILE = "h-means.safetensors"  # set B's run leaves its per-timestep means here, for set A's run
+
+
+def check(cfg) -> None:
+    h = cfg.hspace
+    if not h.direction:
+        raise ConfigError("config error: hspace.direction is not set; it names the direction file to write")
+    if h.method == "mean-difference" and not h.examples:
+        raise ConfigError("config error: hspace.examples is not set; a mean-difference direction needs a second "
+                          "example set (set B; input.uri is set A)")
+    if h.method == "learned" and h.train.loss == "clip" and not cfg.clip.pretrained:
+        raise ConfigError("config error: clip.pretrained is not set; hspace.train.loss: clip needs a local or s3:// "
+                          "open_clip checkpoint (latentshift never downloads one), or use hspace.train.loss: color")
+    if h.method == "learned" and h.train.loss == "clip" and not (h.source_text and h.target_text):
+        raise ConfigError("config error: hspace.source_text and hspace.target_text are needed for the CLIP loss")
+    if "auto" in (h.t_edit, h.t_boost) and not h.lpips:
+        raise ConfigError("config error: hspace.t_edit / t_boost = auto needs hspace.lpips (an LPIPS network file, "
+                          "`latentshift lpips-export PATH` writes one once), or give them as numbers")
+
+
+class Sums:
+    """The driver's merge of PARTIAL rows: float64 sums of h and LPIPS curves; a learned fit's latents."""
+
+    def __init__(self, keep: int):
+        self.count, self.keep, self.timesteps = 0, keep, None
+        self.sums: dict[str, np.ndarray] = {}
+        self.latents: list[tuple[str, np.ndarray, np.ndarray]] = []  # (id, x_start, x0), the smallest ids
+
+    def add(self, payload: bytes) -> None:
+        from pipeline.data.stats import tensors_from_bytes
+
+        tensors, meta = tensors_from_bytes(payload)
+        self.count += int(tensors["count"][0])
+        self.timesteps = self.timesteps or meta["timesteps"]
+        for name in ("h_sum", "h_norm_sum", "lpips_x0_sum", "lpips_xt_sum"):
+            if name in tensors:
+                value = tensors[name].astype(np.float64)
+                self.sums[name] = self.sums[name] + value if name in self.sums else value
+        if "x_start" in tensors:
+            rows = zip(meta["ids"], tensors["x_start"], tensors["x0"], strict=True)
+            self.latents = sorted([*self.latents, *rows], key=lambda r: r[0])[: self.keep]
+
+    def mean(self, name: str) -> np.ndarray:
+        return self.sums[name] / max(self.count, 1)
+
+
+def build(run, shards):
+    from pipeline.runtime.ray_env import model_stage, read_images
+    from pipeline.stages.hspace import DirectionFitStage
+
+    cfg = run.cfg
+    run.state["sums"] = sums = Sums(cfg.hspace.train.images)
+    ds = model_stage(read_images(run, shards), cfg.runtime, DirectionFitStage, source=cfg.source, hspace=cfg.hspace,
+                     output=cfg.output, clip_x0=cfg.sampler.clip_x0)
+    settings = {"method": "ddim", "t0_requested": cfg.hspace.t0, "steps": cfg.hspace.steps,
+                "source_model": cfg.source.model, "source_condition": cfg.source.condition,
+                "clip_x0": cfg.sampler.clip_x0}
+    return Built(ds, provenance(run, settings, source_latents(cfg, "ddim")), on_partial=sums.add)
+
+
+def _means_tensors(sums: Sums) -> dict[str, np.ndarray]:
+    out = {"count": np.array([sums.count], dtype=np.int64)}
+    out.update({name.removesuffix("_sum") + "_mean": sums.mean(name) for name in sums.sums})
+    return out
+
+
+def finish(run) -> None:
+    from pipeline.data.stats import write_tensor_file
+
+    cfg, sums, s = run.cfg, run.state["sums"], run.summary
+    if sums.count == 0:
+        raise StorageError(f"{cfg.input.uri}: no image could be inverted ({s['rejected']} rejected, "
+                           f"see {run.store.path('_rejects')}); nothing to fit")
+    if run.options.get("role") == "examples":  # set B: leave its means for set A's run
+        target = posixpath.join(cfg.output.uri.rstrip("/"), MEANS_FILE)
+        write_tensor_file(target, cfg.output.storage_options, _means_tensors(sums),
+                          {"timesteps": sums.timesteps, "count": sums.count})
+        s["means"] = target
+        return
+    h = cfg.hspace
+    t_edit, t_boost, curves = resolve_times(cfg, sums)
+    header = {"model": cfg.source.model, "condition": cfg.source.condition, "guidance_scale": cfg.source.guidance_scale,
+              "timesteps": sums.timesteps, "t0": sums.timesteps[0], "t0_requested": h.t0, "steps": h.steps,
+              "t_edit": t_edit, "t_boost": t_boost, "t_edit_setting": h.t_edit, "t_boost_setting": h.t_boost,
+              "lpips_curves": curves, "image_size": cfg.image.size, "clip_x0": cfg.sampler.clip_x0,
+              "input": cfg.input.uri, "count": sums.count, "created_at": time.time(), "method": h.method}
+    if h.method == "mean-difference":
+        tensors = mean_difference(run, sums, header)
+    else:
+        tensors = learned(run, sums, header)
+    from pipeline.data.directions import write_direction
+
+    write_direction(h.direction, h.direction_storage_options, tensors, header)
+    s.update(direction=h.direction, method=h.method, t_edit=t_edit, t_boost=t_boost, count=sums.count,
+             delta_norms=header.get("delta_norms"), losses=header.get("losses"))
+
+
+def resolve_times(cfg, sums: Sums) -> tuple[int, int, dict | None]:
+    """t_edit and t_boost: numbers as given, null = the official 500 / 200, auto = the first t whose mean
+    LPIPS over set A reaches the threshold (official diffusion_latent.py:1308-1406)."""
+    from pipeline.diffusion.hspace import first_timestep_reaching
+    from pipeline.stages.hspace import FIXED_T_BOOST, FIXED_T_EDIT
+
+    h, curves = cfg.hspace, None
+    if "lpips_x0_sum" in sums.sums:
+        cosine = text_cosine(cfg)
+        curves = {"timesteps": sums.timesteps, "x0_hat": sums.mean("lpips_x0_sum").tolist(),
+                  "x_t": sums.mean("lpips_xt_sum").tolist(), "text_cosine": cosine}
+    t_edit = {None: FIXED_T_EDIT}.get(h.t_edit, h.t_edit)
+    t_boost = {None: FIXED_T_BOOST}.get(h.t_boost, h.t_boost)
+    if t_edit == "auto":  # LPIPS(x0, x̂0_t) ≥ 0.33 · cos(source text, target text)
+        factor = curves["text_cosine"] if curves["text_cosine"] is not None else 1.0
+        t_edit = first_timestep_reaching(sums.timesteps, curves["x0_hat"], h.lpips_edit_threshold * factor)
+    if t_boost == "auto":  # LPIPS(x0, x_t) ≥ threshold
+        t_boost = first_timestep_reaching(sums.timesteps, curves["x_t"], h.lpips_boost_threshold)
+    return int(t_edit), int(t_boost), curves
+
+
+def text_cosine(cfg) -> float | None:
+    """cos(CLIP text of source_text, of target_text), when both texts and a CLIP checkpoint are given."""
+    h = cfg.hspace
+    if not (h.source_text and h.target_text and cfg.clip.pretrained):
+        return None
+    from pipeline.stages.hspace import load_clip_section
+    from pipeline.stages.hspace import text_cosine as cosine_of
+
+    return cosine_of(load_clip_section(cfg.clip, "cpu"), h)
+
+
+def mean_difference(run, sums: Sums, header: dict) -> dict[str, np.ndarray]:
+    """Δh_t = mean over set B − mean over set A, per timestep of the grid."""
+    from pipeline.data.stats import read_tensor_file
+    from pipeline.runtime.envelope import run_job
+
+    cfg = run.cfg.model_copy(deep=True)
+    cfg.input.uri, cfg.output.latents = run.cfg.hspace.examples, "none"
+    cfg.output.uri = posixpath.join(run.cfg.output.uri.rstrip("/"), "examples")
+    cfg.hspace.t_edit = cfg.hspace.t_boost = None  # set B needs no LPIPS curves
+    means = run_job(JOB, cfg, overwrite=True, out=run.out, role="examples")["means"]
+    other, other_header = read_tensor_file(means, cfg.output.storage_options, ("h_mean", "count"), "means file",
+                                           "run `latentshift direction fit` again")
+    if other_header["timesteps"] != sums.timesteps:
+        raise StorageError(f"{means}: set B was walked on another grid; run `latentshift direction fit` again")
+    mean_a = sums.mean("h_sum")
+    deltas = (other["h_mean"] - mean_a).astype(np.float32)
+    norms = np.sqrt((deltas.reshape(len(deltas), -1).astype(np.float64) ** 2).sum(1))
+    header.update(kind="table", examples=run.cfg.hspace.examples, count_b=int(other["count"][0]),
+                  delta_norms=[round(float(v), 4) for v in norms],
+                  h_norms_a=[round(float(v), 4) for v in sums.mean("h_norm_sum")],
+                  h_norms_b=[round(float(v), 4) for v in other["h_norm_mean"]])
+    run.summary["count_b"] = int(other["count"][0])
+    return {"deltas": deltas}
+
+
+def learned(run, sums: Sums, header: dict) -> dict[str, np.ndarray]:
+    """Train a DeltaBlock in one Ray task, on the first hspace.train.images inverted latents (by shard/key)."""
+    import ray
+
+    from pipeline.runtime.ray_env import gpus_per_actor
+    from pipeline.stages.hspace import train_direction
+
+    cfg, h = run.cfg, run.cfg.hspace
+    x_start = np.stack([r[1] for r in sums.latents])
+    x0 = np.stack([r[2] for r in sums.latents])
+    task = ray.remote(train_direction).options(num_gpus=gpus_per_actor(cfg.runtime), num_cpus=1)
+    state, log, cosine = ray.get(task.remote(cfg.source, h, cfg.clip, cfg.sampler.clip_x0, cfg.runtime.dtype,
+                                             x_start, x0, sums.timesteps, header["t_edit"]))
+    first = state["temb_proj.weight"]
+    header.update(kind="delta-block", channels=int(first.shape[0]), temb_channels=int(first.shape[1]),
+                  trained_on=[r[0] for r in sums.latents][:1000], train_images=len(sums.latents),
+                  train=h.train.model_dump(), source_text=h.source_text, target_text=h.target_text,
+                  text_cosine=cosine, losses={"loss": log.loss, "attribute": log.attribute, "l1": log.l1})
+    return state
+
+
+def summary_lines(s: dict) -> list[str]:
+    if "direction" not in s:
+        return []
+    line = f"  direction  {s['method']} from {s['count']} images (t_edit {s['t_edit']}, t_boost {s['t_boost']}) → {s['direction']}"
+    lines = [line]
+    if s.get("delta_norms"):
+        lines.append(f"  |Δh|       {s['delta_norms'][0]:.3f} at t0 … {s['delta_norms'][-1]:.3f} at the last step")
+    if s.get("losses"):
+        loss = s["losses"]["loss"]
+        lines.append(f"  training   loss {loss[0]:.4f} → {loss[-1]:.4f} over {len(loss)} iterations")
+    return lines
+
+
+JOB = Job(
+    name="direction-fit",
+    command=("direction", "fit"),
+    help="fit an h-space direction (mean difference of two example sets, or a learned f_t) into hspace.direction",
+    requires=("input.uri", "output.uri", "source.model", "hspace.direction"),
+    units=lambda cfg: image_shards(cfg.input.uri, cfg.input.storage_options),
+    build=build,
+    models=("source",),
+    commits=("latents", "rejects", "examples"),
+    summary=summary_lines,
+    skip_committed=False,  # a fit covers every shard of its input, every time
+    check=check,
+    finish=finish,
+)

@@ -1,0 +1,287 @@
+"""h-space stages (actor pools): fit a direction's statistics, and edit images (Asyrp, seed 001).
+
+``DirectionFitStage``: images → DDIM latents at t0 → the reverse walk's h at each timestep → one
+PARTIAL row per batch for the driver (sums of h per timestep, LPIPS curves for auto t_edit/t_boost,
+or the inverted latents a learned direction trains on). ``EditStage``: images → DDIM latents →
+the asymmetric reverse process with Δh at each requested scale → one output sample per input
+with one image per scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.config import HSpaceConfig, ModelConfig, OutputConfig
+from pipeline.data.rows import RowBuffer, RowKind
+from pipeline.diffusion import ddim_invert_model_space, sample_seed
+from pipeline.diffusion.hspace import DeltaBlock, EditSchedule, TableDirection, edit_walk, trace_h
+from pipeline.errors import ConfigError, ModelLoadError
+from pipeline.stages.base import LatentMaps, ModelStage, load_model
+from pipeline.stages.tensors import to_model_range, to_uint8_tensor
+
+FIXED_T_EDIT, FIXED_T_BOOST = 500, 200  # script_train.sh --user_defined_t_edit 500 --user_defined_t_addnoise 200
+
+
+def load_lpips_file(hspace: HSpaceConfig, device):
+    """The LPIPS network ``hspace.lpips`` names (local or remote file), on ``device``."""
+    from pipeline.data.model_cache import materialize_file
+    from pipeline.metrics.lpips_net import load_lpips
+
+    if not hspace.lpips:
+        raise ConfigError("config error: hspace.t_edit / t_boost = auto needs hspace.lpips (an LPIPS network file; "
+                          "write one once with `latentshift lpips-export PATH`), or give t_edit and t_boost as numbers")
+    return load_lpips(str(materialize_file(hspace.lpips, hspace.direction_storage_options)), hspace.lpips_net, device)
+
+
+def needs_lpips(hspace: HSpaceConfig) -> bool:
+    return "auto" in (hspace.t_edit, hspace.t_boost)
+
+
+def _pack(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
+    from pipeline.data.stats import tensors_to_bytes
+
+    return tensors_to_bytes({k: v.detach().cpu().numpy() for k, v in tensors.items()}, meta)
+
+
+@dataclass
+class FitWork:
+    idx: np.ndarray
+    pixels: torch.Tensor | None
+
+
+class DirectionFitStage(ModelStage):
+    """Per batch, one PARTIAL row: ``count``, ``h_sum`` (K, C, h, w) and ``h_norm_sum`` (K,) for a mean
+    difference; ``x_start`` and ``x0`` (model space) with the samples' ids for a learned direction;
+    ``lpips_x0_sum`` / ``lpips_xt_sum`` (K,) when t_edit or t_boost is auto."""
+
+    concurrent_batches = 2
+
+    def __init__(self, source: ModelConfig, hspace: HSpaceConfig, output: OutputConfig, clip_x0: str = "auto",
+                 dtype: str = "auto", compile: str = "off"):
+        super().__init__(output)
+        self.source_cfg, self.hspace = source, hspace
+        self.source = load_model(source, dtype, clip_x0)  # never compiled: h is read by a hook on the mid block
+        self.grid = self.source.schedule.grid_from(hspace.t0, hspace.steps)
+        self.lpips = load_lpips_file(hspace, self.source.device) if needs_lpips(hspace) else None
+        self.ready()
+
+    def prepare(self, batch: dict) -> FitWork:
+        idx = self.samples(batch)
+        return FitWork(idx, torch.from_numpy(np.stack(batch["pixels"][idx])) if len(idx) else None)
+
+    def compute(self, work: FitWork):
+        if work.pixels is None:
+            return None
+        den, cond, w = self.source, self.source_cfg.condition, self.source_cfg.guidance_scale
+        images = to_model_range(work.pixels.to(den.device))
+        x0 = den.to_model_space(images)
+        z = ddim_invert_model_space(den, x0, timesteps=self.grid, condition=cond, guidance_scale=w)
+        z.seeds = [0] * len(work.idx)
+        out = {"count": torch.tensor([len(work.idx)], dtype=torch.int64)}
+        if self.hspace.method == "learned":
+            out.update(x_start=z.x_start.float(), x0=x0.float())
+        trace = trace_h(den, z.x_start, self.grid, cond, w, keep_states=self.lpips is not None)
+        if self.hspace.method == "mean-difference":
+            out.update(h_sum=trace.h.double().sum(0), h_norm_sum=trace.h.flatten(2).norm(dim=2).double().sum(0))
+        if self.lpips is not None:  # official diffusion_latent.py:1257-1268: LPIPS(x0, x̂0_t) and LPIPS(x0, x_t)
+            from pipeline.metrics.lpips_net import lpips_distance
+
+            with torch.no_grad():
+                d_x0 = [lpips_distance(self.lpips, images, den.to_pixels(x)) for x in trace.x0_hat]
+                d_xt = [lpips_distance(self.lpips, images, den.to_pixels(x)) for x in trace.x_t]
+            out.update(lpips_x0_sum=torch.stack(d_x0, 1).double().sum(0), lpips_xt_sum=torch.stack(d_xt, 1).double().sum(0))
+        return out, LatentMaps.of(z, self.output)
+
+    def emit(self, batch: dict, work: FitWork, result) -> dict:
+        rows = RowBuffer()
+        self.pass_rejects(rows, batch)
+        if result is None:
+            return rows.batch()
+        tensors, maps = result
+        idx = work.idx
+        ids = [f"{batch['shard'][i]}/{batch['key'][i]}" for i in idx]
+        rows.add(kind=RowKind.PARTIAL, partial=_pack(tensors, {"ids": ids, "timesteps": self.grid}))
+        n_lat = self.add_latent_rows(rows, maps, batch, idx)
+        rows.extend({"shard": batch["shard"][idx], "key": batch["key"][idx], "index": batch["index"][idx]},
+                    kind=RowKind.SAMPLE, timesteps=self.grid, latent_rows=n_lat)
+        return rows.batch()
+
+
+# ---- editing -----------------------------------------------------------------------------
+
+
+def direction_from_file(tensors: dict[str, np.ndarray], header: dict, den):
+    """A direction file's contents as a Δh function on ``den``'s device; its h must fit the model's."""
+    from pipeline.diffusion.hspace import h_channels, temb_channels
+
+    channels, temb = h_channels(den.unet), temb_channels(den.unet)
+    if header["kind"] == "table":
+        deltas = torch.from_numpy(np.asarray(tensors["deltas"], dtype=np.float32)).to(den.device)
+        if deltas.shape[1] != channels:
+            raise ModelLoadError(f"the direction holds h of {deltas.shape[1]} channels (fitted on {header.get('model')!r}), "
+                                 f"but {den.source!r} has {channels}: fit the direction on this model")
+        return TableDirection(list(header["timesteps"]), deltas)
+    if (header["channels"], header["temb_channels"]) != (channels, temb):
+        raise ModelLoadError(f"the direction's DeltaBlock takes h of {header['channels']} channels and a timestep embedding "
+                             f"of {header['temb_channels']} (trained on {header.get('model')!r}), but {den.source!r} has "
+                             f"{channels} and {temb}: train the direction on this model")
+    block = DeltaBlock(channels, temb)
+    block.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()})
+    return block.to(den.device).eval().requires_grad_(False)
+
+
+def edit_schedule(hspace: HSpaceConfig, header: dict) -> EditSchedule:
+    """t_edit / t_boost: the config's numbers, else the direction file's; Δh scaled by fit grid / edit grid."""
+    t_edit = hspace.t_edit if isinstance(hspace.t_edit, int) else int(header["t_edit"])
+    t_boost = hspace.t_boost if isinstance(hspace.t_boost, int) else int(header["t_boost"])
+    return EditSchedule(t_edit=t_edit, t_boost=t_boost, grid_scale=float(header["steps"]) / hspace.steps)
+
+
+@dataclass
+class EditWork:
+    idx: np.ndarray
+    seeds: list[int]
+    pixels: torch.Tensor | None
+
+
+class EditStage(ModelStage):
+    """Images → DDIM latents at t0 → the asymmetric reverse process at each of ``hspace.scales``."""
+
+    concurrent_batches = 2
+
+    def __init__(self, source: ModelConfig, hspace: HSpaceConfig, output: OutputConfig, seed: int = 0,
+                 clip_x0: str = "auto", dtype: str = "auto", compile: str = "off"):
+        super().__init__(output)
+        from pipeline.data.directions import read_direction
+
+        self.source_cfg, self.hspace, self.seed = source, hspace, seed
+        self.source = load_model(source, dtype, clip_x0)  # never compiled: Δh goes in through a hook
+        tensors, header = read_direction(hspace.direction, hspace.direction_storage_options)
+        self.delta = direction_from_file(tensors, header, self.source)
+        self.schedule = edit_schedule(hspace, header)
+        self.grid = self.source.schedule.grid_from(hspace.t0, hspace.steps)
+        self.ready()
+
+    def prepare(self, batch: dict) -> EditWork:
+        idx = self.samples(batch)
+        if not len(idx):
+            return EditWork(idx, [], None)
+        seeds = [sample_seed(self.seed, f"{batch['shard'][i]}/{batch['key'][i]}") for i in idx]
+        return EditWork(idx, seeds, torch.from_numpy(np.stack(batch["pixels"][idx])))
+
+    def compute(self, work: EditWork):
+        if work.pixels is None:
+            return None
+        den, cond, w = self.source, self.source_cfg.condition, self.source_cfg.guidance_scale
+        x0 = den.to_model_space(to_model_range(work.pixels.to(den.device)))
+        z = ddim_invert_model_space(den, x0, timesteps=self.grid, condition=cond, guidance_scale=w)
+        z.seeds = list(work.seeds)
+        x = edit_walk(den, z.x_start, self.grid, self.delta, self.hspace.scales, self.schedule, seeds=work.seeds,
+                      condition=cond, guidance_scale=w)
+        images = to_uint8_tensor(den.to_pixels(x)).cpu().numpy()  # (S·n, H, W, 3), scale-major
+        n = len(work.idx)
+        return images.reshape(len(self.hspace.scales), n, *images.shape[1:]), LatentMaps.of(z, self.output)
+
+    def emit(self, batch: dict, work: EditWork, result) -> dict:
+        rows = RowBuffer()
+        self.pass_rejects(rows, batch)
+        if result is None:
+            return rows.batch()
+        images, maps = result
+        idx = work.idx
+        n_lat = self.add_latent_rows(rows, maps, batch, idx)
+        names = [f"scale{j}" for j in range(1, images.shape[0])]
+        per_row = {"shard": batch["shard"][idx], "key": batch["key"][idx], "index": batch["index"][idx],
+                   "member_names": batch["member_names"][idx], "member_data": batch["member_data"][idx],
+                   "seed": np.asarray(work.seeds, dtype=np.int64), "pixels": list(images[0]),
+                   "extra_names": [names] * len(idx), "extra_pixels": list(images[1:].swapaxes(0, 1))}
+        rows.extend(per_row, kind=RowKind.SAMPLE, timesteps=self.grid, latent_rows=n_lat)
+        return rows.batch()
+
+
+# ---- training a learned direction (one Ray task) ------------------------------------------
+
+
+def load_clip_section(clip, device):
+    """The ``clip`` section's open_clip model (checkpoint local or fetched once into the cache)."""
+    from pipeline.data.model_cache import materialize_file
+    from pipeline.metrics.clip import load_clip
+
+    if not clip.pretrained:
+        raise ConfigError("config error: clip.pretrained is not set; give a local or s3:// open_clip checkpoint "
+                          "(latentshift never downloads one)")
+    path = materialize_file(clip.pretrained, clip.storage_options)
+    return load_clip(clip.model, str(path), device=device, allow_pickle=clip.allow_pickle)
+
+
+def text_cosine(clip, hspace: HSpaceConfig) -> float:
+    """cos(source text, target text) of the plain texts, no templates (official diffusion_latent.py:1321-1328):
+    it weights the L1 term and scales the t_edit threshold."""
+    a, b = clip.text_features([hspace.source_text]), clip.text_features([hspace.target_text])
+    return float((a * b).sum())
+
+
+def pixels_with_grad(den, x: torch.Tensor) -> torch.Tensor:
+    """Model space → images in [-1, 1], differentiable (``Denoiser.to_pixels`` is not): the VAE decoder
+    of a latent model, identity for a pixel model."""
+    if den.vae is None:
+        return x
+    z = x / den.vae_scaling_factor + den.vae_shift_factor
+    return den.vae.decode(z.to(den.dtype)).sample.float()
+
+
+def attribute_loss(den, hspace: HSpaceConfig, clip_cfg):
+    """(loss(x̂0_edit, x0), factor of the L1 term, cos of the texts) for ``hspace.train.loss``.
+
+    clip: −log((2 − L_dir)/2), L_dir = 1 − directional CLIP (official diffusion_latent.py:343), L1
+    weighted by cos(source text, target text) (diffusion_latent.py:350). color: the mean colour of x̂0
+    (in [0, 1]) pulled toward ``train.target_color``, squared distance; an offline loss for tests and demos.
+    """
+    train = hspace.train
+    if train.loss == "color":
+        target = torch.tensor(train.target_color, device=den.device).view(1, 3, 1, 1)
+
+        def color(x0_edit, x0):
+            rgb = (pixels_with_grad(den, x0_edit).clamp(-1, 1) + 1) / 2
+            return (rgb.mean((2, 3), keepdim=True) - target).pow(2).sum(1).mean()
+
+        return color, 1.0, None
+    from pipeline.metrics.clip import IMAGENET_TEMPLATES, directional_similarity
+
+    clip = load_clip_section(clip_cfg, den.device)
+    templates = IMAGENET_TEMPLATES if train.templates else None
+    # the text direction: template means of normalised features, not renormalised (losses/clip_loss.py:110-115)
+    src_text = clip.text_features([hspace.source_text], templates, renormalize=False)
+    trg_text = clip.text_features([hspace.target_text], templates, renormalize=False)
+    cosine = text_cosine(clip, hspace)
+
+    def directional(x0_edit, x0):
+        with torch.no_grad():
+            src = clip.image_features(pixels_with_grad(den, x0))
+        edit = clip.image_features(pixels_with_grad(den, x0_edit))
+        n = edit.shape[0]
+        sim = directional_similarity(src, edit, src_text.expand(n, -1), trg_text.expand(n, -1))
+        return -torch.log((2 - (1 - sim)) / 2).mean()
+
+    return directional, cosine, cosine
+
+
+def train_direction(source: ModelConfig, hspace: HSpaceConfig, clip_cfg, clip_x0: str, dtype: str,
+                    x_start: np.ndarray, x0: np.ndarray, timesteps: list[int], t_edit: int):
+    """Train a DeltaBlock on inverted latents (run as one Ray task): (state dict as numpy, log, cos of texts)."""
+    from pipeline.diffusion.hspace_train import TrainSettings, train_delta_block
+
+    den = load_model(source, dtype, clip_x0)
+    loss, l1_factor, cosine = attribute_loss(den, hspace, clip_cfg)
+    t = hspace.train
+    settings = TrainSettings(lr=t.lr, lr_step=t.lr_step, lr_gamma=t.lr_gamma, iterations=t.iterations,
+                             batch_size=t.batch_size, attribute_weight=t.attribute_weight, l1_weight=t.l1_weight,
+                             l1_factor=l1_factor)
+    torch.manual_seed(0)  # the block's initial weights: the same inputs and settings give the same direction
+    block = DeltaBlock.for_unet(den.unet)
+    log = train_delta_block(den, block, torch.from_numpy(x_start), torch.from_numpy(x0), timesteps, t_edit, loss,
+                            settings, condition=source.condition, guidance_scale=source.guidance_scale)
+    return {k: v.detach().cpu().numpy() for k, v in block.state_dict().items()}, log, cosine
