@@ -114,8 +114,15 @@ def _mismatch(expected: dict, found: dict) -> str:
     return ", ".join(parts)
 
 
+MIN_SIZE = 64
+
+
 def lpips_distance(model: torch.nn.Module, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-sample LPIPS distance (B,) of (B, 3, H, W) images in [-1, 1] (the lpips convention).
     Not wrapped in no_grad: it differentiates if the caller needs it to."""
     dev = next(model.parameters()).device
-    return model(a.to(dev), b.to(dev)).reshape(a.shape[0])
+    a, b = a.to(dev), b.to(dev)
+    if min(a.shape[-2:]) < MIN_SIZE:  # AlexNet's third pooling needs about 64 px: small images are upsampled
+        scale = MIN_SIZE / min(a.shape[-2:])
+        a, b = (torch.nn.functional.interpolate(x, scale_factor=scale, mode="bilinear", align_corners=False) for x in (a, b))
+    return model(a, b).reshape(a.shape[0])

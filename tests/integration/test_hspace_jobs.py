@@ -129,3 +129,39 @@ def test_edit_config_errors_name_the_key(s3, hspace_setup, pixel_model):
     cfg = config(bucket, opts, pixel_model, examples=None)
     with pytest.raises(ConfigError, match="hspace.examples"):
         run_job(cfg, "direction-fit")
+
+
+def test_learned_direction_with_auto_times_then_edit(ray_cluster, s3, hspace_setup, pixel_model, tmp_path):
+    """A DeltaBlock trained with the offline colour loss; t_edit / t_boost from LPIPS curves (a random LPIPS file)."""
+    from pipeline.tools.random_clip import save_random_lpips
+
+    bucket, opts = hspace_setup
+    lpips_file = save_random_lpips(str(tmp_path / "lpips.safetensors"))
+    cfg = config(bucket, opts, pixel_model, method="learned", t_edit="auto", t_boost="auto", lpips=lpips_file,
+                 lpips_edit_threshold=0.05, lpips_boost_threshold=0.02, steps=6,
+                 train={"loss": "color", "target_color": [1.0, 0.0, 0.0], "images": 3, "iterations": 3,
+                        "batch_size": 2, "lr": 0.05})
+    fit = run_job(cfg, "direction-fit")
+    tensors, header = read_direction(cfg.hspace.direction, opts)
+    assert header["kind"] == "delta-block" and header["train_images"] == 3
+    assert header["trained_on"] == ["shard-0/sq0-000", "shard-0/sq0-001", "shard-0/sq0-002"]  # the first, by shard/key
+    assert header["train"]["loss"] == "color" and header["train"]["lr"] == 0.05
+    losses = header["losses"]["loss"]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    curves = header["lpips_curves"]
+    assert curves["timesteps"] == header["timesteps"] and len(curves["x0_hat"]) == 6 and curves["text_cosine"] is None
+    # t_edit: the smallest t whose mean LPIPS(x0, x̂0_t) reaches the threshold, scanning upward (×1 without texts)
+    pairs = sorted(zip(curves["timesteps"], curves["x0_hat"], strict=True))
+    assert fit["t_edit"] == next((t for t, v in pairs if v >= 0.05), pairs[-1][0]) == header["t_edit"]
+    pairs = sorted(zip(curves["timesteps"], curves["x_t"], strict=True))
+    assert fit["t_boost"] == next((t for t, v in pairs if v >= 0.02), pairs[-1][0]) == header["t_boost"]
+    assert set(tensors) >= {"conv1.weight", "temb_proj.weight", "conv2.weight"}
+
+    edit_cfg = config(bucket, opts, pixel_model, steps=12, scales=[1.0])
+    edit_cfg.output.uri = f"s3://{bucket}/edited-learned"
+    out = run_job(edit_cfg, "edit")
+    assert out["images"] == 10
+    members = _samples(s3, f"{bucket}/edited-learned/images/shard-0.tar")[0][1]
+    prov = json.loads(members["latentshift.json"])
+    # the learned grid has 6 steps and the edit 12: Δh is halved per step (official diffusion_latent.py:626)
+    assert prov["grid_scale"] == 0.5 and prov["t_edit"] == header["t_edit"] and "scale1.png" not in members
