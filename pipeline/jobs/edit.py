@@ -3,6 +3,10 @@ asymmetric reverse process with the direction in hspace.direction, once per scal
 
 from pipeline.runtime.job import Built, Job, image_shards, provenance, source_latents
 
+# what each output sample repeats of its direction's header (the file keeps curves, losses and image ids)
+HEADER_KEYS = ("kind", "method", "model", "condition", "t0", "steps", "t_edit", "t_boost", "input", "examples", "count",
+               "count_b", "train", "source_text", "target_text", "text_cosine", "created_at")
+
 
 def check(cfg) -> None:
     """The direction file is there and readable before any model loads."""
@@ -25,7 +29,7 @@ def build(run, shards):
     names = [cfg.output.image_format] + [f"scale{j}.{cfg.output.image_format}" for j in range(1, len(h.scales))]
     settings = {"method": "asyrp", "source_model": cfg.source.model, "source_condition": cfg.source.condition,
                 "source_guidance": cfg.source.guidance_scale, "direction": h.direction,
-                "direction_header": {k: v for k, v in header.items() if k != "timesteps"},
+                "direction_header": {k: header[k] for k in HEADER_KEYS if k in header},
                 "scales": list(h.scales), "scale_members": dict(zip(names, h.scales, strict=True)),
                 "t0_requested": h.t0, "steps": h.steps, "t_edit": applied.t_edit, "t_boost": applied.t_boost,
                 "grid_scale": applied.grid_scale, "eta_edit": 0.0, "eta_boost": 1.0, "seed": cfg.sampler.seed,

@@ -47,17 +47,42 @@ def _pack(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
 
 
 @dataclass
-class FitWork:
+class Work:
+    """What ``prepare`` hands the device: the sample rows, their seeds, their pixels (uint8, host)."""
+
     idx: np.ndarray
+    seeds: list[int]
     pixels: torch.Tensor | None
 
 
-class DirectionFitStage(ModelStage):
+class InvertingStage(ModelStage):
+    """What both h-space stages start with: sample rows → DDIM latents at t0 on ``self.grid``."""
+
+    concurrent_batches = 2
+    source = source_cfg = grid = None
+    seed = 0
+
+    def prepare(self, batch: dict) -> Work:
+        idx = self.samples(batch)
+        if not len(idx):
+            return Work(idx, [], None)
+        seeds = [sample_seed(self.seed, f"{batch['shard'][i]}/{batch['key'][i]}") for i in idx]
+        return Work(idx, seeds, torch.from_numpy(np.stack(batch["pixels"][idx])))
+
+    def invert(self, work: Work):
+        """(images in [-1, 1], x0 in model space, the DDIM latent) of a batch, on the device."""
+        den, cond, w = self.source, self.source_cfg.condition, self.source_cfg.guidance_scale
+        images = to_model_range(work.pixels.to(den.device))
+        x0 = den.to_model_space(images)
+        z = ddim_invert_model_space(den, x0, timesteps=self.grid, condition=cond, guidance_scale=w)
+        z.seeds = list(work.seeds)
+        return images, x0, z
+
+
+class DirectionFitStage(InvertingStage):
     """Per batch, one PARTIAL row: ``count``, ``h_sum`` (K, C, h, w) and ``h_norm_sum`` (K,) for a mean
     difference; ``x_start`` and ``x0`` (model space) with the samples' ids for a learned direction;
     ``lpips_x0_sum`` / ``lpips_xt_sum`` (K,) when t_edit or t_boost is auto."""
-
-    concurrent_batches = 2
 
     def __init__(self, source: ModelConfig, hspace: HSpaceConfig, output: OutputConfig, clip_x0: str = "auto",
                  dtype: str = "auto", compile: str = "off"):
@@ -68,18 +93,11 @@ class DirectionFitStage(ModelStage):
         self.lpips = load_lpips_file(hspace, self.source.device) if needs_lpips(hspace) else None
         self.ready()
 
-    def prepare(self, batch: dict) -> FitWork:
-        idx = self.samples(batch)
-        return FitWork(idx, torch.from_numpy(np.stack(batch["pixels"][idx])) if len(idx) else None)
-
-    def compute(self, work: FitWork):
+    def compute(self, work: Work):
         if work.pixels is None:
             return None
         den, cond, w = self.source, self.source_cfg.condition, self.source_cfg.guidance_scale
-        images = to_model_range(work.pixels.to(den.device))
-        x0 = den.to_model_space(images)
-        z = ddim_invert_model_space(den, x0, timesteps=self.grid, condition=cond, guidance_scale=w)
-        z.seeds = [0] * len(work.idx)
+        images, x0, z = self.invert(work)
         out = {"count": torch.tensor([len(work.idx)], dtype=torch.int64)}
         if self.hspace.method == "learned":
             out.update(x_start=z.x_start.float(), x0=x0.float())
@@ -95,7 +113,7 @@ class DirectionFitStage(ModelStage):
             out.update(lpips_x0_sum=torch.stack(d_x0, 1).double().sum(0), lpips_xt_sum=torch.stack(d_xt, 1).double().sum(0))
         return out, LatentMaps.of(z, self.output)
 
-    def emit(self, batch: dict, work: FitWork, result) -> dict:
+    def emit(self, batch: dict, work: Work, result) -> dict:
         rows = RowBuffer()
         self.pass_rejects(rows, batch)
         if result is None:
@@ -140,17 +158,8 @@ def edit_schedule(hspace: HSpaceConfig, header: dict) -> EditSchedule:
     return EditSchedule(t_edit=t_edit, t_boost=t_boost, grid_scale=float(header["steps"]) / hspace.steps)
 
 
-@dataclass
-class EditWork:
-    idx: np.ndarray
-    seeds: list[int]
-    pixels: torch.Tensor | None
-
-
-class EditStage(ModelStage):
+class EditStage(InvertingStage):
     """Images → DDIM latents at t0 → the asymmetric reverse process at each of ``hspace.scales``."""
-
-    concurrent_batches = 2
 
     def __init__(self, source: ModelConfig, hspace: HSpaceConfig, output: OutputConfig, seed: int = 0,
                  clip_x0: str = "auto", dtype: str = "auto", compile: str = "off"):
@@ -165,27 +174,18 @@ class EditStage(ModelStage):
         self.grid = self.source.schedule.grid_from(hspace.t0, hspace.steps)
         self.ready()
 
-    def prepare(self, batch: dict) -> EditWork:
-        idx = self.samples(batch)
-        if not len(idx):
-            return EditWork(idx, [], None)
-        seeds = [sample_seed(self.seed, f"{batch['shard'][i]}/{batch['key'][i]}") for i in idx]
-        return EditWork(idx, seeds, torch.from_numpy(np.stack(batch["pixels"][idx])))
-
-    def compute(self, work: EditWork):
+    def compute(self, work: Work):
         if work.pixels is None:
             return None
         den, cond, w = self.source, self.source_cfg.condition, self.source_cfg.guidance_scale
-        x0 = den.to_model_space(to_model_range(work.pixels.to(den.device)))
-        z = ddim_invert_model_space(den, x0, timesteps=self.grid, condition=cond, guidance_scale=w)
-        z.seeds = list(work.seeds)
+        _, _, z = self.invert(work)
         x = edit_walk(den, z.x_start, self.grid, self.delta, self.hspace.scales, self.schedule, seeds=work.seeds,
                       condition=cond, guidance_scale=w)
         images = to_uint8_tensor(den.to_pixels(x)).cpu().numpy()  # (S·n, H, W, 3), scale-major
         n = len(work.idx)
         return images.reshape(len(self.hspace.scales), n, *images.shape[1:]), LatentMaps.of(z, self.output)
 
-    def emit(self, batch: dict, work: EditWork, result) -> dict:
+    def emit(self, batch: dict, work: Work, result) -> dict:
         rows = RowBuffer()
         self.pass_rejects(rows, batch)
         if result is None:
