@@ -12,6 +12,10 @@ sizes the bundled models were trained on (12–24, mean 18), is even so the box 
 the 32 px canvas, and gives the triangle's apex enough pixels for the fill-ratio metric. The
 colour draws are those of the unaligned domain with the same seed. The bundled models were
 trained on the unaligned default, which stays as it was.
+
+``sides=(lo, hi)`` draws the side from a narrower part of the trained range instead (aligned: the
+centred box takes that side, not 20 px): the demo's h-space edit fits small → large centred discs.
+Without it the draws are the default's, bit for bit.
 """
 
 from __future__ import annotations
@@ -58,15 +62,22 @@ def shape_masks(domain: str, side: np.ndarray, left: np.ndarray, top: np.ndarray
     return inside & (np.abs(u - 0.5) <= v / 2)  # apex at the top centre, base along the bottom
 
 
-def render(domain: str, count: int, seed: int = 0, aligned: bool = False) -> tuple[np.ndarray, list[dict]]:
-    """(count, 32, 32, 3) uint8 images and their metadata (domain, hue, value, box)."""
+def render(domain: str, count: int, seed: int = 0, aligned: bool = False,
+           sides: tuple[int, int] | None = None) -> tuple[np.ndarray, list[dict]]:
+    """(count, 32, 32, 3) uint8 images and their metadata (domain, hue, value, box).
+
+    ``sides``: the side's range, inclusive, inside ``SIDE_RANGE`` (default: all of it; aligned: 20 px).
+    """
+    lo, hi = sides or SIDE_RANGE
+    if not SIDE_RANGE[0] <= lo <= hi <= SIDE_RANGE[1]:
+        raise ValueError(f"sides {lo}..{hi} must lie in the trained range {SIDE_RANGE[0]}..{SIDE_RANGE[1]}")
     rng = np.random.default_rng([seed, DOMAINS.index(domain) if domain in DOMAINS else 99])
-    side = rng.integers(SIDE_RANGE[0], SIDE_RANGE[1] + 1, count)
+    side = rng.integers(lo, hi + 1, count)
     left = np.floor(rng.random(count) * (SIZE - side + 1)).astype(int)
     top = np.floor(rng.random(count) * (SIZE - side + 1)).astype(int)
     if aligned:  # drawn above all the same, so the colours below match the unaligned domain's
-        side = np.full(count, ALIGNED_SIDE)
-        left = top = np.full(count, (SIZE - ALIGNED_SIDE) // 2)
+        side = side if sides else np.full(count, ALIGNED_SIDE)
+        left = top = (SIZE - side) // 2
     hue = rng.random(count) * 360.0
     value = 0.8 + 0.2 * rng.random(count)
     colour = hsv_to_rgb(hue, 1.0, value)  # (count, 3)
@@ -78,15 +89,16 @@ def render(domain: str, count: int, seed: int = 0, aligned: bool = False) -> tup
 
 
 def write_shapes(domain: str, count: int, out: str, seed: int = 0, per_shard: int = 256,
-                 storage_options: dict | None = None, aligned: bool = False) -> list[str]:
+                 storage_options: dict | None = None, aligned: bool = False,
+                 sides: tuple[int, int] | None = None) -> list[str]:
     """Write ``count`` images of ``domain`` as WebDataset shards ``<out>/<domain>-NNNNN.tar``
-    (``aligned``: the fixed, centred box; see ``render``)."""
+    (``aligned``, ``sides``: see ``render``)."""
     from PIL import Image
 
     from pipeline.data.filesystems import put_bytes, url_to_fs
     from pipeline.data.shards import write_samples
 
-    images, meta = render(domain, count, seed, aligned=aligned)
+    images, meta = render(domain, count, seed, aligned=aligned, sides=sides)
     fs, root = url_to_fs(out, storage_options)
     fs.makedirs(root, exist_ok=True)
     written = []

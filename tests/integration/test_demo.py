@@ -8,7 +8,19 @@ import json
 import pytest
 from PIL import Image
 
-from pipeline.demo.run import MAIN_DOMAIN, OOD_DOMAINS, SAMPLING_MODES, format_table, run_demo
+from pipeline.config import load_config
+from pipeline.data.shards import iter_tar_samples
+from pipeline.demo.run import (
+    EDIT_SETS,
+    MAIN_DOMAIN,
+    OOD_DOMAINS,
+    SAMPLING_MODES,
+    demo_config_dir,
+    format_table,
+    hspace_edit,
+    measure_edit,
+    run_demo,
+)
 from pipeline.demo.train import TrainConfig, train
 
 
@@ -48,8 +60,24 @@ def check_unseen(u: dict, images: int, inputs: int, domains=tuple(OOD_DOMAINS)) 
     assert 0 < geometric["acceptance_rate"] <= 1
 
 
+def edit_scales() -> list[float]:
+    return [float(s) for s in load_config(demo_config_dir() / "edit.yaml").hspace.scales]
+
+
+def check_edit(e: dict, inputs: int, examples: int) -> None:
+    """Part 4's report: sets A and B, the held-out inputs, and every scale of configs/demo/edit.yaml."""
+    assert e["inputs"] == e["edited"] == inputs and e["rejected"] == 0 and e["attribute"] == "side"
+    assert e["set_a"]["count"] == e["set_b"]["count"] == examples and e["method"] == "mean-difference"
+    assert e["set_a"]["mean_side_px"] < e["set_b"]["mean_side_px"]  # the sets as generated: small, large
+    assert list(e["sets"]["sides_px"]) == list(EDIT_SETS) and e["t_edit"] == 700 and e["t_boost"] == 0
+    assert list(e["scales"]) == edit_scales() and isinstance(e["grows_with_scale"], bool)
+    for s in e["scales"].values():
+        assert s["count"] == inputs and 0 <= s["kind_kept_rate"] <= 1 and sum(s["labels"].values()) == inputs
+
+
 def test_reduced_demo_end_to_end(ray_cluster, tmp_path, stand_in_models):
-    report = run_demo(tmp_path / "demo", discs=8, triangles=8, unseen=4, steps=4, models=stand_in_models)
+    report = run_demo(tmp_path / "demo", discs=8, triangles=8, unseen=4, steps=4, models=stand_in_models,
+                      edit_examples=8, edits=4)
     assert report["translation"]["images"] == 8 and report["translation"]["pairs"] == 8
     for key in ("target_shape_rate", "median_hue_error_deg", "median_centroid_shift_px"):
         assert key in report["translation"]
@@ -58,10 +86,20 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path, stand_in_models):
     assert saved["unseen"]["domains"].keys() == report["unseen"]["domains"].keys()
     sheet = Image.open(io.BytesIO((tmp_path / "demo" / "report.png").read_bytes()))
     rows = 3 + len(OOD_DOMAINS) * (1 + len(SAMPLING_MODES))  # discs, translated, plain; per domain inputs + modes
+    rows += 1 + len(edit_scales()) + 1  # edit: held-out inputs, one row per scale, set B
     assert sheet.size[0] > 16 * 96 and sheet.size[1] > rows * 96
     table = format_table(report)
     assert "target-shape rate" in table and "invert→decode gate" in table and "(target ≥ 50%)" in table
     assert all(mode in table for mode, _ in SAMPLING_MODES)
+    assert "h-space edit (Asyrp)" in table and "the size grows with the scale" in table
+    assert all(f"scale {s:g} " in table for s in edit_scales())
+    check_edit(report["edit"], inputs=4, examples=8)
+    assert saved["edit"]["scales"].keys() == {str(s) for s in edit_scales()}
+    assert report["edit"]["steps"] == 4 and (tmp_path / "demo" / "edit" / "direction.safetensors").is_file()
+    edited = (tmp_path / "demo" / "edit" / "edited" / "images").glob("*.tar")
+    members = [set(s.members) for tar in edited for s in iter_tar_samples(io.BytesIO(tar.read_bytes()))]
+    names = {"png"} | {f"scale{j}.png" for j in range(1, len(edit_scales()))}
+    assert len(members) == 4 and all(names <= m for m in members)
     assert (tmp_path / "demo" / "inputs" / "discs").is_dir() and (tmp_path / "demo" / "translated" / "images").is_dir()
     for domain in OOD_DOMAINS:
         assert (tmp_path / "demo" / "unseen" / domain / "fit" / "stats" / "ood.safetensors").is_file()
@@ -71,11 +109,12 @@ def test_reduced_demo_on_object_storage(ray_cluster, tmp_path, stand_in_models, 
     """`latentshift demo --s3`: the same run with every input and output on a real (local) S3 server.
 
     The main OOD row only: the other row runs the same code on other inputs, and each row costs
-    CI three more jobs.
+    CI three more jobs; no edit part either (its jobs on S3: tests/integration/test_hspace_jobs.py).
     """
     s3.mkdir("latentshift-demo")
     report = run_demo(tmp_path / "demo", discs=8, triangles=8, unseen=4, steps=4, models=stand_in_models,
-                      s3_endpoint=s3_server, domains=[MAIN_DOMAIN])
+                      s3_endpoint=s3_server, domains=[MAIN_DOMAIN], edits=0)
+    assert report["edit"] is None and "h-space edit" not in format_table(report)
     assert report["translation"]["images"] == 8
     check_unseen(report["unseen"], images=4, inputs=8, domains=[MAIN_DOMAIN])
     s3.invalidate_cache()
@@ -84,3 +123,20 @@ def test_reduced_demo_on_object_storage(ray_cluster, tmp_path, stand_in_models, 
         assert s3.glob(f"latentshift-demo/inputs/triangles-{domain}/*.tar")
         assert len(s3.glob(f"latentshift-demo/unseen/{domain}/*/images/*.tar")) == len(SAMPLING_MODES)
     assert (tmp_path / "demo" / "report.png").is_file()  # the report stays local
+
+
+def test_edit_row_moves_the_size_on_the_bundled_discs_model(ray_cluster, tmp_path):
+    """Part 4 on the real discs model, at the shipped settings with fewer images: the held-out small
+    discs grow toward set B's size with the scale, stay discs, and stay where they were."""
+    base = tmp_path / "demo"
+    jobs = hspace_edit(str(base), demo_config_dir(), ["source.model=bundled:discs"], examples=16, edits=8, opts={},
+                       out=io.StringIO())
+    e, sheet = measure_edit(jobs, base)
+    check_edit(e, inputs=8, examples=16)
+    assert len(sheet) == 1 + len(edit_scales()) + 1 and all(len(images) == 8 for _, images in sheet[:-1])
+    sides = [s["mean_side_px"] for s in e["scales"].values()]
+    assert e["scales"][0.0]["toward_b"] < 0.15  # scale 0 is the DDIM reconstruction (boundary pixels aside)
+    assert sides[-1] - sides[0] >= 3 and all(b > a - 0.25 for a, b in zip(sides, sides[1:], strict=False)), sides
+    assert sides[-1] < e["set_b"]["mean_side_px"]  # toward set B, not past it
+    for s in e["scales"].values():
+        assert s["kind_kept_rate"] >= 0.75 and s["mean_centroid_shift_px"] < 2.5, s
