@@ -37,10 +37,6 @@ def build(run, shards):
     return Built(ds, provenance(run, settings, source_latents(cfg, "ddim")))
 
 
-def summary_lines(s: dict) -> list[str]:
-    return []
-
-
 JOB = Job(
     name="edit",
     command=("edit",),

@@ -101,6 +101,8 @@ class DirectionFitStage(InvertingStage):
         out = {"count": torch.tensor([len(work.idx)], dtype=torch.int64)}
         if self.hspace.method == "learned":
             out.update(x_start=z.x_start.float(), x0=x0.float())
+        if self.hspace.method == "learned" and self.lpips is None:
+            return out, LatentMaps.of(z, self.output)  # training needs only x_T and x0: no reverse walk
         trace = trace_h(den, z.x_start, self.grid, cond, w, keep_states=self.lpips is not None)
         if self.hspace.method == "mean-difference":
             out.update(h_sum=trace.h.double().sum(0), h_norm_sum=trace.h.flatten(2).norm(dim=2).double().sum(0))
