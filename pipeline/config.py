@@ -259,6 +259,69 @@ class HSpaceConfig(Section):
         return StorageOptions._no_secrets(v)
 
 
+class ScoreConfig(Section):
+    """CLIP scores with the ``clip`` section's model: `latentshift score`, inline in translate, and the
+    ranking of the zero-shot search. CLIP score = cos(image, target text); directional CLIP = cos(
+    normalise(E(output) − E(input)), normalise(T(target) − T(source))) (cycle-diffusion
+    model/energy/clean_clip.py:19-41)."""
+
+    source_text: str | None = None  # the text of the input images (null: source.condition when it is a prompt)
+    target_text: str | None = None  # the text of the outputs (null: target.condition when it is a prompt)
+    templates: bool = False  # average text features over the ImageNet templates (official ranking: plain text)
+    inline: bool = False  # translate: score every output as it is made (scores/<shard>.parquet)
+
+
+class SearchConfig(Section):
+    """The official zero-shot protocol (CycleDiffusion, best-of-N): per input, every (trial, encoder
+    scale, skip) is DPM-encoded once and decoded at every decoder scale; the candidate with the highest
+    directional CLIP is kept. Defaults: cycle-diffusion config/experiments/
+    translate_text2img256_stable_diffusion_stochastic_1.cfg:7-13 (with sampler.steps 100, eta 0.1)."""
+
+    trials: int = Field(15, ge=1)  # n_trials = 15 (line 12): fresh encoder noise per trial
+    skips: list[int] = Field(default_factory=lambda: [15, 20, 25, 30, 40, 50])  # skip_steps (line 13): strength (S − skip)/S
+    encoder_scales: list[float] = Field(default_factory=lambda: [1.0])  # encoder_unconditional_guidance_scales (line 10)
+    decoder_scales: list[float] = Field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0, 5.0])  # decoder_… (line 11)
+    top_k: int = Field(1, ge=1)  # outputs kept per input: the best at the image member, the others as top2… members
+    stop_score: float | None = Field(None, ge=-1, le=1)  # early stop: an input whose best reaches this tries no more trials
+    trials_per_walk: int = Field(0, ge=0)  # trials walked together per input (0: all); bounds the rows per UNet call
+
+    @field_validator("skips", "encoder_scales", "decoder_scales")
+    @classmethod
+    def _nonempty(cls, v: list) -> list:
+        if not v:
+            raise ValueError("give at least one value")
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v}: a value is listed twice")
+        return v
+
+    @field_validator("skips")
+    @classmethod
+    def _skips(cls, v: list[int]) -> list[int]:
+        if any(s < 0 for s in v):
+            raise ValueError("skips are counts of grid steps left out at the noisy end: each >= 0")
+        return v
+
+
+class GuideConfig(Section):
+    """Guidance in latent space (CycleDiffusion paper, section on guidance): Langevin dynamics on the
+    DPM latent z of ``source.model``, z ← z − (s/2)∇(½‖z‖² + λ·E(G(z)|c)) + √s·n, G the DPM decoder on
+    ``sampler.steps`` / ``sampler.eta`` from pure noise."""
+
+    count: int = Field(64, ge=1)  # images to make (output shards guided-NNNNN)
+    shard_size: int = Field(256, ge=1)
+    energy: Literal["clip", "color", "hue"] = "clip"  # clip: needs clip.pretrained and text; color/hue: offline
+    text: str | None = None  # energy clip: the prompt c
+    target_color: list[float] = Field(default_factory=lambda: [1.0, 0.0, 0.0])  # energy color: RGB in [0, 1]
+    target_hue: float = Field(0.0, ge=0, lt=360)  # energy hue: degrees
+    weight: float = Field(1.0, ge=0)  # λ
+    step_size: float = Field(0.05, gt=0)  # s (the paper: 0.05)
+    langevin_steps: int = Field(200, ge=0)  # the paper: 200
+    augmentations: int = Field(8, ge=0)  # differentiable augmentations averaged per energy (0: none)
+    augment: list[Literal["color", "translation", "cutout"]] = Field(
+        default_factory=lambda: ["color", "translation", "cutout"])  # DiffAugment policy
+    checkpoint: bool = True  # recompute each decoder step in the backward pass (memory ~ one step, not K)
+
+
 class JobConfig(Section):
     input: InputConfig = Field(default_factory=InputConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -270,6 +333,9 @@ class JobConfig(Section):
     ood: OODConfig = Field(default_factory=OODConfig)
     hspace: HSpaceConfig = Field(default_factory=HSpaceConfig)
     clip: ClipConfig = Field(default_factory=ClipConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    guide: GuideConfig = Field(default_factory=GuideConfig)
 
     def require(self, *keys: str) -> None:
         """Fail with one line if a key a command needs is unset, e.g. ``require("target.model")``."""

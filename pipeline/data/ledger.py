@@ -100,7 +100,7 @@ class ShardLedger:
     def clear_dead_staging(self) -> list[str]:
         """Remove the staging (and lease) of every run that is not alive: killed runs, whose
         uncommitted shards are redone. Returns their run ids."""
-        runs = {posixpath.basename(p.rstrip("/")) for p in self.store.listdir(self.store.path("_staging"))}
+        runs = {posixpath.basename(p.rstrip("/")) for p in self.store.listdir(self.store.ctl("_staging"))}
         runs |= {posixpath.basename(p)[: -len(".json")] for p in self.store.listdir(self.store.lease())
                  if p.endswith(".json")}
         dead = self.claims.dead_runs(sorted(runs - {self.run_id}))
@@ -115,7 +115,7 @@ class ShardLedger:
         itself when no other run has any there."""
         self.claims.release_all(shards)
         self.store.remove_tree(self.store.staging(self.run_id))
-        self.store.remove_empty_folder(self.store.path("_staging"))
+        self.store.remove_empty_folder(self.store.ctl("_staging"))
         self.store.remove_empty_folder(self.store.claims())
 
     def taken_by(self, shard: str) -> str | None:
@@ -126,7 +126,7 @@ class ShardLedger:
         return holder if holder != self.run_id else None
 
     def record_run(self, summary: dict) -> str:
-        path = self.store.path("_ledger", "runs", f"{self.run_id}.json")
+        path = self.store.ctl("_ledger", "runs", f"{self.run_id}.json")
         self.store.put_json(path, summary)
         return path
 
@@ -190,13 +190,15 @@ def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str]) -
     staging = store.staging(run_id, shard)
     samples: dict[int, tuple[str, dict]] = {}
     rejects: dict[int, dict] = {}
-    latent_tables = []
+    latent_tables, score_tables = [], []
+    key_order: dict[str, int] = {}  # key → its position in the shard
     seen_latent: set[tuple[str, int]] = set()
     for part in sorted(parts):
         manifest = store.get_json(f"{staging}/{part}.json")
         fresh = {int(i) for i in manifest["indices"]} - set(samples) - set(rejects)
         # a key's position is that of its SAMPLE row: a REJECT row may share the key (a duplicate)
         key_index = {k: int(i) for i, k in manifest["samples"]}
+        key_order.update(key_index)
         if "tar" in manifest["files"]:
             for item in iter_tar_samples(io.BytesIO(store.get(f"{staging}/{part}.tar"))):
                 if isinstance(item, Exception):
@@ -214,7 +216,11 @@ def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str]) -
                 if (k, s) not in seen_latent:
                     seen_latent.add((k, s))
                     keep.append(i)
-            latent_tables.append((table.take(keep), key_index))
+            latent_tables.append(table.take(keep))
+        if "scores" in manifest["files"]:
+            table = pq.read_table(io.BytesIO(store.get(f"{staging}/{part}.scores")))
+            keep = [i for i, k in enumerate(table["key"].to_pylist()) if key_index.get(k) in fresh]
+            score_tables.append(table.take(keep))
 
     dropped = sum(1 for r in rejects.values() if r["reason"].startswith(DROPPED_MEMBER))
     out = {"images": 0, "rejected": len(rejects) - dropped, "dropped": dropped, "bytes_images": 0, "bytes_latents": 0}
@@ -224,17 +230,24 @@ def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str]) -
         store.put(store.images(shard), buf.getvalue())
         out["bytes_images"] = buf.tell()
     if latent_tables:
-        order = {}
-        for _, key_index in latent_tables:
-            order.update(key_index)
-        table = pa.concat_tables([t for t, _ in latent_tables]).cast(LATENT_SCHEMA)
-        rank = [(order.get(k, 1 << 62), s) for k, s in zip(table["key"].to_pylist(), table["step"].to_pylist(), strict=True)]
+        table = pa.concat_tables(latent_tables).cast(LATENT_SCHEMA)
+        rank = [(key_order.get(k, 1 << 62), s) for k, s in zip(table["key"].to_pylist(), table["step"].to_pylist(), strict=True)]
         table = table.take(sorted(range(len(rank)), key=rank.__getitem__))
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd", row_group_size=256)
         store.put(store.latents(shard), buf.getvalue())
         out["bytes_latents"] = buf.tell()
         out["latent_samples"] = len(set(table["key"].to_pylist()))
+    if score_tables:
+        from pipeline.data.scores import SCORE_SCHEMA
+
+        table = pa.concat_tables(score_tables).cast(SCORE_SCHEMA)
+        rank = [(key_order.get(k, 1 << 62), r) for k, r in zip(table["key"].to_pylist(), table["rank"].to_pylist(), strict=True)]
+        table = table.take(sorted(range(len(rank)), key=rank.__getitem__))
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        store.put(store.scores(shard), buf.getvalue())
+        out["scored"] = len(set(table["key"].to_pylist()))
     if rejects:
         body = "".join(json.dumps(rejects[i], sort_keys=True) + "\n" for i in sorted(rejects))
         store.put(store.rejects(shard), body.encode())

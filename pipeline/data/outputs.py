@@ -2,12 +2,17 @@
 
   images/<shard>.tar         translated samples (same keys as the input shard)
   latents/<shard>.parquet    latents, one row per (sample, step)
+  scores/<shard>.parquet     CLIP scores, one row per (sample, rank) (pipeline/data/scores.py)
   _rejects/<shard>.jsonl     samples that could not be used, with the reason
   _ledger/<shard>.json       the commit record: written last, so its presence means done
   _ledger/runs/<run>.json    one summary per run
   _staging/<run>/<shard>/    parts written by workers, merged by the commit, then removed
   _claims/<shard>/<n>.json   which run is doing the shard now (pipeline/data/claims.py)
   _leases/<run>.json         a live run's heartbeat
+
+A job that adds to another job's output (``latentshift score`` adds ``scores/``) keeps its own
+ledger, staging, claims, leases and rejects under ``<control>/`` (e.g. ``_score/_ledger/``), so the
+two jobs' records of a shard never meet.
 
 How a shard gets there, exactly once, is the ledger's rule (``pipeline/data/ledger.py``);
 this module only names the paths and does the storage I/O.
@@ -37,17 +42,22 @@ log = logging.getLogger(__name__)
 class OutputStore:
     uri: str
     storage_options: dict
+    control: str = ""  # folder of the run-control files (ledger, staging, claims, leases, rejects); "" = the root
 
     def __post_init__(self):
         self.fs, root = url_to_fs(self.uri, self.storage_options)
         self.root = root.rstrip("/")
 
     def __reduce__(self):  # ship to Ray workers as (uri, options), not a live filesystem
-        return (OutputStore, (self.uri, self.storage_options))
+        return (OutputStore, (self.uri, self.storage_options, self.control))
 
     # paths
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
+
+    def ctl(self, *parts: str) -> str:
+        """A run-control path: under ``control`` when the job keeps its records apart."""
+        return self.path(self.control, *parts) if self.control else self.path(*parts)
 
     def images(self, shard: str) -> str:
         return self.path("images", f"{shard}.tar")
@@ -55,20 +65,23 @@ class OutputStore:
     def latents(self, shard: str) -> str:
         return self.path("latents", f"{shard}.parquet")
 
+    def scores(self, shard: str) -> str:
+        return self.path("scores", f"{shard}.parquet")
+
     def rejects(self, shard: str) -> str:
-        return self.path("_rejects", f"{shard}.jsonl")
+        return self.ctl("_rejects", f"{shard}.jsonl")
 
     def ledger(self, shard: str) -> str:
-        return self.path("_ledger", f"{shard}.json")
+        return self.ctl("_ledger", f"{shard}.json")
 
     def staging(self, run_id: str, shard: str = "") -> str:
-        return self.path("_staging", run_id, shard) if shard else self.path("_staging", run_id)
+        return self.ctl("_staging", run_id, shard) if shard else self.ctl("_staging", run_id)
 
     def claims(self, shard: str = "") -> str:
-        return self.path("_claims", shard) if shard else self.path("_claims")
+        return self.ctl("_claims", shard) if shard else self.ctl("_claims")
 
     def lease(self, run_id: str = "") -> str:
-        return self.path("_leases", f"{run_id}.json") if run_id else self.path("_leases")
+        return self.ctl("_leases", f"{run_id}.json") if run_id else self.ctl("_leases")
 
     # io
     def put(self, path: str, data: bytes) -> None:
@@ -134,7 +147,7 @@ class OutputStore:
         """Names of shards that have a ledger record."""
         self.fs.invalidate_cache()
         names = set()
-        for p in self.listdir(self.path("_ledger")):
+        for p in self.listdir(self.ctl("_ledger")):
             base = posixpath.basename(p.rstrip("/"))
             if base.endswith(".json"):
                 names.add(base[: -len(".json")])
@@ -142,7 +155,7 @@ class OutputStore:
 
     def probe_writable(self) -> None:
         """Write and remove a small object under _ledger/ (fails fast on a bad bucket or credentials)."""
-        probe = self.path("_ledger", f".probe-{time.time_ns()}")
+        probe = self.ctl("_ledger", f".probe-{time.time_ns()}")
         self.create(probe, b"ok")
         if self.create(probe, b"again"):  # e.g. an S3-compatible server without conditional writes
             log.warning("%s: the store ignored a conditional write (If-None-Match), so shard claims cannot "

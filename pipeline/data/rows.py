@@ -58,6 +58,10 @@ COLUMNS: dict[str, tuple[str, object]] = {
     "partial": ("object", b""),  # PARTIAL: safetensors bytes for the driver
     "extra_names": ("object", ()),  # edit: member names of further output images of a sample ("scale1" …)
     "extra_pixels": ("object", None),  # … and their uint8 pixels stacked (n, H, W, 3), written as <name>.<image_format>
+    "clip_score": ("float32", math.nan),  # cos(CLIP image, CLIP target text) of the output (NaN: not scored)
+    "directional": ("float32", math.nan),  # directional CLIP of input → output against source → target text
+    "ranked": ("object", ()),  # search: candidate indices, best first (the first is ``candidate``)
+    "ranked_scores": ("object", ()),  # … and their directional CLIP scores
     # manifest rows: what one staged part of a shard holds (pipeline.data.ledger counts them)
     "part": ("object", ""),
     "rows": ("int64", 0),  # SAMPLE + REJECT rows staged
@@ -67,6 +71,9 @@ COLUMNS: dict[str, tuple[str, object]] = {
     "psnr_sum": ("float64", 0.0),
     "ssim_sum": ("float64", 0.0),
     "metric_count": ("int64", 0),
+    "clip_score_sum": ("float64", 0.0),
+    "directional_sum": ("float64", 0.0),
+    "score_count": ("int64", 0),
 }
 
 INPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "image", "image_name", "member_names", "member_data")
@@ -76,9 +83,11 @@ LATENT_INPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "latent", "tim
 CANDIDATE_COLUMNS = ("shard", "key", "index", "kind", "candidate")
 OUTPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "pixels", "latent", "step", "latent_rows",
                   "member_names", "member_data", "timesteps", "method", "eta", "seed", "candidate", "psnr",
-                  "ssim", "source_model", "source_cond", "partial", "extra_names", "extra_pixels")
+                  "ssim", "source_model", "source_cond", "partial", "extra_names", "extra_pixels", "clip_score",
+                  "directional", "ranked", "ranked_scores")
 MANIFEST_COLUMNS = ("shard", "part", "kind", "rows", "latent_rows", "latent_rows_expected", "images", "rejected",
-                    "psnr_sum", "ssim_sum", "metric_count", "partial")
+                    "psnr_sum", "ssim_sum", "metric_count", "clip_score_sum", "directional_sum", "score_count",
+                    "partial")
 
 
 class RowBuffer:
@@ -128,7 +137,7 @@ def column(name: str, values: list) -> np.ndarray:
     for i, v in enumerate(values):
         if name in ("pixels", "latent", "extra_pixels"):
             v = _EMPTY[name] if v is None else v
-        elif name in ("member_names", "member_data", "timesteps", "extra_names"):
+        elif name in ("member_names", "member_data", "timesteps", "extra_names", "ranked", "ranked_scores"):
             v = list(v)
         out[i] = v
     return out
@@ -182,6 +191,11 @@ class Provenance:
                "latent_rows": latent_rows}
         if int(batch["candidate"][i]) >= 0:
             row["candidate"] = int(batch["candidate"][i])
+            if "search" in self.settings:  # the winner's settings, and the runners-up (search.top_k)
+                grid = self.settings["search"]
+                row["chosen"] = search_choice(grid, row["candidate"])
+                row["ranked"] = [{**search_choice(grid, int(c)), "candidate": int(c), "directional": float(v)}
+                                 for c, v in zip(batch["ranked"][i], batch["ranked_scores"][i], strict=True)]
         if str(batch["method"][i]):  # decode: the stored latent's own sampler
             row["method"], row["eta"] = str(batch["method"][i]), float(batch["eta"][i])
         if str(batch["source_model"][i]):
@@ -191,10 +205,27 @@ class Provenance:
         if not math.isnan(ssim):
             row["psnr"] = psnr if math.isfinite(psnr) else None  # identical images: JSON has no inf
             row["ssim"] = ssim
+        for name in ("clip_score", "directional"):
+            if not math.isnan(float(batch[name][i])):
+                row[name] = float(batch[name][i])
         return row
 
     def to_json(self, batch: dict, i: int, latent_rows: int) -> bytes:
         return json.dumps(self.for_sample(batch, i, latent_rows), sort_keys=True).encode()
+
+
+def search_choice(grid: dict, candidate: int) -> dict:
+    """A zero-shot search candidate's settings from its index. Candidates are numbered trial-major, then
+    encoder scale, skip, decoder scale (the official loops: cycle-diffusion model/gan_wrapper/
+    stable_diffusion_stochastic_text_wrapper.py:189-191 encode, :156 decode); the same order as
+    ``pipeline.diffusion.search.SearchGrid``."""
+    n_dec, n_skip, n_enc = len(grid["decoder_scales"]), len(grid["skips"]), len(grid["encoder_scales"])
+    rest, dec = divmod(int(candidate), n_dec)
+    rest, skip = divmod(rest, n_skip)
+    trial, enc = divmod(rest, n_enc)
+    steps, s = int(grid["steps"]), int(grid["skips"][skip])
+    return {"trial": trial, "encoder_scale": grid["encoder_scales"][enc], "skip": s,
+            "strength": (steps - s) / steps, "decoder_scale": grid["decoder_scales"][dec]}
 
 
 def source_condition(cond_json) -> object:

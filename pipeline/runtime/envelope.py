@@ -38,9 +38,9 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def open_output(uri: str, storage_options: dict) -> OutputStore:
+def open_output(uri: str, storage_options: dict, control: str = "") -> OutputStore:
     """The output store, after a probe write: a bad bucket or credentials fail here, before any model."""
-    store = OutputStore(uri, storage_options)
+    store = OutputStore(uri, storage_options, control)
     try:
         store.probe_writable()
     except LatentshiftError:
@@ -62,7 +62,7 @@ def run_job(job: Job, cfg: JobConfig, overwrite: bool = False, out=sys.stdout, *
     if job.check is not None:
         job.check(cfg)
     shards = job.units(cfg)
-    store = open_output(cfg.output.uri, cfg.output.storage_options)
+    store = open_output(cfg.output.uri, cfg.output.storage_options, job.control)
     ledger = ShardLedger(store, new_run_id(), redo_committed=overwrite or not job.skip_committed,
                          lease_seconds=cfg.output.lease_seconds)
     run = Run(job, cfg, store, ledger, options={"overwrite": overwrite, **options}, out=out)
@@ -149,6 +149,10 @@ def _add_totals(s: dict, t: dict) -> None:
     if t["metric_count"]:
         s["mean_psnr"] = round(t["psnr_sum"] / t["metric_count"], 3)
         s["mean_ssim"] = round(t["ssim_sum"] / t["metric_count"], 4)
+    if t["score_count"]:
+        s["scored"] = t["score_count"]
+        s["mean_clip_score"] = round(t["clip_score_sum"] / t["score_count"], 4)
+        s["mean_directional"] = round(t["directional_sum"] / t["score_count"], 4)
     if t["incomplete"]:
         s["incomplete_shards"] = t["incomplete"]
     _note_elsewhere(s, t["elsewhere"])
@@ -168,6 +172,9 @@ def summary_lines(s: dict) -> list[str]:
     lines.append(f"  speed      {s['images_per_second']} images/s over {s['seconds']} s")
     if "mean_psnr" in s:
         lines.append(f"  quality    mean PSNR {s['mean_psnr']} dB, mean SSIM {s['mean_ssim']} (output vs input)")
+    if s.get("scored"):
+        lines.append(f"  scores     {s['scored']} images: mean CLIP score {s['mean_clip_score']}, mean directional CLIP "
+                     f"{s['mean_directional']} (scores/)")
     if s.get("incomplete_shards"):
         lines.append(f"  INCOMPLETE {', '.join(s['incomplete_shards'])}: re-run to finish them")
     return lines

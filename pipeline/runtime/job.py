@@ -83,6 +83,7 @@ class Job:
     finish: Callable[[Run], None] | None = None  # after the commits (e.g. write the stats file)
     options: tuple[Option, ...] = ()
     models: tuple[str, ...] = ()  # model sections it loads ("source", "target"): resolved in preflight
+    control: str = ""  # a job adding to another's output keeps its ledger, claims and rejects under this folder
 
 
 # ---- helpers job modules share ------------------------------------------------------

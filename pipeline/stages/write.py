@@ -15,7 +15,15 @@ import numpy as np
 from pipeline.data.images import encode_image
 from pipeline.data.latents import LATENT_SCHEMA, latent_row
 from pipeline.data.ledger import ShardLedger
-from pipeline.data.rows import MANIFEST_COLUMNS, Provenance, RowBuffer, RowKind, members
+from pipeline.data.rows import (
+    MANIFEST_COLUMNS,
+    Provenance,
+    RowBuffer,
+    RowKind,
+    members,
+    search_choice,
+)
+from pipeline.data.scores import score_row, scores_to_bytes
 from pipeline.data.shards import write_samples
 
 PSNR_OF_IDENTICAL = 100.0  # dB counted for identical images in the run's mean PSNR
@@ -41,9 +49,9 @@ def _stage_part(batch: dict, idx: list[int], shard: str, ledger: ShardLedger, im
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    samples, rejects, latents, indices, sample_keys = [], [], [], [], []
-    psnr_sum = ssim_sum = 0.0
-    metric_count = expected_latents = 0
+    samples, rejects, latents, indices, sample_keys, scores = [], [], [], [], [], []
+    psnr_sum = ssim_sum = clip_sum = directional_sum = 0.0
+    metric_count = expected_latents = score_count = 0
     for i in idx:
         key, index, kind = str(batch["key"][i]), int(batch["index"][i]), int(batch["kind"][i])
         if kind == RowKind.LATENT:
@@ -64,6 +72,12 @@ def _stage_part(batch: dict, idx: list[int], shard: str, ledger: ShardLedger, im
             psnr_sum += psnr if math.isfinite(psnr) else PSNR_OF_IDENTICAL
             ssim_sum += ssim
             metric_count += 1
+        clip, directional = float(batch["clip_score"][i]), float(batch["directional"][i])
+        if not (math.isnan(clip) and math.isnan(directional)):
+            scores += _score_rows(batch, i, shard, provenance)
+            clip_sum += 0.0 if math.isnan(clip) else clip
+            directional_sum += 0.0 if math.isnan(directional) else directional
+            score_count += 1
         pixels = batch["pixels"][i]
         if pixels.size == 0:  # encode: latents only, no image
             continue
@@ -84,7 +98,24 @@ def _stage_part(batch: dict, idx: list[int], shard: str, ledger: ShardLedger, im
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(latents, schema=LATENT_SCHEMA), buf, compression="zstd")
         files["parquet"] = buf.getvalue()
+    if scores:
+        files["scores"] = scores_to_bytes(scores)
     part = ledger.stage_part(shard, files, {"indices": indices, "samples": sample_keys, "rejects": rejects})
     return {"shard": shard, "part": part, "kind": RowKind.SAMPLE, "rows": len(indices), "latent_rows": len(latents),
             "latent_rows_expected": expected_latents, "images": len(samples), "rejected": len(rejects),
-            "psnr_sum": psnr_sum, "ssim_sum": ssim_sum, "metric_count": metric_count}
+            "psnr_sum": psnr_sum, "ssim_sum": ssim_sum, "metric_count": metric_count, "clip_score_sum": clip_sum,
+            "directional_sum": directional_sum, "score_count": score_count}
+
+
+def _score_rows(batch: dict, i: int, shard: str, provenance: Provenance) -> list[dict]:
+    """A scored sample's rows of ``scores/<shard>.parquet``: rank 0 its output, then a search's runners-up."""
+    key, candidate = str(batch["key"][i]), int(batch["candidate"][i])
+    grid = provenance.settings.get("search")
+    if grid is None or candidate < 0:
+        return [score_row(key=key, shard=shard, clip_score=batch["clip_score"][i], directional=batch["directional"][i])]
+    rows = []
+    for rank, (c, value) in enumerate(zip(batch["ranked"][i], batch["ranked_scores"][i], strict=True)):
+        rows.append(score_row(key=key, shard=shard, rank=rank, candidate=int(c), directional=float(value),
+                              clip_score=batch["clip_score"][i] if rank == 0 else math.nan,
+                              choice=search_choice(grid, int(c))))
+    return rows
