@@ -62,9 +62,9 @@ def dpm_translate(
         x = dpm_decode(target, z, condition=target_condition, guidance_scale=target_guidance,
                        refine_steps=refine_steps)
         return (z if keep_noise else z.without_noise()), x
-    reconstruct = _same_condition(source_condition, target_condition)
-    z, y = _encode_walk(source, source.to_model_space(x0), steps, eta, strength, source_condition, source_guidance,
-                        seeds, decode_alongside=(target_condition, target_guidance, reconstruct), keep_noise=keep_noise)
+    reconstruct = same_condition(source_condition, target_condition)
+    z, (y,) = encode_walk(source, source.to_model_space(x0), steps, eta, strength, source_condition, source_guidance,
+                           seeds, decoders=[(target_condition, target_guidance, reconstruct)], keep_noise=keep_noise)
     if refine_steps > 0:
         y = refine(target, y, refine_steps, z.seeds, target_condition, target_guidance)
     return z, target.to_pixels(y)
@@ -91,22 +91,24 @@ def dpm_encode_model_space(
     reconstruction adds back (exact for every scheduler configuration) and a translation
     ignores, taking that step deterministically as the official code and diffusers do.
     """
-    z, _ = _encode_walk(den, x0, steps, eta, strength, condition, guidance_scale, seeds)
+    z, _ = encode_walk(den, x0, steps, eta, strength, condition, guidance_scale, seeds)
     return z
 
 
-def _encode_walk(den, x0, steps, eta, strength, condition, guidance_scale, seeds, decode_alongside=None,
-                 keep_noise=True) -> tuple[Latent, torch.Tensor | None]:
-    """The DPM-Encoder's walk; with ``decode_alongside`` = (condition, guidance_scale, reconstruct),
-    also the generative walk of the same model under that condition, driven by each ε_t as soon
-    as it is solved (one network call per step for both)."""
+def encode_walk(den, x0, steps, eta, strength, condition, guidance_scale, seeds, decoders=(),
+                 keep_noise=True, timesteps=None) -> tuple[Latent, list[torch.Tensor]]:
+    """The DPM-Encoder's walk; for each of ``decoders`` = [(condition, guidance_scale, reconstruct), …],
+    also the generative walk of the same model under that condition and scale, driven by each ε_t as
+    soon as it is solved: one network call per step carries the encoder and every decoder (the
+    zero-shot search decodes one encoding at several scales this way). ``timesteps`` replaces the grid
+    of (steps, strength) when given."""
     if not eta > 0:
         raise ValueError(
             f"the DPM-Encoder is stochastic and needs eta > 0 (got {eta}); "
             "for a deterministic latent use ddim_invert (sampler.method: ddim)"
         )
     x0 = x0.to(den.device, torch.float32)
-    timesteps = den.schedule.grid(steps, strength)
+    timesteps = den.schedule.grid(steps, strength) if timesteps is None else list(timesteps)
     moves = den.schedule.steps_along(timesteps)
     seeds = list(seeds) if seeds is not None else default_seeds(x0.shape[0])
     if len(seeds) != x0.shape[0]:
@@ -115,18 +117,18 @@ def _encode_walk(den, x0, steps, eta, strength, condition, guidance_scale, seeds
     noise, shape = NoiseSource(seeds, den.device), tuple(x0.shape[1:])
 
     x_t = forward_noise(x0, moves[0].alpha_t, noise.draw(0, shape))  # x_{t0} = √ᾱ x0 + √(1−ᾱ) n
-    x_start = y_t = x_t  # the decoder alongside starts where the encoder does
+    x_start = x_t
+    ys = [x_t] * len(decoders)  # the decoders alongside start where the encoder does
     innovations = []
     for i, m in enumerate(moves):
         sigma = ddim_sigma(eta, m.alpha_t, m.alpha_prev)
         x_p = x0 if m.is_last else posterior_sample(x0, x_t, m.alpha_t, m.alpha_prev, sigma, noise.draw(i + 1, shape))
-        parts = [(x_t, condition, guidance_scale)]
-        if decode_alongside is not None:
-            parts.append((y_t, decode_alongside[0], decode_alongside[1]))
+        parts = [(x_t, condition, guidance_scale)] + [(y, c, w) for y, (c, w, _) in zip(ys, decoders, strict=True)]
         eps = den.eps_many(m.t, parts)
         eps_t = (x_p - mean_from_eps(den, x_t, eps[0], m, sigma)) / innovation_scale(sigma, residual=True)  # ε_t = (x_p − μ_θ)/σ_t
-        if decode_alongside is not None:  # x_p = μ_θ + σ_t ε_t on the target side (denoise's step)
-            y_t = mean_from_eps(den, y_t, eps[1], m, sigma) + innovation_scale(sigma, decode_alongside[2]) * eps_t
+        # x_p = μ_θ + σ_t ε_t on each decoder's side (denoise's step)
+        ys = [mean_from_eps(den, y, e, m, sigma) + innovation_scale(sigma, d[2]) * eps_t
+              for y, e, d in zip(ys, eps[1:], decoders, strict=True)]
         if keep_noise:
             innovations.append(eps_t)
         x_t = x_p
@@ -140,7 +142,7 @@ def _encode_walk(den, x0, steps, eta, strength, condition, guidance_scale, seeds
         source=den.source,
         condition=condition,
     )
-    return z, (y_t if decode_alongside is not None else None)
+    return z, ys
 
 
 @torch.no_grad()
@@ -179,7 +181,7 @@ def is_reconstruction(den, z: Latent, condition) -> bool:
     """Decoding ``z`` with ``den`` and ``condition`` goes back to where it was encoded."""
     if z.source is None or z.source != den.source:
         return False
-    return _same_condition(z.condition, condition)
+    return same_condition(z.condition, condition)
 
 
 @torch.no_grad()
@@ -206,7 +208,7 @@ def refine(den, x0: torch.Tensor, refine_steps: int, seeds: Sequence[int], condi
     return x
 
 
-def _same_condition(a, b) -> bool:
+def same_condition(a, b) -> bool:
     try:
         return bool(a == b)
     except (TypeError, RuntimeError):  # e.g. tensors, which compare elementwise
