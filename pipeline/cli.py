@@ -151,6 +151,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.random and args.config:
         raise ConfigError("bench takes --config or --random, not both")
+    if args.search:
+        from pipeline.tools.search_bench import run_search_bench
+
+        if args.config or args.random not in (None, "sd-1", "tiny-sd"):
+            raise ConfigError("bench --search takes --random sd-1 or tiny-sd (a text-to-image model)")
+        run_search_bench(args.random or "sd-1", images=args.images, trials=args.trials)
+        return 0
+    args.images = args.images or 64
     if not args.random:
         run_bench(load_config(args.config, args.overrides), images=args.images, per_shard=args.per_shard,
                   peer=not args.no_peer)
@@ -268,9 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--random", choices=("ddpm-256", "sd-1", "tiny-pixel", "tiny-sd"),
                    help="random-weight models of this shape instead of a config's (--set still applies)")
-    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--images", type=int, default=None, help="images to run (default 64; --search: 2 for sd-1)")
     p.add_argument("--per-shard", type=int, default=16)
     p.add_argument("--no-peer", action="store_true", help="skip diffusers' CycleDiffusionPipeline (zero-shot configs)")
+    p.add_argument("--search", action="store_true",
+                   help="the zero-shot search's candidates/s against the official loop (see README Performance)")
+    p.add_argument("--trials", type=int, default=1, help="--search: trials timed (the official grid's 15 are scaled)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("lpips-export", help="(online, once) write the LPIPS network to a safetensors file for hspace.lpips")
