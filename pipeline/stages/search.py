@@ -54,8 +54,9 @@ class SearchStage(InvertingStage):
         super().__init__(output)
         self.source_cfg, self.target_cfg, self.sampler, self.search = source, target, sampler, search
         self.seed = sampler.seed
-        self.source = load_model(source, dtype, sampler.clip_x0, compile)
-        self.grid = search_grid(search, sampler)
+        # never compiled: walks differ in rows (skips, trial chunks, inputs stopped early), which would recompile
+        self.source = load_model(source, dtype, sampler.clip_x0)
+        self.search_grid = search_grid(search, sampler)
         self.clip = load_clip_section(clip, self.source.device)
         templates = IMAGENET_TEMPLATES if score.templates else None
         # the official ranking encodes the plain prompts (cycle-diffusion model/energy/clean_clip.py:24-27)
@@ -79,7 +80,7 @@ class SearchStage(InvertingStage):
                                           self.target_text)
 
         s = self.search
-        result = zero_shot_search(self.source, images, work.seeds, directional, self.grid, eta=self.sampler.eta,
+        result = zero_shot_search(self.source, images, work.seeds, directional, self.search_grid, eta=self.sampler.eta,
                                   source_condition=self.source_cfg.condition,
                                   target_condition=self.target_cfg.condition, top_k=s.top_k,
                                   stop_score=s.stop_score, trials_per_walk=s.trials_per_walk)
