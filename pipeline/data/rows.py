@@ -9,6 +9,7 @@ explicit ``RowKind``. Provenance is assembled and serialised once, by the writer
   read      (reader → decode)     INPUT_COLUMNS
   pixels    (decode → model)      PIXEL_COLUMNS
   latents   (latent reader → model, the decode job)   LATENT_INPUT_COLUMNS
+  pairs     (score reader → decode → model, the score job)   SCORE_READ_COLUMNS, SCORE_PIXEL_COLUMNS
   model     (model → writer)      OUTPUT_COLUMNS
   manifest  (writer → driver)     MANIFEST_COLUMNS: one small row per staged part
 """
@@ -62,6 +63,9 @@ COLUMNS: dict[str, tuple[str, object]] = {
     "directional": ("float32", math.nan),  # directional CLIP of input → output against source → target text
     "ranked": ("object", ()),  # search: candidate indices, best first (the first is ``candidate``)
     "ranked_scores": ("object", ()),  # … and their directional CLIP scores
+    "input_image": ("object", b""),  # score: the encoded input image of the same key (b"": not paired)
+    # … decoded, uint8 (H, W, 3); unpaired: empty, not None, so the tensor column keeps one ndim (as ``pixels``)
+    "input_pixels": ("object", np.zeros((0, 0, 3), np.uint8)),
     # manifest rows: what one staged part of a shard holds (pipeline.data.ledger counts them)
     "part": ("object", ""),
     "rows": ("int64", 0),  # SAMPLE + REJECT rows staged
@@ -81,6 +85,8 @@ PIXEL_COLUMNS = ("shard", "key", "index", "kind", "error", "pixels", "member_nam
 LATENT_INPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "latent", "timesteps", "method", "eta", "seed",
                         "source_model", "source_cond")
 CANDIDATE_COLUMNS = ("shard", "key", "index", "kind", "candidate")
+SCORE_READ_COLUMNS = ("shard", "key", "index", "kind", "error", "image", "image_name", "input_image")
+SCORE_PIXEL_COLUMNS = ("shard", "key", "index", "kind", "error", "pixels", "input_pixels")
 OUTPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "pixels", "latent", "step", "latent_rows",
                   "member_names", "member_data", "timesteps", "method", "eta", "seed", "candidate", "psnr",
                   "ssim", "source_model", "source_cond", "partial", "extra_names", "extra_pixels", "clip_score",

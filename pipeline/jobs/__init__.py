@@ -10,11 +10,21 @@ from __future__ import annotations
 import sys
 
 from pipeline.errors import ConfigError
-from pipeline.jobs import decode, direction_fit, edit, encode, ood_fit, ood_sample, translate
+from pipeline.jobs import (
+    decode,
+    direction_fit,
+    edit,
+    encode,
+    ood_fit,
+    ood_sample,
+    score,
+    search,
+    translate,
+)
 from pipeline.runtime.job import Job
 
 JOBS: dict[str, Job] = {j.name: j for j in (translate.JOB, encode.JOB, decode.JOB, ood_fit.JOB, ood_sample.JOB,
-                                           direction_fit.JOB, edit.JOB)}
+                                           direction_fit.JOB, edit.JOB, search.JOB, score.JOB)}
 
 
 def get(name: str) -> Job:

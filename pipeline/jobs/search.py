@@ -6,21 +6,9 @@ from pipeline.errors import ConfigError
 from pipeline.runtime.job import Built, Job, image_shards, provenance
 
 
-def texts(cfg) -> tuple[str, str]:
-    """The ranking's (source, target) texts: score.source_text / target_text, else the prompts."""
-    out = []
-    for which, given, condition in (("source", cfg.score.source_text, cfg.source.condition),
-                                    ("target", cfg.score.target_text, cfg.target.condition)):
-        text = given if given else condition if isinstance(condition, str) else None
-        if not text:
-            raise ConfigError(f"config error: score.{which}_text is not set and {which}.condition is not a prompt; "
-                              f"the search ranks candidates by directional CLIP, which needs both texts")
-        out.append(text)
-    return out[0], out[1]
-
-
 def check(cfg) -> None:
     """One model, the dpm encoder, a grid that fits sampler.steps, a CLIP checkpoint: before any model loads."""
+    from pipeline.stages.score import check_scoring
     from pipeline.stages.search import search_grid
 
     if cfg.target.model not in (None, cfg.source.model):
@@ -29,10 +17,7 @@ def check(cfg) -> None:
     if cfg.sampler.method != "dpm":
         raise ConfigError("config error: sampler.method = ddim: the zero-shot search draws fresh DPM-Encoder noise "
                           "per trial; use sampler.method: dpm")
-    if not cfg.clip.pretrained:
-        raise ConfigError("config error: clip.pretrained is not set; the search ranks candidates with an open_clip "
-                          "checkpoint (local or s3://; latentshift never downloads one)")
-    texts(cfg)
+    check_scoring(cfg.clip, cfg.score, cfg.source, cfg.target)  # the ranking: a CLIP checkpoint and both texts
     try:
         grid = search_grid(cfg.search, cfg.sampler)
     except ValueError as exc:
@@ -45,13 +30,13 @@ def check(cfg) -> None:
 def build(run, shards):
     from pipeline.diffusion.noise import GENERATOR
     from pipeline.runtime.ray_env import model_stage, read_images
+    from pipeline.stages.score import score_texts
     from pipeline.stages.search import SearchStage, search_grid
 
     cfg = run.cfg
-    source_text, target_text = texts(cfg)
+    source_text, target_text = score_texts(cfg.score, cfg.source, cfg.target)
     ds = model_stage(read_images(run, shards), cfg.runtime, SearchStage, source=cfg.source, target=cfg.target,
-                     sampler=cfg.sampler, search=cfg.search, score=cfg.score, clip=cfg.clip,
-                     texts=(source_text, target_text), output=cfg.output)
+                     sampler=cfg.sampler, search=cfg.search, score=cfg.score, clip=cfg.clip, output=cfg.output)
     grid = search_grid(cfg.search, cfg.sampler)
     settings = {"method": "zero-shot search", "model": cfg.source.model, "source_condition": cfg.source.condition,
                 "source_guidance_scales": list(cfg.search.encoder_scales), "target_condition": cfg.target.condition,

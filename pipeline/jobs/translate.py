@@ -10,16 +10,30 @@ from pipeline.runtime.job import (
 )
 
 
+def check(cfg) -> None:
+    """score.inline: the CLIP checkpoint key and both texts, before any model loads."""
+    if cfg.score.inline:
+        from pipeline.stages.score import check_scoring
+
+        check_scoring(cfg.clip, cfg.score, cfg.source, cfg.target)
+
+
 def build(run, shards):
     from pipeline.runtime.ray_env import model_stage, read_images
     from pipeline.stages.codec import TranslateStage
 
     cfg = run.cfg
     ds = model_stage(read_images(run, shards), cfg.runtime, TranslateStage, source=cfg.source, target=cfg.target,
-                     sampler=cfg.sampler, output=cfg.output)
+                     sampler=cfg.sampler, output=cfg.output, score=cfg.score, clip=cfg.clip)
     settings = {**sampler_settings(cfg), "source_model": cfg.source.model, "source_condition": cfg.source.condition,
                 "source_guidance": cfg.source.guidance_scale, "target_model": cfg.target.model,
                 "target_condition": cfg.target.condition, "target_guidance": cfg.target.guidance_scale}
+    if cfg.score.inline:  # what the clip_score / directional of each sample were measured with
+        from pipeline.stages.score import score_texts
+
+        source_text, target_text = score_texts(cfg.score, cfg.source, cfg.target)
+        settings["score"] = {"clip_model": cfg.clip.model, "clip_pretrained": cfg.clip.pretrained,
+                             "source_text": source_text, "target_text": target_text, "templates": cfg.score.templates}
     return Built(ds, provenance(run, settings, source_latents(cfg)))
 
 
@@ -31,4 +45,5 @@ JOB = Job(
     units=lambda cfg: image_shards(cfg.input.uri, cfg.input.storage_options),
     build=build,
     models=("source", "target"),
+    check=check,
 )

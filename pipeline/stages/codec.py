@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.config import ModelConfig, OutputConfig, SamplerConfig
+from pipeline.config import ClipConfig, ModelConfig, OutputConfig, SamplerConfig, ScoreConfig
 from pipeline.data.rows import RowBuffer, RowKind, source_condition
 from pipeline.diffusion import (
     Latent,
@@ -62,12 +62,15 @@ class Outputs:
     images: np.ndarray | None = None  # (B, H, W, 3) uint8
     psnr: np.ndarray | None = None
     ssim: np.ndarray | None = None
+    clip_score: np.ndarray | None = None  # score.inline: CLIP scores of the outputs (pipeline/stages/score.py)
+    directional: np.ndarray | None = None
 
 
 class EncodeStage(ModelStage):
     """Images → latents with the source model."""
 
     concurrent_batches = 2
+    scorer = None  # TranslateStage with score.inline: a pipeline.stages.score.Scorer
 
     def __init__(self, source: ModelConfig, sampler: SamplerConfig, output: OutputConfig, dtype: str = "auto",
                  compile: str = "off", ready: bool = True):
@@ -115,6 +118,8 @@ class EncodeStage(ModelStage):
             a, b = src[:n].permute(0, 3, 1, 2), out8.permute(0, 3, 1, 2)
             result.images = out8.cpu().numpy()
             result.psnr, result.ssim = psnr(a, b).cpu().numpy(), ssim(a, b).cpu().numpy()
+            if self.scorer is not None:  # on the uint8 images written, so `latentshift score` gives the same
+                result.clip_score, result.directional = self.scorer.score(out8, src[:n])
         return result
 
     def emit(self, batch: dict, work: Work, result: Outputs | None) -> dict:
@@ -129,23 +134,31 @@ class EncodeStage(ModelStage):
                    "seed": np.asarray(work.seeds[: len(idx)], dtype=np.int64)}
         if result.images is not None:
             per_row.update(pixels=list(result.images), psnr=result.psnr, ssim=result.ssim)
+        if result.clip_score is not None:
+            per_row.update(clip_score=result.clip_score, directional=result.directional)
         rows.extend(per_row, kind=RowKind.SAMPLE, timesteps=result.timesteps, latent_rows=n_lat)
         return rows.batch()
 
 
 class TranslateStage(EncodeStage):
-    """Images → source latents → target decode (CycleDiffusion), with PSNR/SSIM against the input.
+    """Images → source latents → target decode (CycleDiffusion), with PSNR/SSIM against the input
+    (and with ``score.inline`` the CLIP scores, pipeline/stages/score.py).
 
     With one model for both (zero-shot), encoder and decoder walk in lockstep: one UNet call per
     step (``dpm_translate``)."""
 
     def __init__(self, source: ModelConfig, target: ModelConfig, sampler: SamplerConfig, output: OutputConfig,
-                 dtype: str = "auto", compile: str = "off"):
+                 dtype: str = "auto", compile: str = "off", score: ScoreConfig | None = None,
+                 clip: ClipConfig | None = None):
         super().__init__(source, sampler, output, dtype, compile, ready=False)
         self.target_cfg = target
         same = target.model == source.model and target.allow_pickle == source.allow_pickle
         self.target = self.source if same else load_model(target, dtype, sampler.clip_x0, compile)
         check_refine(self.target, sampler.refine_steps)
+        if score is not None and score.inline:  # loaded once per actor, its text features with it
+            from pipeline.stages.score import Scorer
+
+            self.scorer = Scorer.load(clip or ClipConfig(), score, source, target, device=self.source.device)
         self.ready()
 
     def decode(self, z: Latent) -> torch.Tensor:

@@ -23,9 +23,10 @@ from pipeline.config import (
 )
 from pipeline.data.rows import RowBuffer
 from pipeline.diffusion.search import SearchGrid, SearchResult, zero_shot_search
-from pipeline.metrics.clip import IMAGENET_TEMPLATES, clip_score, directional_similarity
+from pipeline.metrics.clip import clip_score, directional_similarity
 from pipeline.stages.base import load_model
-from pipeline.stages.hspace import InvertingStage, Work, load_clip_section
+from pipeline.stages.hspace import InvertingStage, Work
+from pipeline.stages.score import Scorer
 from pipeline.stages.tensors import to_model_range, to_uint8_tensor
 
 CLIP_CHUNK = 64  # images per CLIP forward: a walk may decode hundreds of candidates at once
@@ -49,7 +50,7 @@ class SearchStage(InvertingStage):
     """Images → the search's best candidates per input (one model, source and target conditions)."""
 
     def __init__(self, source: ModelConfig, target: ModelConfig, sampler: SamplerConfig, search: SearchConfig,
-                 score: ScoreConfig, clip: ClipConfig, texts: tuple[str, str], output: OutputConfig,
+                 score: ScoreConfig, clip: ClipConfig, output: OutputConfig,
                  dtype: str = "auto", compile: str = "off"):
         super().__init__(output)
         self.source_cfg, self.target_cfg, self.sampler, self.search = source, target, sampler, search
@@ -57,16 +58,13 @@ class SearchStage(InvertingStage):
         # never compiled: walks differ in rows (skips, trial chunks, inputs stopped early), which would recompile
         self.source = load_model(source, dtype, sampler.clip_x0)
         self.search_grid = search_grid(search, sampler)
-        self.clip = load_clip_section(clip, self.source.device)
-        templates = IMAGENET_TEMPLATES if score.templates else None
-        # the official ranking encodes the plain prompts (cycle-diffusion model/energy/clean_clip.py:24-27)
-        self.source_text = self.clip.text_features([texts[0]], templates)
-        self.target_text = self.clip.text_features([texts[1]], templates)
+        # CLIP and the texts' features (the official ranking: plain prompts, clean_clip.py:24-27), loaded once
+        self.scorer = Scorer.load(clip, score, source, target, self.source.device)
         self.ready()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([self.clip.image_features(c) for c in images.split(CLIP_CHUNK)])
+            return torch.cat([self.scorer.clip.image_features(c) for c in images.split(CLIP_CHUNK)])
 
     def compute(self, work: Work) -> Found | None:
         if work.pixels is None:
@@ -76,15 +74,15 @@ class SearchStage(InvertingStage):
 
         def directional(candidates: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
             # cycle-diffusion clean_clip.py:33-39: cos of the normalised image and text directions
-            return directional_similarity(source_features[rows], self.features(candidates), self.source_text,
-                                          self.target_text)
+            return directional_similarity(source_features[rows], self.features(candidates), self.scorer.source,
+                                          self.scorer.target)
 
         s = self.search
         result = zero_shot_search(self.source, images, work.seeds, directional, self.search_grid, eta=self.sampler.eta,
                                   source_condition=self.source_cfg.condition,
                                   target_condition=self.target_cfg.condition, top_k=s.top_k,
                                   stop_score=s.stop_score, trials_per_walk=s.trials_per_walk)
-        winners = clip_score(self.features(result.images[:, 0]), self.target_text)
+        winners = clip_score(self.features(result.images[:, 0]), self.scorer.target)
         n, k = result.scores.shape
         out = to_uint8_tensor(result.images.flatten(0, 1)).view(n, k, *work.pixels.shape[1:])
         host = SearchResult(images=torch.empty(0), scores=result.scores.cpu(), candidates=result.candidates.cpu(),
