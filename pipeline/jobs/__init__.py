@@ -15,6 +15,7 @@ from pipeline.jobs import (
     direction_fit,
     edit,
     encode,
+    guide,
     ood_fit,
     ood_sample,
     score,
@@ -24,7 +25,7 @@ from pipeline.jobs import (
 from pipeline.runtime.job import Job
 
 JOBS: dict[str, Job] = {j.name: j for j in (translate.JOB, encode.JOB, decode.JOB, ood_fit.JOB, ood_sample.JOB,
-                                           direction_fit.JOB, edit.JOB, search.JOB, score.JOB)}
+                                           direction_fit.JOB, edit.JOB, search.JOB, score.JOB, guide.JOB)}
 
 
 def get(name: str) -> Job:

@@ -1,0 +1,93 @@
+"""The guide stage (actor pool): image numbers → guided DPM latents → images (CycleDiffusion guidance).
+
+Per batch of candidate rows (``candidate`` = the image's number): each sample's seed is
+``sample_seed(sampler.seed, key)``; z⁽⁰⁾ and the Langevin noise come from it alone
+(``pipeline.diffusion.guidance``), so an image is the same whatever batch or actor makes it, and a
+re-run of a shard remakes it exactly. Only indices are shipped; nothing but the images and (as
+``output.latents`` asks) the final z leave the actor.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.config import ClipConfig, GuideConfig, ModelConfig, OutputConfig, SamplerConfig
+from pipeline.data.rows import RowBuffer, RowKind
+from pipeline.diffusion import sample_seed
+from pipeline.diffusion.guidance import guide, initial_latent
+from pipeline.metrics.energy import ClipEnergy, make_energy
+from pipeline.stages.base import LatentMaps, ModelStage, load_model
+from pipeline.stages.hspace import load_clip_section, pixels_with_grad
+from pipeline.stages.tensors import to_uint8_tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Work:
+    idx: np.ndarray  # the SAMPLE rows of the batch
+    seeds: list[int]
+
+
+class GuideStage(ModelStage):
+    """Candidate rows → Langevin on z (gradients on, the UNet frozen) → G(z) as uint8 → SAMPLE rows
+    (+ LATENT rows of the final z). Never compiled: the backward pass goes through the UNet."""
+
+    def __init__(self, source: ModelConfig, guide: GuideConfig, clip: ClipConfig, sampler: SamplerConfig,
+                 output: OutputConfig, size: int, dtype: str = "auto", compile: str = "off"):
+        super().__init__(output)
+        self.source_cfg, self.guide, self.sampler = source, guide, sampler
+        # runtime.dtype auto means float16 on a GPU, which suits inference but not this backward pass: the
+        # per-pixel gradient of an energy averaged over the image (~1/(H·W)) falls below float16's normal
+        # range (6e-5) and flushes to zero or loses its digits as it goes back through K UNet calls
+        # (mixed-precision training needs loss scaling for the same reason, Micikevicius et al. 2018). So
+        # auto is float32 here; an explicit float16 / bfloat16 (float32's range) is the user's to choose.
+        self.source = load_model(source, "float32" if dtype == "auto" else dtype, sampler.clip_x0)
+        self.shape = self.source.model_space_shape((3, size, size))
+        self.energy = make_energy(guide, lambda: load_clip_section(clip, self.source.device))
+        self.ready()
+
+    def prepare(self, batch: dict) -> Work:
+        idx = self.samples(batch)
+        return Work(idx, [sample_seed(self.sampler.seed, str(batch["key"][i])) for i in idx])
+
+    def compute(self, work: Work):
+        if not len(work.idx):
+            return None
+        den, g = self.source, self.guide
+        z0 = initial_latent(den, self.shape, steps=self.sampler.steps, eta=self.sampler.eta, seeds=work.seeds,
+                            condition=self.source_cfg.condition)
+
+        def energy(x0, keys):  # E on the image G(z) as it will be written: decoded, clamped to [-1, 1]
+            return self.energy(pixels_with_grad(den, x0).clamp(-1, 1), keys)
+
+        with torch.enable_grad():  # the Langevin gradient; nothing else in the pipeline builds a graph
+            res = guide(den, z0, energy, steps=g.langevin_steps, step_size=g.step_size, weight=g.weight,
+                        seeds=work.seeds, condition=self.source_cfg.condition,
+                        guidance_scale=self.source_cfg.guidance_scale, checkpoint=g.checkpoint)
+        with torch.no_grad():
+            pixels = den.to_pixels(res.x0)
+            scores = self.energy.similarity(pixels) if isinstance(self.energy, ClipEnergy) else None
+        first, last = res.energy[0], res.energy[-1]
+        log.info("guide: %d samples, energy %.4f → %.4f (mean over the batch) in %d Langevin steps",
+                 len(work.idx), float(first.mean()), float(last.mean()), g.langevin_steps)
+        return (to_uint8_tensor(pixels).cpu().numpy(), LatentMaps.of(res.z, self.output),
+                None if scores is None else scores.float().cpu().numpy(), res.z.timesteps)
+
+    def emit(self, batch: dict, work: Work, result) -> dict:
+        rows = RowBuffer()
+        if result is None:
+            return rows.batch()
+        images, maps, scores, timesteps = result
+        idx = work.idx
+        n_lat = self.add_latent_rows(rows, maps, batch, idx)
+        per_row = {"shard": batch["shard"][idx], "key": batch["key"][idx], "index": batch["index"][idx],
+                   "seed": np.asarray(work.seeds, dtype=np.int64), "pixels": list(images)}
+        if scores is not None:  # CLIP score of the output against guide.text, unaugmented
+            per_row["clip_score"] = scores
+        rows.extend(per_row, kind=RowKind.SAMPLE, timesteps=timesteps, latent_rows=n_lat)
+        return rows.batch()
