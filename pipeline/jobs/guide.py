@@ -7,7 +7,6 @@ only); actors regenerate every chain from (sampler.seed, key)."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from pipeline.data.shards import ShardRef
 from pipeline.errors import ConfigError
@@ -20,13 +19,9 @@ def check(cfg) -> None:
     """What the energy and the stochastic decoder need, named by key, before any model loads."""
     g = cfg.guide
     if g.energy == "clip":
-        if not cfg.clip.pretrained:
-            raise ConfigError("config error: clip.pretrained is not set; guide.energy clip needs an open_clip "
-                              "checkpoint (.safetensors, local or s3://; latentshift never downloads one), or use "
-                              "guide.energy color | hue (offline)")
-        local = "://" not in cfg.clip.pretrained or cfg.clip.pretrained.startswith("file://")
-        if local and not Path(cfg.clip.pretrained.removeprefix("file://")).expanduser().is_file():
-            raise ConfigError(f"config error: clip.pretrained {cfg.clip.pretrained!r}: no such file")
+        from pipeline.stages.score import check_clip_checkpoint
+
+        check_clip_checkpoint(cfg.clip, "guide.energy clip (or use color | hue, offline) needs")
         if not g.text:
             raise ConfigError("config error: guide.text is not set; guide.energy clip needs the prompt c")
     if not cfg.sampler.eta > 0:

@@ -68,8 +68,14 @@ def score_texts(score: ScoreConfig, source: ModelConfig, target: ModelConfig,
 def check_scoring(clip: ClipConfig, score: ScoreConfig, source: ModelConfig, target: ModelConfig,
                   directional: bool = True) -> None:
     """Preflight, before any model loads: the checkpoint key is set (a local one exists) and the texts resolve."""
+    check_clip_checkpoint(clip, "CLIP scores need")
+    score_texts(score, source, target, directional)
+
+
+def check_clip_checkpoint(clip: ClipConfig, who: str) -> None:
+    """``clip.pretrained`` is set, and a local one exists (a remote one is fetched when the model loads)."""
     if not (clip.pretrained or "").strip():
-        raise ConfigError("config error: clip.pretrained is not set; CLIP scores need a local or s3:// open_clip "
+        raise ConfigError(f"config error: clip.pretrained is not set; {who} a local or s3:// open_clip "
                           "checkpoint (.safetensors; latentshift never downloads one)")
     local = clip.pretrained.removeprefix("file://")
     if "://" not in local:
@@ -77,7 +83,6 @@ def check_scoring(clip: ClipConfig, score: ScoreConfig, source: ModelConfig, tar
 
         if not Path(local).expanduser().is_file():
             raise ConfigError(f"config error: clip.pretrained {clip.pretrained!r}: no such file")
-    score_texts(score, source, target, directional)
 
 
 # ---- the scorer -----------------------------------------------------------------------------
