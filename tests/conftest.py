@@ -110,3 +110,20 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=True)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails, and fails the test even if the caller swallowed it
+    (CLIP, LPIPS and model loading must never download at run time)."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    assert not attempts, f"a test tried to use the network: {attempts}"

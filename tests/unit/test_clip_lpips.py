@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,23 +18,8 @@ from pipeline.metrics.clip import (
 from pipeline.metrics.lpips_net import load_lpips, lpips_distance, save_lpips
 from pipeline.tools.random_clip import random_lpips, save_random_clip, save_random_lpips
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("no_network")]
 
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to open a connection fails, and fails the test even if the caller swallowed it."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("tests/unit/test_clip_lpips.py: no network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    yield
-    assert not attempts, f"a test tried to use the network: {attempts}"
 
 
 @pytest.fixture(scope="module")

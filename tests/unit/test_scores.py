@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import socket
 
 import numpy as np
 import pyarrow as pa
@@ -33,22 +32,8 @@ from pipeline.stages.score import (
 )
 from pipeline.tools.random_clip import save_random_clip
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("no_network")]
 
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Scoring never downloads: any connection attempt fails the test."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args)
-        raise OSError("tests/unit/test_scores.py: no network")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    yield
-    assert not attempts, f"a test tried to use the network: {attempts}"
 
 
 @pytest.fixture(scope="module")
