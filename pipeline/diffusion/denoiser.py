@@ -94,6 +94,14 @@ class Denoiser:
         z = x0 / self.vae_scaling_factor + self.vae_shift_factor
         return self.vae.decode(z.to(self.dtype)).sample.float().clamp(-1, 1)
 
+    def to_pixels_with_grad(self, x0: torch.Tensor) -> torch.Tensor:
+        """``to_pixels`` without no_grad and without the clamp: differentiable w.r.t. ``x0`` (an h-space
+        loss, a guidance energy). The VAE decoder for a latent model, the identity for a pixel model."""
+        if self.vae is None:
+            return x0.float()
+        z = x0 / self.vae_scaling_factor + self.vae_shift_factor
+        return self.vae.decode(z.to(self.dtype)).sample.float()
+
     def model_space_shape(self, image_shape: Sequence[int]) -> tuple[int, ...]:
         """(C, h, w) of model space for images of shape (3, H, W)."""
         if self.vae is None:

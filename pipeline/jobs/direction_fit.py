@@ -143,7 +143,7 @@ def text_cosine(cfg) -> float | None:
     h = cfg.hspace
     if not (h.source_text and h.target_text and cfg.clip.pretrained):
         return None
-    from pipeline.stages.hspace import load_clip_section
+    from pipeline.stages.base import load_clip_section
     from pipeline.stages.hspace import text_cosine as cosine_of
 
     return cosine_of(load_clip_section(cfg.clip, "cpu"), h)

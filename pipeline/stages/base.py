@@ -25,7 +25,8 @@ from pipeline.config import ModelConfig, OutputConfig
 from pipeline.data.model_store import resolve_model
 from pipeline.data.profile import StageProfile, now
 from pipeline.data.rows import RowBuffer, RowKind, rows_of
-from pipeline.diffusion import Denoiser, Latent, load_denoiser
+from pipeline.diffusion import Denoiser, Latent, load_denoiser, sample_seed
+from pipeline.errors import ConfigError
 
 
 def load_model(section: ModelConfig, dtype: str, clip_x0: str = "auto", compile: str = "off") -> Denoiser:
@@ -39,6 +40,28 @@ def load_model(section: ModelConfig, dtype: str, clip_x0: str = "auto", compile:
         den.unet = torch.compile(den.unet, mode=compile)
         den.compiled = True
     return den
+
+
+def load_clip_section(clip, device):
+    """The ``clip`` section's open_clip model (checkpoint local or fetched once into the cache), frozen."""
+    from pipeline.data.model_cache import materialize_file
+    from pipeline.metrics.clip import load_clip
+
+    if not clip.pretrained:
+        raise ConfigError("config error: clip.pretrained is not set; give a local or s3:// open_clip checkpoint "
+                          "(latentshift never downloads one)")
+    path = materialize_file(clip.pretrained, clip.storage_options)
+    return load_clip(clip.model, str(path), device=device, allow_pickle=clip.allow_pickle)
+
+
+@dataclass
+class Work:
+    """What an image stage's ``prepare`` hands the device: the sample rows, their seeds, their pixels
+    (uint8 (n, H, W, 3) on the host, padded rows last; None when the batch has no sample)."""
+
+    idx: np.ndarray
+    seeds: list[int]
+    pixels: torch.Tensor | None
 
 
 @dataclass
@@ -100,6 +123,19 @@ class ModelStage:
         raise NotImplementedError
 
     # ---- helpers ------------------------------------------------------------------------
+    def image_work(self, batch: dict, run_seed: int, den: Denoiser) -> Work:
+        """The batch's sample rows as ``Work``: seeds from (run seed, shard/key), pixels stacked on the
+        host (padded for a compiled UNet) and pinned when a GPU waits for them, so the copy is asynchronous."""
+        idx = self.samples(batch)
+        if not len(idx):
+            return Work(idx, [], None)
+        seeds = [sample_seed(run_seed, f"{batch['shard'][i]}/{batch['key'][i]}") for i in idx]
+        stacked, seeds = self.padded(den, np.stack(batch["pixels"][idx]), seeds)
+        pixels = torch.from_numpy(stacked)
+        if den.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        return Work(idx, seeds, pixels)
+
     def padded(self, den: Denoiser, rows: np.ndarray, seeds: list[int]) -> tuple[np.ndarray, list[int]]:
         """``rows`` and their seeds as a batch of fixed shape: for a compiled UNet, padded with copies of
         the last row to the largest batch seen (the first, normally full), so that a short last batch

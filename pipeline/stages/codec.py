@@ -21,11 +21,10 @@ from pipeline.diffusion import (
     dpm_decode,
     dpm_encode,
     dpm_translate,
-    sample_seed,
 )
 from pipeline.errors import ModelLoadError
 from pipeline.metrics.quality import psnr, ssim
-from pipeline.stages.base import LatentMaps, ModelStage, load_model
+from pipeline.stages.base import LatentMaps, ModelStage, Work, load_model
 from pipeline.stages.tensors import to_model_range, to_uint8, to_uint8_tensor
 
 
@@ -42,15 +41,6 @@ def decode_with(target, z: Latent, section: ModelConfig, refine_steps: int = 0) 
         return dpm_decode(target, z, condition=section.condition, guidance_scale=section.guidance_scale,
                           refine_steps=refine_steps)
     return ddim_decode(target, z, condition=section.condition, guidance_scale=section.guidance_scale)
-
-
-@dataclass
-class Work:
-    """What ``prepare`` hands the device: the sample rows, their seeds and pixels (padded rows last)."""
-
-    idx: np.ndarray
-    seeds: list[int]
-    pixels: torch.Tensor | None  # (n, H, W, 3) uint8 on the host, pinned when a GPU waits for it
 
 
 @dataclass
@@ -95,15 +85,7 @@ class EncodeStage(ModelStage):
         return self.encode(x0, seeds), None
 
     def prepare(self, batch: dict) -> Work:
-        idx = self.samples(batch)
-        if not len(idx):
-            return Work(idx, [], None)
-        seeds = [sample_seed(self.sampler.seed, f"{batch['shard'][i]}/{batch['key'][i]}") for i in idx]
-        stacked, seeds = self.padded(self.source, np.stack(batch["pixels"][idx]), seeds)
-        pixels = torch.from_numpy(stacked)
-        if self.source.device.type == "cuda":
-            pixels = pixels.pin_memory()  # pinned on the host thread: the copy in compute is asynchronous
-        return Work(idx, seeds, pixels)
+        return self.image_work(batch, self.sampler.seed, self.source)
 
     def compute(self, work: Work) -> Outputs | None:
         if work.pixels is None:

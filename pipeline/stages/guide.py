@@ -20,8 +20,7 @@ from pipeline.data.rows import RowBuffer, RowKind
 from pipeline.diffusion import sample_seed
 from pipeline.diffusion.guidance import guide, initial_latent
 from pipeline.metrics.energy import ClipEnergy, make_energy
-from pipeline.stages.base import LatentMaps, ModelStage, load_model
-from pipeline.stages.hspace import load_clip_section, pixels_with_grad
+from pipeline.stages.base import LatentMaps, ModelStage, load_clip_section, load_model
 from pipeline.stages.tensors import to_uint8_tensor
 
 log = logging.getLogger(__name__)
@@ -63,7 +62,7 @@ class GuideStage(ModelStage):
                             condition=self.source_cfg.condition)
 
         def energy(x0, keys):  # E on the image G(z) as it will be written: decoded, clamped to [-1, 1]
-            return self.energy(pixels_with_grad(den, x0).clamp(-1, 1), keys)
+            return self.energy(den.to_pixels_with_grad(x0).clamp(-1, 1), keys)
 
         with torch.enable_grad():  # the Langevin gradient; nothing else in the pipeline builds a graph
             res = guide(den, z0, energy, steps=g.langevin_steps, step_size=g.step_size, weight=g.weight,

@@ -9,17 +9,15 @@ with one image per scale.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from pipeline.config import HSpaceConfig, ModelConfig, OutputConfig
 from pipeline.data.rows import RowBuffer, RowKind
-from pipeline.diffusion import ddim_invert_model_space, sample_seed
+from pipeline.diffusion import ddim_invert_model_space
 from pipeline.diffusion.hspace import DeltaBlock, EditSchedule, TableDirection, edit_walk, trace_h
 from pipeline.errors import ConfigError, ModelLoadError
-from pipeline.stages.base import LatentMaps, ModelStage, load_model
+from pipeline.stages.base import LatentMaps, ModelStage, Work, load_clip_section, load_model
 from pipeline.stages.tensors import to_model_range, to_uint8_tensor
 
 FIXED_T_EDIT, FIXED_T_BOOST = 500, 200  # script_train.sh --user_defined_t_edit 500 --user_defined_t_addnoise 200
@@ -46,15 +44,6 @@ def _pack(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
     return tensors_to_bytes({k: v.detach().cpu().numpy() for k, v in tensors.items()}, meta)
 
 
-@dataclass
-class Work:
-    """What ``prepare`` hands the device: the sample rows, their seeds, their pixels (uint8, host)."""
-
-    idx: np.ndarray
-    seeds: list[int]
-    pixels: torch.Tensor | None
-
-
 class InvertingStage(ModelStage):
     """What both h-space stages start with: sample rows → DDIM latents at t0 on ``self.grid``."""
 
@@ -63,11 +52,7 @@ class InvertingStage(ModelStage):
     seed = 0
 
     def prepare(self, batch: dict) -> Work:
-        idx = self.samples(batch)
-        if not len(idx):
-            return Work(idx, [], None)
-        seeds = [sample_seed(self.seed, f"{batch['shard'][i]}/{batch['key'][i]}") for i in idx]
-        return Work(idx, seeds, torch.from_numpy(np.stack(batch["pixels"][idx])))
+        return self.image_work(batch, self.seed, self.source)
 
     def invert(self, work: Work):
         """(images in [-1, 1], x0 in model space, the DDIM latent) of a batch, on the device."""
@@ -207,32 +192,11 @@ class EditStage(InvertingStage):
 # ---- training a learned direction (one Ray task) ------------------------------------------
 
 
-def load_clip_section(clip, device):
-    """The ``clip`` section's open_clip model (checkpoint local or fetched once into the cache)."""
-    from pipeline.data.model_cache import materialize_file
-    from pipeline.metrics.clip import load_clip
-
-    if not clip.pretrained:
-        raise ConfigError("config error: clip.pretrained is not set; give a local or s3:// open_clip checkpoint "
-                          "(latentshift never downloads one)")
-    path = materialize_file(clip.pretrained, clip.storage_options)
-    return load_clip(clip.model, str(path), device=device, allow_pickle=clip.allow_pickle)
-
-
 def text_cosine(clip, hspace: HSpaceConfig) -> float:
     """cos(source text, target text) of the plain texts, no templates (official diffusion_latent.py:1321-1328):
     it weights the L1 term and scales the t_edit threshold."""
     a, b = clip.text_features([hspace.source_text]), clip.text_features([hspace.target_text])
     return float((a * b).sum())
-
-
-def pixels_with_grad(den, x: torch.Tensor) -> torch.Tensor:
-    """Model space → images in [-1, 1], differentiable (``Denoiser.to_pixels`` is not): the VAE decoder
-    of a latent model, identity for a pixel model."""
-    if den.vae is None:
-        return x
-    z = x / den.vae_scaling_factor + den.vae_shift_factor
-    return den.vae.decode(z.to(den.dtype)).sample.float()
 
 
 def attribute_loss(den, hspace: HSpaceConfig, clip_cfg):
@@ -247,7 +211,7 @@ def attribute_loss(den, hspace: HSpaceConfig, clip_cfg):
         target = torch.tensor(train.target_color, device=den.device).view(1, 3, 1, 1)
 
         def color(x0_edit, x0):
-            rgb = (pixels_with_grad(den, x0_edit).clamp(-1, 1) + 1) / 2
+            rgb = (den.to_pixels_with_grad(x0_edit).clamp(-1, 1) + 1) / 2
             return (rgb.mean((2, 3), keepdim=True) - target).pow(2).sum(1).mean()
 
         return color, 1.0, None
@@ -262,8 +226,8 @@ def attribute_loss(den, hspace: HSpaceConfig, clip_cfg):
 
     def directional(x0_edit, x0):
         with torch.no_grad():
-            src = clip.image_features(pixels_with_grad(den, x0))
-        edit = clip.image_features(pixels_with_grad(den, x0_edit))
+            src = clip.image_features(den.to_pixels_with_grad(x0))
+        edit = clip.image_features(den.to_pixels_with_grad(x0_edit))
         n = edit.shape[0]
         sim = directional_similarity(src, edit, src_text.expand(n, -1), trg_text.expand(n, -1))
         return -torch.log((2 - (1 - sim)) / 2).mean()

@@ -31,7 +31,7 @@ from pipeline.data.rows import SCORE_PIXEL_COLUMNS, SCORE_READ_COLUMNS, RowBuffe
 from pipeline.data.shards import TarDamage, clean_message, image_member, iter_tar_samples
 from pipeline.errors import ConfigError
 from pipeline.metrics.clip import IMAGENET_TEMPLATES, clip_score, directional_similarity
-from pipeline.stages.base import ModelStage
+from pipeline.stages.base import ModelStage, load_clip_section
 from pipeline.stages.tensors import to_model_range
 
 MAX_REASON = 2000  # characters, as the input reader cuts them
@@ -103,8 +103,6 @@ class Scorer:
     @classmethod
     def load(cls, clip: ClipConfig, score: ScoreConfig, source: ModelConfig, target: ModelConfig, device=None,
              directional: bool = True) -> Scorer:
-        from pipeline.stages.hspace import load_clip_section
-
         source_text, target_text = score_texts(score, source, target, directional)
         # float32 whatever runtime.dtype says: scores are measurements, kept comparable across runs and devices
         model = load_clip_section(clip, device if device is not None else "auto")

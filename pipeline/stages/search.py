@@ -24,8 +24,8 @@ from pipeline.config import (
 from pipeline.data.rows import RowBuffer
 from pipeline.diffusion.search import SearchGrid, SearchResult, zero_shot_search
 from pipeline.metrics.clip import clip_score, directional_similarity
-from pipeline.stages.base import load_model
-from pipeline.stages.hspace import InvertingStage, Work
+from pipeline.stages.base import Work, load_model
+from pipeline.stages.hspace import InvertingStage
 from pipeline.stages.score import Scorer
 from pipeline.stages.tensors import to_model_range, to_uint8_tensor
 
