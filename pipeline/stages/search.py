@@ -24,8 +24,7 @@ from pipeline.config import (
 from pipeline.data.rows import RowBuffer
 from pipeline.diffusion.search import SearchGrid, SearchResult, zero_shot_search
 from pipeline.metrics.clip import clip_score, directional_similarity
-from pipeline.stages.base import Work, load_model
-from pipeline.stages.hspace import InvertingStage
+from pipeline.stages.base import ModelStage, Work, load_model
 from pipeline.stages.score import Scorer
 from pipeline.stages.tensors import to_model_range, to_uint8_tensor
 
@@ -46,21 +45,25 @@ class Found:
     clip_score: np.ndarray  # (n,) the winner's CLIP score against the target text
 
 
-class SearchStage(InvertingStage):
+class SearchStage(ModelStage):
     """Images → the search's best candidates per input (one model, source and target conditions)."""
+
+    concurrent_batches = 2  # prepare → compute → emit: one batch's host work overlaps the next one's walks
 
     def __init__(self, source: ModelConfig, target: ModelConfig, sampler: SamplerConfig, search: SearchConfig,
                  score: ScoreConfig, clip: ClipConfig, output: OutputConfig,
                  dtype: str = "auto", compile: str = "off"):
         super().__init__(output)
         self.source_cfg, self.target_cfg, self.sampler, self.search = source, target, sampler, search
-        self.seed = sampler.seed
         # never compiled: walks differ in rows (skips, trial chunks, inputs stopped early), which would recompile
         self.source = load_model(source, dtype, sampler.clip_x0)
         self.search_grid = search_grid(search, sampler)
         # CLIP and the texts' features (the official ranking: plain prompts, clean_clip.py:24-27), loaded once
         self.scorer = Scorer.load(clip, score, source, target, self.source.device)
         self.ready()
+
+    def prepare(self, batch: dict) -> Work:
+        return self.image_work(batch, self.sampler.seed, self.source)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
