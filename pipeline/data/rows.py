@@ -77,7 +77,8 @@ COLUMNS: dict[str, tuple[str, object]] = {
     "metric_count": ("int64", 0),
     "clip_score_sum": ("float64", 0.0),
     "directional_sum": ("float64", 0.0),
-    "score_count": ("int64", 0),
+    "score_count": ("int64", 0),  # samples with a CLIP score
+    "directional_count": ("int64", 0),  # … with a directional CLIP (it needs the input)
 }
 
 INPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "image", "image_name", "member_names", "member_data")
@@ -93,7 +94,7 @@ OUTPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "pixels", "latent", 
                   "directional", "ranked", "ranked_scores")
 MANIFEST_COLUMNS = ("shard", "part", "kind", "rows", "latent_rows", "latent_rows_expected", "images", "rejected",
                     "psnr_sum", "ssim_sum", "metric_count", "clip_score_sum", "directional_sum", "score_count",
-                    "partial")
+                    "directional_count", "partial")
 
 
 class RowBuffer:

@@ -46,7 +46,7 @@ def write_and_commit(run, built, shards: list[ShardRef]) -> dict:
     commit = ray.remote(num_cpus=0.25, max_retries=3)(type(ledger).commit)
     pending = []
     metrics = {"psnr_sum": 0.0, "ssim_sum": 0.0, "metric_count": 0, "clip_score_sum": 0.0, "directional_sum": 0.0,
-               "score_count": 0}
+               "score_count": 0, "directional_count": 0}
     job, config_hash, pkg_versions = run.job.name, cfg.config_hash(), versions()
 
     def commit_if_complete(shard: str) -> None:

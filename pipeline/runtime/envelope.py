@@ -152,7 +152,8 @@ def _add_totals(s: dict, t: dict) -> None:
     if t["score_count"]:
         s["scored"] = t["score_count"]
         s["mean_clip_score"] = round(t["clip_score_sum"] / t["score_count"], 4)
-        s["mean_directional"] = round(t["directional_sum"] / t["score_count"], 4)
+    if t["directional_count"]:
+        s["mean_directional"] = round(t["directional_sum"] / t["directional_count"], 4)
     if t["incomplete"]:
         s["incomplete_shards"] = t["incomplete"]
     _note_elsewhere(s, t["elsewhere"])
@@ -173,8 +174,8 @@ def summary_lines(s: dict) -> list[str]:
     if "mean_psnr" in s:
         lines.append(f"  quality    mean PSNR {s['mean_psnr']} dB, mean SSIM {s['mean_ssim']} (output vs input)")
     if s.get("scored"):
-        lines.append(f"  scores     {s['scored']} images: mean CLIP score {s['mean_clip_score']}, mean directional CLIP "
-                     f"{s['mean_directional']} (scores/)")
+        directional = f", mean directional CLIP {s['mean_directional']}" if "mean_directional" in s else ""
+        lines.append(f"  scores     {s['scored']} images: mean CLIP score {s['mean_clip_score']}{directional} (scores/)")
     if s.get("incomplete_shards"):
         lines.append(f"  INCOMPLETE {', '.join(s['incomplete_shards'])}: re-run to finish them")
     return lines

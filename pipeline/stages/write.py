@@ -51,7 +51,7 @@ def _stage_part(batch: dict, idx: list[int], shard: str, ledger: ShardLedger, im
 
     samples, rejects, latents, indices, sample_keys, scores = [], [], [], [], [], []
     psnr_sum = ssim_sum = clip_sum = directional_sum = 0.0
-    metric_count = expected_latents = score_count = 0
+    metric_count = expected_latents = score_count = directional_count = 0
     for i in idx:
         key, index, kind = str(batch["key"][i]), int(batch["index"][i]), int(batch["kind"][i])
         if kind == RowKind.LATENT:
@@ -75,9 +75,12 @@ def _stage_part(batch: dict, idx: list[int], shard: str, ledger: ShardLedger, im
         clip, directional = float(batch["clip_score"][i]), float(batch["directional"][i])
         if not (math.isnan(clip) and math.isnan(directional)):
             scores += _score_rows(batch, i, shard, provenance)
-            clip_sum += 0.0 if math.isnan(clip) else clip
-            directional_sum += 0.0 if math.isnan(directional) else directional
-            score_count += 1
+            if not math.isnan(clip):
+                clip_sum += clip
+                score_count += 1
+            if not math.isnan(directional):
+                directional_sum += directional
+                directional_count += 1
         pixels = batch["pixels"][i]
         if pixels.size == 0:  # encode: latents only, no image
             continue
@@ -104,7 +107,8 @@ def _stage_part(batch: dict, idx: list[int], shard: str, ledger: ShardLedger, im
     return {"shard": shard, "part": part, "kind": RowKind.SAMPLE, "rows": len(indices), "latent_rows": len(latents),
             "latent_rows_expected": expected_latents, "images": len(samples), "rejected": len(rejects),
             "psnr_sum": psnr_sum, "ssim_sum": ssim_sum, "metric_count": metric_count, "clip_score_sum": clip_sum,
-            "directional_sum": directional_sum, "score_count": score_count}
+            "directional_sum": directional_sum, "score_count": score_count,
+            "directional_count": directional_count}
 
 
 def _score_rows(batch: dict, i: int, shard: str, provenance: Provenance) -> list[dict]:

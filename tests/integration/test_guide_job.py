@@ -110,6 +110,8 @@ def test_clip_energy_with_augmentations_runs_offline_and_scores_its_outputs(ray_
                      "uri": f"s3://{name}/guided", "storage_options": opts, "latents": "none"})
     summary = run_job(cfg, "guide")
     assert summary["images"] == 2 and summary["latent_samples"] == 0
+    # a CLIP score against guide.text, and no directional CLIP (there is no input image to move from)
+    assert summary["scored"] == 2 and -1 <= summary["mean_clip_score"] <= 1 and "mean_directional" not in summary
     samples = _samples(s3, f"{name}/guided/images/guided-00000.tar")
     for _, members in samples:
         prov = json.loads(members["latentshift.json"])
