@@ -466,7 +466,7 @@ def guide_metrics(unguided: np.ndarray, guided: np.ndarray, target_hue: float,
         m = measure_shapes(images)
         lit = m["label"] != "none"
         err = hue_error(m["hue"], target_hue)
-        return m, lit, err, {
+        return lit, err, {
             "count": len(images),
             "median_hue_error_deg": float(np.median(err[lit])) if lit.any() else None,
             "mean_hue_error_deg": float(err[lit].mean()) if lit.any() else None,
@@ -476,8 +476,8 @@ def guide_metrics(unguided: np.ndarray, guided: np.ndarray, target_hue: float,
             "labels": _label_counts(m["label"]),
         }
 
-    _, lit_u, err_u, u = one(unguided)
-    _, lit_g, err_g, g = one(guided)
+    lit_u, err_u, u = one(unguided)
+    lit_g, err_g, g = one(guided)
     both = lit_u & lit_g
     return {"target_hue_deg": float(target_hue), "within_deg": float(within_deg), "unguided": u, "guided": g,
             "pairs": int(both.sum()),

@@ -51,6 +51,16 @@ def _has(sample: TarSample) -> str:
     return ", ".join(repr(n) for n in sample.names.values()) or "nothing"
 
 
+def fetch_shard(uri: str, storage_options: dict) -> tuple[bytes | None, str]:
+    """A whole shard's bytes (fetched with retries, so a transient fault is not taken for a truncated
+    tar), or None and why not ("<error type>: <message>", credentials scrubbed) for a reject line."""
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        return get_bytes(fs, path), ""
+    except Exception as exc:  # noqa: BLE001 - the caller records it, the run goes on
+        return None, f"{type(exc).__name__}: {clean_message(str(exc))}"
+
+
 def read_shard(item: dict, storage_options: dict, ledger: ShardLedger,
                carry: Sequence[str] = METADATA_EXTENSIONS) -> list[dict]:
     """All samples of one tar shard, in order. Damage becomes reject rows, never an exception.
@@ -75,12 +85,9 @@ def read_shard(item: dict, storage_options: dict, ledger: ShardLedger,
     def drop(key: str, name: str, reason: str) -> None:
         reject(key, f"{DROPPED_MEMBER} {name!r}: {reason}")
 
-    fs, path = url_to_fs(uri, storage_options)
-    try:
-        data = get_bytes(fs, path)
-    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
-        reject("", f"cannot read shard {uri}: {type(exc).__name__}: {clean_message(str(exc))}")
-        data = None
+    data, failure = fetch_shard(uri, storage_options)
+    if data is None:
+        reject("", f"cannot read shard {uri}: {failure}")
     seen: set[str] = set()
     last_key = ""
     for sample in iter_tar_samples(io.BytesIO(data)) if data is not None else ():

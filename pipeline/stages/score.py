@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from pipeline.config import ClipConfig, ModelConfig, ScoreConfig
-from pipeline.data.filesystems import get_bytes, url_to_fs
 from pipeline.data.images import RejectedImage, decode_image
 from pipeline.data.ledger import ShardLedger
 from pipeline.data.rows import SCORE_PIXEL_COLUMNS, SCORE_READ_COLUMNS, RowBuffer, RowKind
@@ -32,6 +31,7 @@ from pipeline.data.shards import TarDamage, clean_message, image_member, iter_ta
 from pipeline.errors import ConfigError
 from pipeline.metrics.clip import IMAGENET_TEMPLATES, clip_score, directional_similarity
 from pipeline.stages.base import ModelStage, load_clip_section
+from pipeline.stages.read import fetch_shard
 from pipeline.stages.tensors import to_model_range
 
 MAX_REASON = 2000  # characters, as the input reader cuts them
@@ -149,11 +149,9 @@ def _input_images(uri: str | None, shard: str, storage_options: dict) -> tuple[d
     """key → encoded image of the input shard, and why a key may be missing from it."""
     if uri is None:
         return {}, f"no input shard {shard}.tar under input.uri"
-    fs, path = url_to_fs(uri, storage_options)
-    try:
-        data = get_bytes(fs, path)
-    except Exception as exc:  # noqa: BLE001 - every sample of the shard becomes a reject naming it
-        return {}, f"cannot read input shard {uri}: {type(exc).__name__}: {clean_message(str(exc))}"
+    data, failure = fetch_shard(uri, storage_options)
+    if data is None:  # every sample of the shard becomes a reject naming it
+        return {}, f"cannot read input shard {uri}: {failure}"
     found: dict[str, bytes] = {}
     why = f"not in input shard {uri}"
     for sample in iter_tar_samples(io.BytesIO(data)):
@@ -182,12 +180,9 @@ def read_pairs(item: dict, storage_options: dict, input_uris: dict[str, str] | N
 
     inputs, missing = (None, "") if input_uris is None else _input_images(input_uris.get(shard), shard,
                                                                           input_storage_options)
-    fs, path = url_to_fs(uri, storage_options)
-    try:
-        data = get_bytes(fs, path)
-    except Exception as exc:  # noqa: BLE001 - recorded, the run goes on
-        reject("", f"cannot read output shard {uri}: {type(exc).__name__}: {clean_message(str(exc))}")
-        data = None
+    data, failure = fetch_shard(uri, storage_options)
+    if data is None:
+        reject("", f"cannot read output shard {uri}: {failure}")
     seen: set[str] = set()
     for sample in iter_tar_samples(io.BytesIO(data)) if data is not None else ():
         if isinstance(sample, Exception):
