@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -18,7 +20,7 @@ from pipeline.diffusion.ood import (
     candidate_latents,
     ood_grid,
 )
-from pipeline.stages.base import ModelStage, load_model
+from pipeline.stages.base import LatentMaps, ModelStage, Work, load_model
 from pipeline.stages.tensors import to_model_range, to_uint8
 
 
@@ -46,6 +48,17 @@ def partial_from_bytes(data: bytes, capacity: int) -> tuple[MomentFit, Reservoir
     return fit, res, tuple(t["shape"].tolist()), t["timesteps"].tolist()
 
 
+@dataclass
+class Inverted:
+    """What the invert stage's ``compute`` hands back, on the host: the batch's moments, its latents
+    that entered the actor's reservoir, the latent shape, and the latent maps ``output.latents`` asks."""
+
+    fit: MomentFit
+    entrants: Reservoir
+    shape: tuple
+    latents: LatentMaps | None
+
+
 class InvertAndFitStage(ModelStage):
     """Images → DDIM latents at t0 → rows for the writer (inverted latents if output.latents asks,
     rejects) and one PARTIAL row per batch for the driver: the batch's moments, and those of its
@@ -54,8 +67,11 @@ class InvertAndFitStage(ModelStage):
     Every latent of the final reservoir enters its actor's reservoir when it arrives, so the
     driver's merge is exact; and it receives about k·(1 + ln(n/k)) latents from an actor that
     inverts n images (reservoir k), not n. Batches smaller than k still send all their latents
-    until the actor's reservoir is full.
+    until the actor's reservoir is full. The reservoir is updated in ``compute``, under the device
+    lock, so two batches in flight never race on it.
     """
+
+    concurrent_batches = 2
 
     def __init__(self, source: ModelConfig, ood: OODConfig, output: OutputConfig, clip_x0: str = "auto",
                  dtype: str = "auto", compile: str = "off"):
@@ -66,28 +82,41 @@ class InvertAndFitStage(ModelStage):
         self.reservoir = Reservoir(ood.reservoir)  # this actor's, across its batches
         self.ready()
 
-    def __call__(self, batch: dict) -> dict:
+    def prepare(self, batch: dict) -> tuple[Work, list[str]]:
+        """Pixels stacked (and pinned), and each sample's reservoir key (shard/key)."""
+        work = self.image_work(batch, 0, self.source)  # DDIM inversion draws no noise: seeds unused
+        return work, [f"{batch['shard'][i]}/{batch['key'][i]}" for i in work.idx]
+
+    def compute(self, prepared: tuple[Work, list[str]]) -> Inverted | None:
+        work, keys = prepared
+        if work.pixels is None:
+            return None
+        n = len(work.idx)
+        x0 = self.source.to_model_space(to_model_range(work.pixels.to(self.source.device, non_blocking=True)))
+        z = ddim_invert_model_space(self.source, x0, timesteps=self.grid, condition=self.source_cfg.condition,
+                                    guidance_scale=self.source_cfg.guidance_scale)
+        z = z[:n] if len(z) > n else z
+        z.seeds = [0] * n
+        flat = z.x_start.reshape(n, -1)
+        fit = MomentFit.of(flat)  # float64, on the device
+        fit = MomentFit(fit.count, fit.mean.cpu(), fit.m2.cpu())
+        return Inverted(fit, self._entrants(flat, keys), tuple(z.x_start.shape[1:]), LatentMaps.of(z, self.output))
+
+    def emit(self, batch: dict, prepared: tuple[Work, list[str]], result: Inverted | None) -> dict:
         rows = RowBuffer()
         self.pass_rejects(rows, batch)
-        idx = self.samples(batch)
         payload = b""
-        if len(idx):
-            x0 = self.source.to_model_space(to_model_range(np.stack(batch["pixels"][idx])))
-            z = ddim_invert_model_space(self.source, x0, timesteps=self.grid, condition=self.source_cfg.condition,
-                                        guidance_scale=self.source_cfg.guidance_scale)
-            z.seeds = [0] * len(idx)
-            flat = z.x_start.reshape(len(idx), -1)
-            payload = partial_to_bytes(MomentFit.of(flat), self._entrants(flat, batch, idx), z.x_start.shape[1:],
-                                       self.grid)
-            n_lat = self.add_latent_rows(rows, z, batch, idx)
-            for i in idx:
-                rows.add(shard=batch["shard"][i], key=batch["key"][i], index=int(batch["index"][i]),
-                         kind=RowKind.SAMPLE, timesteps=self.grid, latent_rows=n_lat)
+        if result is not None:
+            idx = prepared[0].idx
+            payload = partial_to_bytes(result.fit, result.entrants, result.shape, self.grid)
+            n_lat = self.add_latent_rows(rows, result.latents, batch, idx)
+            rows.extend({"shard": batch["shard"][idx], "key": batch["key"][idx], "index": batch["index"][idx]},
+                        kind=RowKind.SAMPLE, timesteps=self.grid, latent_rows=n_lat)
         rows.add(kind=RowKind.PARTIAL, partial=payload)
         return rows.batch()
 
-    def _entrants(self, flat: torch.Tensor, batch: dict, idx: np.ndarray) -> Reservoir:
-        offered = Reservoir(self.ood.reservoir).offer(flat, [f"{batch['shard'][i]}/{batch['key'][i]}" for i in idx])
+    def _entrants(self, flat: torch.Tensor, keys: list[str]) -> Reservoir:
+        offered = Reservoir(self.ood.reservoir).offer(flat, keys)
         self.reservoir = self.reservoir.merge(offered)
         kept = set(self.reservoir.priorities)
         take = [j for j, p in enumerate(offered.priorities) if p in kept]
@@ -115,7 +144,10 @@ def candidate_settings(ood: OODConfig, stats: OODStats) -> CandidateSettings:
 
 class SampleDecodeStage(ModelStage):
     """Candidate indices → their latents at t0, regenerated from (stats, run seed, index, settings)
-    (never shipped) → DDIM decode."""
+    (never shipped) → DDIM decode. The candidates are host work (float64 draws, slerp, optional
+    gradient steps): ``prepare`` makes them while the device decodes the batch before."""
+
+    concurrent_batches = 2
 
     def __init__(self, source: ModelConfig, output: OutputConfig, run_seed: int, stats_uri: str,
                  stats_options: dict, candidates: dict | None = None, clip_x0: str = "auto", dtype: str = "auto",
@@ -132,16 +164,32 @@ class SampleDecodeStage(ModelStage):
         self.source = load_model(source, dtype, clip_x0, compile)
         self.ready()
 
-    def __call__(self, batch: dict) -> dict:
+    def prepare(self, batch: dict) -> Latent | None:
+        """The batch's candidates as a t0 latent on the host (padded for a compiled UNet)."""
+        cands = [int(batch["candidate"][i]) for i in self.samples(batch)]
+        if not cands:
+            return None
+        x = candidate_latents(self.stats, self.run_seed, cands, self.settings).float().reshape(len(cands), -1)
+        x, seeds = self.padded(self.source, x.numpy(), cands)
+        x = torch.from_numpy(x).reshape(len(seeds), *self.shape)
+        return Latent(x, x.new_zeros((len(seeds), 0, *self.shape)), self.timesteps, method="ddim", eta=0.0,
+                      seeds=seeds)
+
+    def compute(self, z: Latent | None) -> np.ndarray | None:
+        if z is None:
+            return None
+        images = self.source.to_pixels(ddim_decode_model_space(
+            self.source, z, condition=self.source_cfg.condition, guidance_scale=self.source_cfg.guidance_scale))
+        return to_uint8(images)
+
+    def emit(self, batch: dict, z: Latent | None, images: np.ndarray | None) -> dict:
         rows = RowBuffer()
+        if z is None:
+            return rows.batch()
         idx = self.samples(batch)
-        cands = [int(batch["candidate"][i]) for i in idx]
-        x = candidate_latents(self.stats, self.run_seed, cands, self.settings).float().reshape(len(cands), *self.shape)
-        z = Latent(x, x.new_zeros((len(cands), 0, *self.shape)), self.timesteps, method="ddim", eta=0.0, seeds=cands)
-        images = to_uint8(self.source.to_pixels(ddim_decode_model_space(
-            self.source, z, condition=self.source_cfg.condition, guidance_scale=self.source_cfg.guidance_scale)))
+        z, cands = z[: len(idx)], np.asarray(z.seeds[: len(idx)], dtype=np.int64)
         n_lat = self.add_latent_rows(rows, z, batch, idx)
-        for j, i in enumerate(idx):
-            rows.add(shard=batch["shard"][i], key=batch["key"][i], index=int(batch["index"][i]), kind=RowKind.SAMPLE,
-                     pixels=images[j], timesteps=self.timesteps, seed=cands[j], candidate=cands[j], latent_rows=n_lat)
+        rows.extend({"shard": batch["shard"][idx], "key": batch["key"][idx], "index": batch["index"][idx],
+                     "pixels": list(images[: len(idx)]), "seed": cands, "candidate": cands},
+                    kind=RowKind.SAMPLE, timesteps=self.timesteps, latent_rows=n_lat)
         return rows.batch()

@@ -1,4 +1,4 @@
-"""The official DiscoveryDiff sampler in ood.py: scalar variance, slerp candidates, window
+"""The official DiscoveryDiff sampler in diffusion/ood/candidates.py: scalar variance, slerp candidates, window
 selection, geometric optimisation. Expected values come from numpy, from the official formulas
 re-derived here, or from closed forms of constructed data; never from the code under test."""
 
