@@ -140,3 +140,19 @@ def test_the_output_probe_reports_a_store_that_ignores_conditional_writes(store,
         store.probe_writable()
     assert "ignored a conditional write (If-None-Match)" in caplog.text
     assert store.find(store.path("_ledger")) == []  # the probe leaves nothing behind
+
+
+def test_held_elsewhere_over_many_claimed_shards_reads_each_top_once(store):
+    """Claimed shards' top generations are read in parallel; the answer is each shard's top run,
+    kept only when that run is alive and not this one."""
+    lease(store, "live", expires_in=300)
+    lease(store, "dead", expires_in=-1)
+    shards = [f"s{i:03d}" for i in range(40)]
+    for i, shard in enumerate(shards):
+        owner = ("live", "dead", "me")[i % 3]
+        assert Claims(store, owner).take(shard)
+    Claims(store, "dead").release(shards[1])  # released: not claimed any more
+    me = Claims(store, "me")
+    held = me.held_elsewhere([*shards, "never-claimed"])
+    assert held == {s: "live" for i, s in enumerate(shards) if i % 3 == 0}
+    assert me.held_elsewhere(["never-claimed"]) == {}
