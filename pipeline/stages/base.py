@@ -92,6 +92,7 @@ class ModelStage:
         self._device_lock = threading.Lock()
         self._init_start = now()
         self._fixed_batch = 0
+        self.device_rows = 0  # rows per device call once one ran out of memory (``fitting``); 0: the whole batch
 
     def ready(self) -> None:
         """Called at the end of a subclass's ``__init__``: its models are loaded."""
@@ -110,7 +111,7 @@ class ModelStage:
         t4 = time.perf_counter()
         self.profile.record("batch", start=start, end=now(), rows=len(batch["kind"]),
                             samples=int(len(self.samples(batch))), device_s=t3 - t2,
-                            host_s=(t1 - t0) + (t4 - t3), wait_s=t2 - t1)
+                            host_s=(t1 - t0) + (t4 - t3), wait_s=t2 - t1, device_rows=self.device_rows)
         return out
 
     def prepare(self, batch: dict):
@@ -147,6 +148,30 @@ class ModelStage:
         if not pad:
             return rows, seeds
         return np.concatenate([rows, np.repeat(rows[-1:], pad, 0)]), seeds + [seeds[-1]] * pad
+
+    def fitting(self, run, n: int) -> list:
+        """``run(lo, hi)`` over rows [0, n), in pieces of the largest size that fits on the device.
+
+        The whole batch first; on a CUDA out-of-memory error the piece is halved and run again
+        (no row is lost or done twice), and the actor keeps the size for its later batches. So a
+        ``runtime.batch_size`` larger than the GPU holds (two models in one actor, a long grid
+        with ``output.latents: full``) runs at the largest batch that fits instead of failing;
+        one row that does not fit still fails, with PyTorch's message. Rows are independent
+        (per-sample noise), so outputs do not depend on the split. Returns the pieces' results.
+        """
+        results, lo = [], 0
+        while lo < n:
+            size = min(self.device_rows or n, n - lo)
+            try:
+                results.append(run(lo, lo + size))
+            except torch.cuda.OutOfMemoryError:
+                if size == 1:
+                    raise
+                torch.cuda.empty_cache()
+                self.device_rows = (size + 1) // 2
+                continue
+            lo += size
+        return results
 
     @staticmethod
     def samples(batch: dict) -> np.ndarray:

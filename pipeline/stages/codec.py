@@ -92,7 +92,10 @@ class EncodeStage(ModelStage):
             return None
         n = len(work.idx)
         src = work.pixels.to(self.source.device, non_blocking=True)
-        z, out = self.run(to_model_range(src), work.seeds)
+        x0 = to_model_range(src)
+        parts = self.fitting(lambda lo, hi: self.run(x0[lo:hi], work.seeds[lo:hi]), len(x0))
+        z = Latent.cat([p[0] for p in parts])
+        out = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
         z = z[:n] if len(z) > n else z
         result = Outputs(LatentMaps.of(z, self.output), list(z.timesteps))
         if out is not None:  # uint8 and metrics on the device; only bytes the writer needs come back
@@ -193,7 +196,9 @@ class DecodeStage(ModelStage):
         out = []
         for _, idx, z in work:
             try:
-                out.append(to_uint8(decode_with(self.target, z, self.target_cfg, self.refine_steps)[: len(idx)]))
+                parts = self.fitting(lambda lo, hi, z=z: decode_with(self.target, z[lo:hi], self.target_cfg,
+                                                                       self.refine_steps), len(z))
+                out.append(to_uint8(torch.cat(parts)[: len(idx)]))
             except ValueError as exc:  # e.g. a start-only latent, or a latent of another model kind
                 out.append(f"cannot decode: {exc}")
         return out

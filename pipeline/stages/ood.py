@@ -92,9 +92,10 @@ class InvertAndFitStage(ModelStage):
         if work.pixels is None:
             return None
         n = len(work.idx)
-        x0 = self.source.to_model_space(to_model_range(work.pixels.to(self.source.device, non_blocking=True)))
-        z = ddim_invert_model_space(self.source, x0, timesteps=self.grid, condition=self.source_cfg.condition,
-                                    guidance_scale=self.source_cfg.guidance_scale)
+        pixels = to_model_range(work.pixels.to(self.source.device, non_blocking=True))
+        z = Latent.cat(self.fitting(lambda lo, hi: ddim_invert_model_space(
+            self.source, self.source.to_model_space(pixels[lo:hi]), timesteps=self.grid,
+            condition=self.source_cfg.condition, guidance_scale=self.source_cfg.guidance_scale), len(pixels)))
         z = z[:n] if len(z) > n else z
         z.seeds = [0] * n
         flat = z.x_start.reshape(n, -1)
@@ -178,9 +179,9 @@ class SampleDecodeStage(ModelStage):
     def compute(self, z: Latent | None) -> np.ndarray | None:
         if z is None:
             return None
-        images = self.source.to_pixels(ddim_decode_model_space(
-            self.source, z, condition=self.source_cfg.condition, guidance_scale=self.source_cfg.guidance_scale))
-        return to_uint8(images)
+        return to_uint8(torch.cat(self.fitting(lambda lo, hi: self.source.to_pixels(ddim_decode_model_space(
+            self.source, z[lo:hi], condition=self.source_cfg.condition,
+            guidance_scale=self.source_cfg.guidance_scale)), len(z))))
 
     def emit(self, batch: dict, z: Latent | None, images: np.ndarray | None) -> dict:
         rows = RowBuffer()

@@ -129,6 +129,9 @@ def profile_figures(lines: list[dict], run_start: float) -> dict:
     n = len(batches)
     out.update(device_s_per_batch=round(device / n, 4), host_s_per_batch=round(host / n, 4),
                wait_s_per_batch=round(wait / n, 4), host_share=round(host / (host + device), 3))
+    split = [r["device_rows"] for r in batches if r.get("device_rows")]
+    if split:  # a batch did not fit on the device: the rows per call the actor settled on (ModelStage.fitting)
+        out["device_rows"] = min(split)
     if n > 1 and last_end > first_end:
         steady = batches[1:]
         window = last_end - first_end
@@ -293,7 +296,8 @@ def report(r: dict) -> str:
         f"{f('models_loaded_after_s', ' s', '{:.1f}')}, load took {f('model_load_s', ' s', '{:.1f}')})",
         f"  actor, per batch       device {f('device_s_per_batch', ' s')}, host {f('host_s_per_batch', ' s')}, "
         f"waiting for the device {f('wait_s_per_batch', ' s')}; device section busy "
-        f"{f('device_section_busy', '', '{:.0%}')} of the steady window",
+        f"{f('device_section_busy', '', '{:.0%}')} of the steady window"
+        + (f"; batches did not fit the device: {r['device_rows']} rows per call" if r.get("device_rows") else ""),
         f"  GPU busy (NVML)        {f('gpu_busy', '', '{:.0%}')} over the run, {f('gpu_busy_steady', '', '{:.0%}')} in steady state",
         f"  bare in-process loop   {f('bare_loop_images_per_s', ' images/s')}",
         f"  efficiency             {f('efficiency', '', '{:.0%}')} (steady state / bare loop)",

@@ -203,6 +203,71 @@ def test_compiled_unet_sees_one_batch_size_and_the_short_batch_is_unchanged(pixe
     assert padded["key"][r] == "bad5" and padded["error"][r] == "undecodable image" and padded["index"][r] == 101
 
 
+# ---- batches larger than the device holds ---------------------------------------------------
+
+
+def out_of_memory_above(den, rows: int) -> list[int]:
+    """The UNet raises CUDA's out-of-memory error for calls of more than ``rows`` rows (as a GPU
+    whose memory holds ``rows`` would); returns the row counts of every call it was given."""
+    forward, seen = den.unet.forward, []
+
+    def limited(sample, *args, **kwargs):
+        seen.append(sample.shape[0])
+        if sample.shape[0] > rows:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (a test's limit of {rows} rows)")
+        return forward(sample, *args, **kwargs)
+
+    den.unet.forward = limited
+    return seen
+
+
+def test_a_batch_too_large_for_the_device_runs_in_halves_with_the_same_outputs(pixel_model, other_pixel_model):
+    """Two models, 7 samples, a device that holds 3 rows: 7 → 4 → 2 rows per call, no row lost or
+    repeated, the actor keeps 2 for its next batch; outputs are those of the whole batch at once.
+    Decoding stored latents splits the same way."""
+    output = OutputConfig(latents="full", latent_dtype="float32")
+    plain, small = translate_stage(pixel_model, other_pixel_model, output), translate_stage(
+        pixel_model, other_pixel_model, output)
+    seen = out_of_memory_above(small.source, 3)
+    seen_target = out_of_memory_above(small.target, 3)
+    batch = pixel_batch(6, 7, reject_at=3)
+    got, want = small(batch), plain(batch)
+    assert small.device_rows == 2 and plain.device_rows == 0
+    assert max(seen) == 7 and sorted(set(seen)) == [1, 2, 4, 7] and max(seen_target) == 2
+    assert list(got["kind"]) == list(want["kind"])
+    for c in ("shard", "key", "index", "step", "seed", "latent_rows", "error"):
+        assert list(got[c]) == list(want[c]), c
+    for i in rows_of(got, RowKind.LATENT):
+        assert np.abs(got["latent"][i] - want["latent"][i]).max() <= 1e-5 * np.abs(want["latent"][i]).max()
+    for i in rows_of(got, RowKind.SAMPLE):
+        assert np.abs(got["pixels"][i].astype(int) - want["pixels"][i].astype(int)).max() <= 1
+    seen.clear()
+    small(pixel_batch(7, 5))
+    assert seen and max(seen) == 2  # the next batch starts at the size that fitted
+
+    decode = DecodeStage(ModelConfig(model=str(other_pixel_model)), dtype="float32")
+    calls = out_of_memory_above(decode.target, 2)
+    lat = rows_of(want, RowKind.LATENT)
+    rows = RowBuffer()
+    for i in lat[::3]:  # every sample's start map, with its noise maps: decode the stored latents
+        j = np.arange(i, i + 3)
+        rows.add(shard="s", key=str(want["key"][i]), index=int(want["index"][i]), kind=RowKind.SAMPLE,
+                 latent=np.stack([want["latent"][k] for k in j]), seed=int(want["seed"][i]),
+                 timesteps=want["timesteps"][i], method="dpm", eta=0.1, source_model="", source_cond="")
+    decoded = decode(rows.batch())
+    assert decode.device_rows == 2 and max(calls) == 7
+    for a, b in zip(decoded["pixels"], kind_rows(want, RowKind.SAMPLE)["pixels"], strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_a_single_row_that_does_not_fit_fails_with_pytorchs_error(pixel_model, other_pixel_model):
+    stage = translate_stage(pixel_model, other_pixel_model)
+    out_of_memory_above(stage.target, 0)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="a test's limit of 0 rows"):
+        stage(pixel_batch(8, 3))
+    assert stage.device_rows == 1
+
+
 # ---- the per-batch profile --------------------------------------------------------------------
 
 
@@ -269,6 +334,9 @@ def test_profile_figures_by_hand():
     assert profile_figures(busy, run_start=100.0)["device_section_busy"] == 1.0  # capped
     assert profile_figures([lines[1]], run_start=100.0) == {"batches": 0, "model_load_s": 2.0,
                                                             "models_loaded_after_s": 2.5}
+    assert "device_rows" not in fig  # every batch ran whole
+    split = [dict(r, device_rows=rows) for r, rows in zip(lines, (0, 0, 8, 0, 4), strict=True)]
+    assert profile_figures(split, run_start=100.0)["device_rows"] == 8  # the 4 was a batch of rejects only
 
 
 # ---- RowBuffer.extend -------------------------------------------------------------------------
