@@ -77,8 +77,10 @@ class ShardLedger:
         return int(self.store.get_json(path)["rows"]) if self.store.exists(path) else None
 
     def commit(self, shard: str, input_uri: str, parts: list[str], job: str, config_hash: str,
-               rows_in: int, versions: dict) -> dict:
+               rows_in: int, versions: dict, owns: tuple[str, ...] = ()) -> dict:
         """Merge one shard's parts into its outputs, then write its ledger record (the commit point).
+        ``owns``: the output kinds the job writes (``Job.commits``); those this commit has none of are
+        removed, so a shard done again (--overwrite) keeps no file of the run before.
 
         Refused, with ``{"lost": True}``, when another run has taken the shard over (this run's
         lease ran out while it worked): that run writes it.
@@ -86,7 +88,7 @@ class ShardLedger:
         claims = self.claims
         if not claims.holds(shard):
             return {"shard": shard, "lost": True}
-        counts = merge_parts(self.store, self.run_id, shard, parts)
+        counts = merge_parts(self.store, self.run_id, shard, parts, owns)
         record = {"shard": shard, "input": input_uri, "job": job, "run_id": self.run_id, "rows_in": rows_in,
                   **counts, "config_hash": config_hash, "versions": versions, "committed_at": time.time()}
         self.store.put_json(self.store.ledger(shard), record)
@@ -175,11 +177,13 @@ class CommitTracker:
         return [s for s, p in self.progress.items() if not p.committed]
 
 
-def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str]) -> dict:
+def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str], owns: tuple[str, ...] = ()) -> dict:
     """Merge staged parts of one shard into its final outputs; return counts for the ledger.
 
     Each sample index is taken once, from the first part that has it. Samples are written in
-    input order.
+    input order. Of the kinds in ``owns`` (images, latents, scores, rejects), a file this merge does
+    not write is removed: an earlier commit's (every sample rejected this time, no latents asked
+    for, no scores) would otherwise sit beside the new outputs as if it were theirs.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -251,4 +255,9 @@ def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str]) -
     if rejects:
         body = "".join(json.dumps(rejects[i], sort_keys=True) + "\n" for i in sorted(rejects))
         store.put(store.rejects(shard), body.encode())
+    written = {"images": bool(samples), "latents": bool(latent_tables), "scores": bool(score_tables),
+               "rejects": bool(rejects)}
+    for kind in owns:
+        if kind in written and not written[kind]:
+            store.remove(getattr(store, kind)(shard))
     return out

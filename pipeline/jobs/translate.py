@@ -44,6 +44,7 @@ JOB = Job(
     requires=("input.uri", "output.uri", "source.model", "target.model"),
     units=lambda cfg: image_shards(cfg.input.uri, cfg.input.storage_options),
     build=build,
+    commits=("images", "latents", "scores", "rejects"),  # scores/: with score.inline
     models=("source", "target"),
     check=check,
 )

@@ -53,7 +53,7 @@ def write_and_commit(run, built, shards: list[ShardRef]) -> dict:
         if tracker.complete(shard):
             p = tracker.take(shard)
             pending.append(commit.remote(ledger, shard, uri[shard], p.parts, job, config_hash, p.expected_rows,
-                                         pkg_versions))
+                                         pkg_versions, run.job.commits))
 
     for batch in manifests.iter_batches(batch_size=None, batch_format="numpy"):
         touched = set()

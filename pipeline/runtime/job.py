@@ -71,7 +71,8 @@ class Job:
     requires: tuple[str, ...]  # config keys it needs, checked first: "input.uri", "source.model"
     units: Callable[[JobConfig], list[ShardRef]]  # its shards (preflight: lists inputs, no model)
     build: Callable[[Run, list[ShardRef]], Built]  # the Ray dataset of rows for the shards to do
-    commits: tuple[str, ...] = ("images", "latents", "rejects")  # what it writes under output.uri
+    commits: tuple[str, ...] = ("images", "latents", "rejects")  # what it writes under output.uri (a re-commit
+    # removes its images/latents/scores/rejects files that the new commit does not write)
     summary: Callable[[dict], list[str]] = no_lines  # its own lines under the common summary
     skip_committed: bool = True  # False: every shard, every run (a fit covers all of its input)
     # shard claims (pipeline/data/claims.py): each reader claims its shard as it starts, so runs

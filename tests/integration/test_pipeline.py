@@ -317,6 +317,6 @@ def test_every_input_member_ends_up_in_an_output_sample_a_carried_member_or_a_re
     assert set(out) == {"a", "e"}  # b's image is b.jpg (first of jpg, jpeg, png, webp), not a JPEG
     dropped = sum(line["reason"].startswith("dropped member") for line in lines)
     assert summary["dropped"] == dropped and summary["rejected"] == len(lines) - dropped
-    assert summary["images"] == 2 and summary["outputs"] == ["images", "latents", "rejects"]
+    assert summary["images"] == 2 and summary["outputs"] == ["images", "latents", "scores", "rejects"]
     assert any(line["reason"].startswith("undecodable image") and line["reason"].endswith("(has 'b.jpg', 'b.txt')")
                for line in lines)

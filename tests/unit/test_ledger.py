@@ -113,3 +113,27 @@ def test_dropped_members_are_counted_apart_from_rejected_samples(tmp_path):
                     {"shard": "s", "key": "b", "index": 2, "reason": "no image member (has 'b.txt')"}]})
     record = ledger.commit("s", "in/s.tar", [p], "translate", "hash", 3, {})
     assert record["images"] == 1 and record["rejected"] == 1 and record["dropped"] == 1
+
+
+def test_a_shard_done_again_keeps_no_file_of_the_run_before(tmp_path):
+    """--overwrite: the second commit has every sample rejected and no scores; the images and
+    scores of the first are removed with it, and a kind the job does not own is left alone."""
+    store = OutputStore(str(tmp_path / "out"), {})
+    first = ShardLedger(store, "run-6", redo_committed=True)
+    assert first.begin("s")
+    first.expect("s", 2)
+    first.commit("s", "in/s.tar", [part(first, "s", [(0, "a"), (1, "b")])], "translate", "h", 2, {},
+                 owns=("images", "latents", "scores", "rejects"))
+    store.put(store.scores("s"), b"scores of the first outputs")
+    store.put(store.latents("s"), b"latents of a job that does not own them here")
+    assert store.exists(store.images("s")) and not store.exists(store.rejects("s"))
+
+    again = ShardLedger(store, "run-7", redo_committed=True)
+    assert again.begin("s")
+    again.expect("s", 2)
+    record = again.commit("s", "in/s.tar", [part(again, "s", [], rejects=[(0, "a"), (1, "b")])], "translate",
+                          "h", 2, {}, owns=("images", "scores", "rejects"))
+    assert record["images"] == 0 and record["rejected"] == 2
+    assert not store.exists(store.images("s")) and not store.exists(store.scores("s"))
+    assert len(store.get(store.rejects("s")).decode().splitlines()) == 2
+    assert store.get(store.latents("s")) == b"latents of a job that does not own them here"
