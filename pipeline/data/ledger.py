@@ -245,7 +245,8 @@ def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str], o
     if score_tables:
         from pipeline.data.scores import SCORE_SCHEMA
 
-        table = pa.concat_tables(score_tables).cast(SCORE_SCHEMA)
+        # the parts' metadata (the run's settings, pipeline/data/scores.py) survives the cast
+        table = pa.concat_tables(score_tables).cast(SCORE_SCHEMA.with_metadata(score_tables[0].schema.metadata or {}))
         rank = [(key_order.get(k, 1 << 62), r) for k, r in zip(table["key"].to_pylist(), table["rank"].to_pylist(), strict=True)]
         table = table.take(sorted(range(len(rank)), key=rank.__getitem__))
         buf = io.BytesIO()

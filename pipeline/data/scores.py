@@ -9,12 +9,18 @@ and by the zero-shot search (rank 0 is the output image, ranks 1… its runners-
   trial int32 · skip int32 · strength float32 · encoder_scale float32 · decoder_scale float32
   (search only; null otherwise)
 
+What the scores were measured with travels in the file: its schema metadata ``latentshift`` is the
+JSON of the writing run's job, config hash, version and settings (CLIP model and checkpoint, the texts
+and templates, the search grid), as each output sample's ``latentshift.json`` has them
+(``score_metadata``).
+
 Plain pyarrow, duckdb or polars read it; no Ray, no torch.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import pyarrow as pa
@@ -38,6 +44,7 @@ SCORE_SCHEMA = pa.schema(
     ]
 )
 SEARCH_FIELDS = ("trial", "skip", "strength", "encoder_scale", "decoder_scale")
+METADATA_KEY = b"latentshift"
 
 
 def score_row(*, key: str, shard: str, rank: int = 0, candidate: int = -1, clip_score: float = math.nan,
@@ -49,10 +56,18 @@ def score_row(*, key: str, shard: str, rank: int = 0, candidate: int = -1, clip_
     return row
 
 
-def scores_to_bytes(rows: list[dict]) -> bytes:
+def scores_to_bytes(rows: list[dict], meta: dict | None = None) -> bytes:
+    """Rows as one Parquet file; ``meta`` (JSON-able: the run's job and settings) in its schema metadata."""
+    schema = SCORE_SCHEMA.with_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True)}) if meta else SCORE_SCHEMA
     buf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCORE_SCHEMA), buf, compression="zstd")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), buf, compression="zstd")
     return buf.getvalue()
+
+
+def score_metadata(table: pa.Table) -> dict:
+    """What a scores table was measured with (``scores_to_bytes``'s ``meta``); {} when it says nothing."""
+    raw = (table.schema.metadata or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
 
 
 def read_scores(uri: str, storage_options: dict | None = None) -> pa.Table:

@@ -102,7 +102,9 @@ def _stage_part(batch: dict, idx: list[int], shard: str, ledger: ShardLedger, im
         pq.write_table(pa.Table.from_pylist(latents, schema=LATENT_SCHEMA), buf, compression="zstd")
         files["parquet"] = buf.getvalue()
     if scores:
-        files["scores"] = scores_to_bytes(scores)
+        files["scores"] = scores_to_bytes(scores, {"job": provenance.job, "config_hash": provenance.config_hash,
+                                                   "latentshift": provenance.latentshift,
+                                                   "settings": provenance.settings})
     part = ledger.stage_part(shard, files, {"indices": indices, "samples": sample_keys, "rejects": rejects})
     return {"shard": shard, "part": part, "kind": RowKind.SAMPLE, "rows": len(indices), "latent_rows": len(latents),
             "latent_rows_expected": expected_latents, "images": len(samples), "rejected": len(rejects),

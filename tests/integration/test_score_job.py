@@ -13,7 +13,7 @@ import pytest
 from shard_builders import good_samples, tar_bytes
 
 from pipeline.config import validate
-from pipeline.data.scores import read_scores
+from pipeline.data.scores import read_scores, score_metadata
 from pipeline.data.shards import iter_tar_samples
 from pipeline.errors import ConfigError
 from pipeline.jobs import run_job
@@ -82,6 +82,8 @@ def test_inline_scores_then_the_score_job_on_the_same_output(ray_cluster, s3, s3
     prov = json.loads(members["s00-002"]["latentshift.json"])
     assert prov["clip_score"] == pytest.approx(inline["shard-a"]["s00-002"][0], abs=1e-6)
     assert prov["score"]["target_text"] == "a photo of a dog" and prov["score"]["clip_model"] == clip_files[0]
+    meta = score_metadata(pq.read_table(io.BytesIO(s3.cat_file(f"{out}/scores/shard-a.parquet"))))
+    assert meta["job"] == "translate" and meta["settings"]["score"] == prov["score"]  # the file says it too
     translate_files = {p: b for p, b in snapshot(s3, out).items() if "/scores/" not in p}
 
     # `score` on that output: the same numbers from the written images, and nothing of translate's touched
@@ -98,6 +100,8 @@ def test_inline_scores_then_the_score_job_on_the_same_output(ray_cluster, s3, s3
     new = sorted(p.removeprefix(out + "/") for p in set(after) - set(translate_files) if "/scores/" not in p)
     assert new and all(p.startswith("_score/_ledger/") for p in new), new  # its records apart, no staging left
     assert read_scores(f"s3://{out}", {"endpoint_url": s3_server}).num_rows == 8
+    meta = score_metadata(pq.read_table(io.BytesIO(s3.cat_file(f"{out}/scores/shard-b.parquet"))))
+    assert meta["job"] == "score" and meta["settings"]["target_text"] == "a photo of a dog"
 
     # a re-run is a no-op: both shards skipped, nothing rewritten
     rerun = run_job(score_cfg, "score")

@@ -259,3 +259,15 @@ def test_a_score_parquet_reads_without_the_pipeline(tmp_path):
     row = pq.read_table(io.BytesIO((tmp_path / "s.parquet").read_bytes())).to_pylist()[0]
     assert row == {"key": "a", "shard": "s", "rank": 0, "candidate": -1, "clip_score": 0.25, "directional": -0.5,
                    "trial": None, "skip": None, "strength": None, "encoder_scale": None, "decoder_scale": None}
+
+
+def test_a_score_parquet_says_what_it_was_measured_with():
+    """The run's settings ride in the schema metadata, as JSON under b"latentshift"; a file without
+    them reads as {}."""
+    from pipeline.data.scores import score_metadata, score_row, scores_to_bytes
+
+    meta = {"job": "score", "settings": {"clip_model": "ViT-B-32", "source_text": "a cat", "target_text": "a dog"}}
+    table = pq.read_table(io.BytesIO(scores_to_bytes([score_row(key="a", shard="s")], meta)))
+    assert json.loads(table.schema.metadata[b"latentshift"]) == meta  # plain pyarrow sees it
+    assert score_metadata(table) == meta
+    assert score_metadata(pq.read_table(io.BytesIO(scores_to_bytes([score_row(key="a", shard="s")])))) == {}
