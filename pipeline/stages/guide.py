@@ -10,31 +10,28 @@ re-run of a shard remakes it exactly. Only indices are shipped; nothing but the 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from pipeline.config import ClipConfig, GuideConfig, ModelConfig, OutputConfig, SamplerConfig
 from pipeline.data.rows import RowBuffer, RowKind
-from pipeline.diffusion import sample_seed
+from pipeline.diffusion import Latent, sample_seed
 from pipeline.diffusion.guidance import guide, initial_latent
 from pipeline.metrics.energy import ClipEnergy, make_energy
-from pipeline.stages.base import LatentMaps, ModelStage, load_clip_section, load_model
+from pipeline.stages.base import LatentMaps, ModelStage, Work, load_clip_section, load_model
 from pipeline.stages.tensors import to_uint8_tensor
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Work:
-    idx: np.ndarray  # the SAMPLE rows of the batch
-    seeds: list[int]
-
-
 class GuideStage(ModelStage):
     """Candidate rows → Langevin on z (gradients on, the UNet frozen) → G(z) as uint8 → SAMPLE rows
-    (+ LATENT rows of the final z). Never compiled: the backward pass goes through the UNet."""
+    (+ LATENT rows of the final z). Never compiled: the backward pass goes through the UNet. Two
+    batches in flight (one guides while the other is emitted); a batch whose backward pass does not
+    fit in GPU memory runs in pieces (``ModelStage.fitting``): each sample's chain is its own."""
+
+    concurrent_batches = 2
 
     def __init__(self, source: ModelConfig, guide: GuideConfig, clip: ClipConfig, sampler: SamplerConfig,
                  output: OutputConfig, size: int, dtype: str = "auto", compile: str = "off"):
@@ -52,30 +49,37 @@ class GuideStage(ModelStage):
 
     def prepare(self, batch: dict) -> Work:
         idx = self.samples(batch)
-        return Work(idx, [sample_seed(self.sampler.seed, str(batch["key"][i])) for i in idx])
+        return Work(idx, [sample_seed(self.sampler.seed, str(batch["key"][i])) for i in idx], None)
 
     def compute(self, work: Work):
         if not len(work.idx):
             return None
+        parts = self.fitting(lambda lo, hi: self._guide(work.seeds[lo:hi]), len(work.seeds))
+        z = Latent.cat([p[1] for p in parts])
+        scores = None if parts[0][2] is None else np.concatenate([p[2] for p in parts])
+        return np.concatenate([p[0] for p in parts]), LatentMaps.of(z, self.output), scores, z.timesteps
+
+    def _guide(self, seeds: list[int]) -> tuple[np.ndarray, Latent, np.ndarray | None]:
+        """Guided images (uint8, host), their final z, and their CLIP scores (with the CLIP energy)."""
         den, g = self.source, self.guide
-        z0 = initial_latent(den, self.shape, steps=self.sampler.steps, eta=self.sampler.eta, seeds=work.seeds,
+        z0 = initial_latent(den, self.shape, steps=self.sampler.steps, eta=self.sampler.eta, seeds=seeds,
                             condition=self.source_cfg.condition)
 
         def energy(x0, keys):  # E on the image G(z) as it will be written: decoded, clamped to [-1, 1]
             return self.energy(den.to_pixels_with_grad(x0).clamp(-1, 1), keys)
 
-        with torch.enable_grad():  # the Langevin gradient; nothing else in the pipeline builds a graph
+        with torch.enable_grad():  # the Langevin gradient (grad mode is per thread); nothing else builds a graph
             res = guide(den, z0, energy, steps=g.langevin_steps, step_size=g.step_size, weight=g.weight,
-                        seeds=work.seeds, condition=self.source_cfg.condition,
+                        seeds=seeds, condition=self.source_cfg.condition,
                         guidance_scale=self.source_cfg.guidance_scale, checkpoint=g.checkpoint)
         with torch.no_grad():
             pixels = den.to_pixels(res.x0)
             scores = self.energy.similarity(pixels) if isinstance(self.energy, ClipEnergy) else None
         first, last = res.energy[0], res.energy[-1]
         log.info("guide: %d samples, energy %.4f → %.4f (mean over the batch) in %d Langevin steps",
-                 len(work.idx), float(first.mean()), float(last.mean()), g.langevin_steps)
-        return (to_uint8_tensor(pixels).cpu().numpy(), LatentMaps.of(res.z, self.output),
-                None if scores is None else scores.float().cpu().numpy(), res.z.timesteps)
+                 len(seeds), float(first.mean()), float(last.mean()), g.langevin_steps)
+        return (to_uint8_tensor(pixels).cpu().numpy(), res.z,
+                None if scores is None else scores.float().cpu().numpy())
 
     def emit(self, batch: dict, work: Work, result) -> dict:
         rows = RowBuffer()

@@ -238,3 +238,46 @@ def test_clip_energy_is_one_minus_cosine_and_averages_its_augmentations(tiny_cli
     assert xg.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="augmentation key"):
         e(x)
+
+
+def test_guide_stage_batches_in_flight_and_in_pieces_give_each_chain_alone(pixel_model):
+    """The stage's rows: two batches in flight (threads) and a batch split because its backward pass
+    does not fit (a UNet that fails above 2 rows) give the images the whole batch gives at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.config import ClipConfig, ModelConfig, OutputConfig, SamplerConfig
+    from pipeline.data.rows import RowBuffer, RowKind
+    from pipeline.stages.guide import GuideStage
+
+    def stage():
+        return GuideStage(ModelConfig(model=str(pixel_model)),
+                          GuideConfig(energy="hue", target_hue=120, weight=10, langevin_steps=3),
+                          ClipConfig(), SamplerConfig(steps=STEPS, eta=ETA, seed=5), OutputConfig(latents="none"),
+                          size=16)
+
+    def batch(numbers):
+        rows = RowBuffer()
+        for n in numbers:
+            rows.add(shard="guided-00000", key=f"{n:06d}", index=n, kind=RowKind.SAMPLE, candidate=n)
+        return rows.batch()
+
+    assert GuideStage.concurrent_batches == 2
+    whole = stage()(batch(range(5)))
+    small = stage()
+    forward = small.source.unet.forward
+
+    def limited(sample, *args, **kwargs):
+        if sample.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test's limit of 2 rows)")
+        return forward(sample, *args, **kwargs)
+
+    small.source.unet.forward = limited
+    pieces = small(batch(range(5)))
+    assert small.device_rows == 2
+    with ThreadPoolExecutor(2) as pool:
+        threads = list(pool.map(small, [batch([0, 1]), batch([2, 3, 4])]))
+    for got in (list(pieces["pixels"]), [p for out in threads for p in out["pixels"]]):
+        assert len(got) == 5
+        for a, b in zip(got, whole["pixels"], strict=True):
+            assert abs(a.astype(int) - b.astype(int)).max() <= 1
+    assert list(pieces["seed"]) == list(whole["seed"]) and list(pieces["key"]) == list(whole["key"])
