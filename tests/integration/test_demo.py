@@ -10,20 +10,12 @@ from PIL import Image
 
 from pipeline.config import load_config
 from pipeline.data.shards import iter_tar_samples
-from pipeline.demo.run import (
-    EDIT_SETS,
-    MAIN_DOMAIN,
-    OOD_DOMAINS,
-    SAMPLING_MODES,
-    demo_config_dir,
-    format_table,
-    guide_runs,
-    hspace_edit,
-    measure_edit,
-    measure_guide,
-    run_demo,
-)
+from pipeline.demo.common import demo_config_dir
+from pipeline.demo.edit import EDIT_SETS, hspace_edit, measure_edit
+from pipeline.demo.guide import guide_runs, measure_guide
+from pipeline.demo.run import format_table, run_demo
 from pipeline.demo.train import TrainConfig, train
+from pipeline.demo.unseen import MAIN_DOMAIN, OOD_DOMAINS, SAMPLING_MODES
 
 
 @pytest.fixture(scope="module")

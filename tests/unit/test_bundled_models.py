@@ -40,14 +40,14 @@ def test_unknown_bundled_model_names_the_fix():
 @pytest.mark.parametrize("name", ["discs", "squares"])
 def test_bundled_model_passes_a_reduced_quality_gate(name):
     """32 ancestral samples (the full gate is 256; see pipeline/assets/README.md): ≥ 90% its own shape."""
-    from pipeline.demo.run import quality_gate
+    from pipeline.demo.common import quality_gate
 
     gate = quality_gate(f"bundled:{name}", name, count=32, steps=50)
     assert gate["rate"] >= 0.9, gate
 
 
 def test_plain_samples_are_seeded_and_the_last_step_adds_no_noise():
-    from pipeline.demo.run import plain_samples
+    from pipeline.demo.common import plain_samples
 
     a = plain_samples("bundled:discs", 4, steps=10, seed=3)
     assert (a == plain_samples("bundled:discs", 4, steps=10, seed=3)).all()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from pipeline.demo import run as demo
+from pipeline.demo import common
+from pipeline.demo import guide as demo
 from pipeline.demo.shapes import shape_masks
 
 GREEN = 120.0
@@ -67,7 +68,7 @@ def test_guide_table_lines():
     row = {**m, "energy": "hue", "weight": 100.0, "step_size": 0.05, "langevin_steps": 50, "steps": 10, "eta": 1.0,
            "clip_x0": "auto", "targets": {"within_rate": 0.8, "disc_rate": 0.5},
            "target_met": {"within_rate": False, "disc_rate": True}, "seconds": 12.5}
-    lines = "\n".join(demo._guide_lines(row))
+    lines = "\n".join(demo.guide_lines(row))
     assert "hue energy toward 120° (12.5 s)" in lines and "λ 100, s 0.05, 50 Langevin steps, 10-step" in lines
     assert "4 seeds" in lines and "within 30°" in lines and "7.53°" in lines
     assert "guided within 30° 75.0% (target ≥ 80%) NOT met; discs 75.0% (target ≥ 50%) met" in lines
@@ -75,8 +76,8 @@ def test_guide_table_lines():
 
 
 def test_guide_config_is_what_the_demo_part_needs():
-    cfg = load_config(demo.demo_config_dir() / "guide.yaml")
+    cfg = load_config(common.demo_config_dir() / "guide.yaml")
     g = cfg.guide
     assert cfg.source.model == "bundled:discs" and g.energy == "hue" and g.weight > 0 and g.langevin_steps > 0
     assert cfg.sampler.eta > 0 and cfg.output.latents == "none"  # guide walks the stochastic decoder
-    assert demo.TARGETS["guide_within_rate"] <= 1 and demo.TARGETS["guide_disc_rate"] <= 1
+    assert common.TARGETS["guide_within_rate"] <= 1 and common.TARGETS["guide_disc_rate"] <= 1
