@@ -15,3 +15,7 @@ class ModelLoadError(LatentshiftError):
 
 class StorageError(LatentshiftError):
     """Object storage refused or could not find something (permanent, not retried)."""
+
+
+class DeviceMemoryError(LatentshiftError):
+    """One sample's device work does not fit in the accelerator's memory, even alone."""

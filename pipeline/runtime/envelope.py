@@ -31,7 +31,7 @@ from pipeline.data.outputs import OutputStore
 from pipeline.data.shards import ShardRef
 from pipeline.errors import LatentshiftError
 from pipeline.runtime.job import Job, Run
-from pipeline.runtime.models import check_models, model_load_failure
+from pipeline.runtime.models import actor_failure, check_models
 
 
 def new_run_id() -> str:
@@ -91,7 +91,7 @@ def run_job(job: Job, cfg: JobConfig, overwrite: bool = False, out=sys.stdout, *
                 built = job.build(run, mine)
                 _add_totals(s, write_and_commit(run, built, mine))
             except Exception as exc:
-                failure = model_load_failure(exc, job, cfg)
+                failure = actor_failure(exc, job, cfg)
                 if failure is None:
                     raise
                 raise failure from None

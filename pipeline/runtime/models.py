@@ -1,5 +1,5 @@
 """The models a job loads: resolved and checked before Ray starts; a load that still fails on an
-actor, turned into one line."""
+actor, or an error a user can act on raised there, turned into one line."""
 
 from __future__ import annotations
 
@@ -36,9 +36,11 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
 
 
-def model_load_failure(exc: BaseException, job: Job, cfg: JobConfig) -> LatentshiftError | None:
-    """The one-line error for a model stage's actor that died in ``__init__`` (a model that passed
-    ``check_models`` and still failed to load, e.g. corrupt weights); None for any other error.
+def actor_failure(exc: BaseException, job: Job, cfg: JobConfig) -> LatentshiftError | None:
+    """The one-line error for what went wrong on an actor: a ``LatentshiftError`` raised there (a
+    model that does not load, one sample that does not fit in GPU memory), or a model stage's
+    actor that died in ``__init__`` (a model that passed ``check_models`` and still failed to
+    load, e.g. corrupt weights); None for any other error.
 
     Ray Data gives up on the first actor that dies during initialisation (``init_ray`` pins
     ``max_consecutive_actor_init_deaths = 0``) and raises Ray's ``ActorDiedError``, whose text
@@ -52,12 +54,13 @@ def model_load_failure(exc: BaseException, job: Job, cfg: JobConfig) -> Latentsh
         seen.add(id(e))
         chain.append(e)
         e = e.__cause__ or e.__context__
-    for e in chain:  # a ModelLoadError that came back through Ray as RayTaskError(ModelLoadError)
-        if isinstance(e, ModelLoadError):
+    for e in chain:  # e.g. a ModelLoadError that came back through Ray as RayTaskError(ModelLoadError)
+        if isinstance(e, LatentshiftError):
             original = getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayError) else e
-            if isinstance(original, ModelLoadError):
-                return ModelLoadError(_one_line(str(original)))
-            return ModelLoadError(_one_line(_last_error_line(str(e)) or str(e)))
+            if isinstance(original, LatentshiftError):
+                return type(original)(_one_line(str(original)))
+            kind = ModelLoadError if isinstance(e, ModelLoadError) else LatentshiftError
+            return kind(_one_line(_last_error_line(str(e)) or str(e)))
     died = next((e for e in chain if isinstance(e, ray.exceptions.RayActorError)
                  and "creation task" in str(e)), None)
     if died is None:

@@ -29,7 +29,7 @@ def init_ray() -> None:
     ctx.enable_progress_bars = True
     # A model stage's actor that raises in __init__ (a model that passed preflight and still does
     # not load) fails the run at once: no in-actor retries, no replacement actors. Ray Data then
-    # raises the actor's ActorDiedError, which run_job turns into one line (runtime/models.py: model_load_failure).
+    # raises the actor's ActorDiedError, which run_job turns into one line (runtime/models.py: actor_failure).
     ctx.actor_init_retry_on_errors = False
     ctx.max_consecutive_actor_init_deaths = 0
     _hide_actor_init_traces()

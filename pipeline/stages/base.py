@@ -26,7 +26,7 @@ from pipeline.data.model_store import resolve_model
 from pipeline.data.profile import StageProfile, now
 from pipeline.data.rows import RowBuffer, RowKind, rows_of
 from pipeline.diffusion import Denoiser, Latent, load_denoiser, sample_seed
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, DeviceMemoryError
 
 
 def load_model(section: ModelConfig, dtype: str, clip_x0: str = "auto", compile: str = "off") -> Denoiser:
@@ -156,7 +156,7 @@ class ModelStage:
         (no row is lost or done twice), and the actor keeps the size for its later batches. So a
         ``runtime.batch_size`` larger than the GPU holds (two models in one actor, a long grid
         with ``output.latents: full``) runs at the largest batch that fits instead of failing;
-        one row that does not fit still fails, with PyTorch's message. Rows are independent
+        one row that does not fit fails with a ``DeviceMemoryError`` naming the fixes. Rows are independent
         (per-sample noise), so outputs do not depend on the split. Returns the pieces' results.
         """
         results, lo = [], 0
@@ -164,9 +164,12 @@ class ModelStage:
             size = min(self.device_rows or n, n - lo)
             try:
                 results.append(run(lo, lo + size))
-            except torch.cuda.OutOfMemoryError:
+            except torch.cuda.OutOfMemoryError as exc:
                 if size == 1:
-                    raise
+                    raise DeviceMemoryError(
+                        f"one sample of {type(self).__name__} does not fit in GPU memory even alone: lower "
+                        "image.size, choose runtime.dtype float16 or bfloat16, set output.latents to start or none, "
+                        f"or run on a GPU with more memory ({str(exc).splitlines()[0]})") from exc
                 torch.cuda.empty_cache()
                 self.device_rows = (size + 1) // 2
                 continue

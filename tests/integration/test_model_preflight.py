@@ -169,3 +169,30 @@ def test_weights_that_do_not_fit_cli_exits_2_with_a_short_stderr(ray_cluster, tm
     assert len(lines) <= 3, f"{len(lines)} lines of stderr:\n" + proc.stderr
     assert "infinite retries" not in proc.stderr
     assert no_staging(tmp_path)
+
+
+def test_an_error_a_user_can_act_on_comes_back_from_an_actor_as_one_line(ray_cluster, tmp_path, pixel_model):
+    """A DeviceMemoryError raised in a Ray actor's batch (ModelStage.fitting: one sample does not fit)
+    reaches the driver wrapped in Ray's RayTaskError, its text prefixed by the actor; the run's error is
+    the original type with its one-line message, as the CLI prints it."""
+    import ray
+
+    from pipeline.errors import DeviceMemoryError
+    from pipeline.jobs import get
+    from pipeline.runtime.models import actor_failure
+
+    @ray.remote
+    class Stage:
+        def __call__(self):
+            raise DeviceMemoryError("one sample of TranslateStage does not fit in GPU memory even alone: lower\n"
+                                    "image.size (CUDA out of memory)")
+
+    with pytest.raises(Exception) as caught:  # noqa: PT011 - Ray's wrapper type is what is being unwrapped
+        ray.get(Stage.remote().__call__.remote())
+    assert "ray::Stage" in str(caught.value) and len(str(caught.value).splitlines()) > 1  # Ray's text, not one line
+    cfg = validate(config(tmp_path, pixel_model, pixel_model))
+    failure = actor_failure(caught.value, get("translate"), cfg)
+    assert type(failure) is DeviceMemoryError
+    assert str(failure) == ("one sample of TranslateStage does not fit in GPU memory even alone: lower image.size "
+                            "(CUDA out of memory)")
+    assert actor_failure(RuntimeError("something else"), get("translate"), cfg) is None

@@ -260,10 +260,13 @@ def test_a_batch_too_large_for_the_device_runs_in_halves_with_the_same_outputs(p
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
-def test_a_single_row_that_does_not_fit_fails_with_pytorchs_error(pixel_model, other_pixel_model):
+def test_a_single_row_that_does_not_fit_fails_naming_the_fixes(pixel_model, other_pixel_model):
+    from pipeline.errors import DeviceMemoryError
+
     stage = translate_stage(pixel_model, other_pixel_model)
     out_of_memory_above(stage.target, 0)
-    with pytest.raises(torch.cuda.OutOfMemoryError, match="a test's limit of 0 rows"):
+    with pytest.raises(DeviceMemoryError, match=r"one sample of TranslateStage does not fit in GPU memory even "
+                       r"alone: lower image.size, .*runtime.dtype.*\(CUDA out of memory \(a test's limit of 0 rows\)\)"):
         stage(pixel_batch(8, 3))
     assert stage.device_rows == 1
 
