@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from pipeline.demo import run as demo
+from pipeline.demo import edit as demo
+from pipeline.demo.common import demo_config_dir
 from pipeline.demo.shapes import ALIGNED_SIDE, SIZE, render
 from pipeline.metrics.shapes import measure_shapes
 
@@ -51,13 +52,13 @@ def test_edit_table_lines():
     b, _ = render("discs", 4, seed=3, aligned=True, sides=(22, 24))
     m = demo.edit_metrics(a, {0.0: a, 1.0: b}, a, b)
     row = {**m, "sets": {"a": "small", "b": "large"}, "t0": 950, "steps": 20, "t_edit": 700, "t_boost": 0}
-    lines = "\n".join(demo._edit_lines(row))
+    lines = "\n".join(demo.edit_lines(row))
     assert "4 small discs (set A" in lines and "4 large (set B" in lines and "t_edit 700, t_boost 0" in lines
     assert "scale 1" in lines and "100%" in lines and "the size grows with the scale: yes" in lines
 
 
 def test_edit_config_is_what_the_demo_part_needs():
-    cfg = load_config(demo.demo_config_dir() / "edit.yaml")
+    cfg = load_config(demo_config_dir() / "edit.yaml")
     h = cfg.hspace
     assert cfg.source.model == "bundled:discs" and h.method == "mean-difference" and cfg.sampler.clip_x0 == "off"
     assert h.scales[0] == 0 and h.scales == sorted(h.scales) and isinstance(h.t_edit, int) and h.t_boost == 0

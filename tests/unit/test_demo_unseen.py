@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from pipeline.demo import run as demo
+from pipeline.demo import unseen as demo
+from pipeline.demo.common import demo_config_dir
 from pipeline.demo.shapes import render
 
 
@@ -25,7 +26,7 @@ def test_modes_share_the_domain_fit_unless_they_change_it(monkeypatch, tmp_path)
     monkeypatch.setattr(demo, "SAMPLING_MODES", [("gaussian + geometric selection", ["ood.geometric=true"]),
                                                  ("gaussian only", ["ood.geometric=false"]),
                                                  ("diagonal", ["ood.variance=diagonal"])])
-    jobs = demo.synthesize("aligned", str(tmp_path), demo.demo_config_dir(), ["ood.count=4"], out=None)
+    jobs = demo.synthesize("aligned", str(tmp_path), demo_config_dir(), ["ood.count=4"], out=None)
     fits = [c for c in calls if c[0] == "ood-fit"]
     assert [c[1] for c in fits][0] == f"{tmp_path}/unseen/aligned/fit"
     assert len(fits) == 2 and fits[1][1].startswith(f"{tmp_path}/unseen/aligned/fit-") and fits[1][4] == "diagonal"
@@ -65,7 +66,7 @@ def test_hue_concentration():
 
 def gate_config(**ood):
     overrides = [f"ood.{k}={v}" for k, v in {"inversion_steps": 10, **ood}.items()]
-    return load_config(demo.demo_config_dir() / "unseen.yaml", overrides)
+    return load_config(demo_config_dir() / "unseen.yaml", overrides)
 
 
 def test_gate_passes_a_domain_the_model_reconstructs():
