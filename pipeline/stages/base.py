@@ -14,6 +14,7 @@ waits on the host. Only one batch's tensors are on the device at a time.
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from dataclasses import dataclass
@@ -156,24 +157,27 @@ class ModelStage:
         (no row is lost or done twice), and the actor keeps the size for its later batches. So a
         ``runtime.batch_size`` larger than the GPU holds (two models in one actor, a long grid
         with ``output.latents: full``) runs at the largest batch that fits instead of failing;
-        one row that does not fit fails with a ``DeviceMemoryError`` naming the fixes. Rows are independent
-        (per-sample noise), so outputs do not depend on the split. Returns the pieces' results.
+        one row that does not fit fails with a ``DeviceMemoryError`` naming the fixes. Rows are
+        independent (per-sample noise), so outputs do not depend on the split. Returns the pieces'
+        results.
         """
         results, lo = [], 0
         while lo < n:
             size = min(self.device_rows or n, n - lo)
             try:
                 results.append(run(lo, lo + size))
+                lo += size
+                continue
             except torch.cuda.OutOfMemoryError as exc:
                 if size == 1:
                     raise DeviceMemoryError(
                         f"one sample of {type(self).__name__} does not fit in GPU memory even alone: lower "
                         "image.size, choose runtime.dtype float16 or bfloat16, set output.latents to start or none, "
                         f"or run on a GPU with more memory ({str(exc).splitlines()[0]})") from exc
-                torch.cuda.empty_cache()
-                self.device_rows = (size + 1) // 2
-                continue
-            lo += size
+            # out of the except block, the failed attempt's tensors (held by its traceback) can be freed
+            gc.collect()
+            torch.cuda.empty_cache()
+            self.device_rows = (size + 1) // 2
         return results
 
     @staticmethod
