@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import HSpaceConfig, ModelConfig, OutputConfig
 from pipeline.data.rows import RowBuffer, RowKind
-from pipeline.diffusion import ddim_invert_model_space
+from pipeline.diffusion import Latent, ddim_invert_model_space
 from pipeline.diffusion.hspace import DeltaBlock, EditSchedule, TableDirection, edit_walk, trace_h
 from pipeline.errors import ConfigError, ModelLoadError
 from pipeline.stages.base import LatentMaps, ModelStage, Work, load_clip_section, load_model
@@ -162,15 +162,22 @@ class EditStage(InvertingStage):
         self.ready()
 
     def compute(self, work: Work):
+        """(S, n, H, W, 3) uint8 images, scale-major, and the latent maps; a batch whose S·n rows per
+        UNet call do not fit on the device runs in pieces of samples (``ModelStage.fitting``)."""
         if work.pixels is None:
             return None
+        parts = self.fitting(lambda lo, hi: self._edit(Work(work.idx[lo:hi], work.seeds[lo:hi], work.pixels[lo:hi])),
+                             len(work.idx))
+        z = Latent.cat([p[1] for p in parts])
+        return np.concatenate([p[0] for p in parts], axis=1), LatentMaps.of(z, self.output)
+
+    def _edit(self, work: Work) -> tuple[np.ndarray, Latent]:
         den, cond, w = self.source, self.source_cfg.condition, self.source_cfg.guidance_scale
         _, _, z = self.invert(work)
         x = edit_walk(den, z.x_start, self.grid, self.delta, self.hspace.scales, self.schedule, seeds=work.seeds,
                       condition=cond, guidance_scale=w)
         images = to_uint8_tensor(den.to_pixels(x)).cpu().numpy()  # (S·n, H, W, 3), scale-major
-        n = len(work.idx)
-        return images.reshape(len(self.hspace.scales), n, *images.shape[1:]), LatentMaps.of(z, self.output)
+        return images.reshape(len(self.hspace.scales), len(work.idx), *images.shape[1:]), z
 
     def emit(self, batch: dict, work: Work, result) -> dict:
         rows = RowBuffer()

@@ -385,3 +385,35 @@ def test_extend_refuses_unknown_columns_and_ragged_rows():
     with pytest.raises(ValueError, match="one length"):
         rows.extend({"key": ["a", "b"], "index": [1]})
     assert len(rows) == 0 and all(v == [] for v in rows.values.values())  # nothing half-added
+
+
+def test_an_edit_batch_too_large_for_the_device_runs_in_pieces_of_samples(pixel_model, tmp_path):
+    """h-space edit: a UNet call of the edit walk carries 2 × scales × samples rows (ε with and without
+    Δh: 30 here); a device that holds 12 rows runs the samples 2, 2, 1 and gives the whole batch's images."""
+    from pipeline.config import HSpaceConfig
+    from pipeline.data.directions import write_direction
+    from pipeline.diffusion.hspace import trace_h
+    from pipeline.stages.hspace import EditStage
+
+    den = load_denoiser(str(pixel_model), dtype="float32")
+    grid = den.schedule.grid_from(500, 4)
+    h = trace_h(den, torch.zeros(1, 3, 16, 16), grid).h  # (1, K, C, h, w)
+    deltas = np.random.default_rng(0).normal(0, 0.5, h.shape[1:]).astype(np.float32)
+    uri = str(tmp_path / "direction.safetensors")
+    write_direction(uri, None, {"deltas": deltas}, {"kind": "table", "timesteps": grid, "steps": 4, "t_edit": 500,
+                                                   "t_boost": 0, "model": str(pixel_model)})
+    hspace = HSpaceConfig(direction=uri, t0=500, steps=4, scales=[0.0, 1.0, 2.0])
+
+    def stage():
+        return EditStage(ModelConfig(model=str(pixel_model)), hspace, OutputConfig(latents="none"), seed=3,
+                         dtype="float32")
+
+    batch = pixel_batch(9, 5)
+    whole, small = stage()(batch), stage()
+    seen = out_of_memory_above(small.source, 12)
+    pieces = small(batch)
+    assert small.device_rows == 2 and max(seen) == 30
+    assert list(pieces["key"]) == list(whole["key"]) and list(pieces["seed"]) == list(whole["seed"])
+    for column in ("pixels", "extra_pixels"):
+        for a, b in zip(pieces[column], whole[column], strict=True):
+            assert np.abs(np.asarray(a).astype(int) - np.asarray(b).astype(int)).max() <= 1, column
