@@ -4,8 +4,14 @@
   images.py   CPU tasks: image bytes → fixed-size uint8 pixels (or a REJECT row)
   codec.py    actor pools: encode / translate / decode latents
   ood.py      actor pools: invert and fit (PARTIAL rows for the driver); decode sampled latents
+  hspace.py   actor pools: h-space direction fit (PARTIAL rows) and edit (Asyrp)
+  search.py   actor pool: CycleDiffusion's zero-shot search (best candidate by directional CLIP)
+  score.py    CLIP scores: the scorer (translate inline, search) and the score job's stage
+  guide.py    actor pool: Langevin guidance in latent space, images from numbers
   write.py    CPU tasks: stage parts per shard through the ledger → one manifest row per part
-  base.py     what every model stage shares (model loading, prepare → compute → emit under a device lock, rejects, LATENT rows)
+  tensors.py  uint8 image batches ↔ model tensors, on any device
+  base.py     what every model stage shares (model loading, prepare → compute → emit under a device
+              lock with two batches in flight, the largest batch that fits, rejects, LATENT rows)
 
 The columns of each boundary are defined once, in ``pipeline.data.rows``.
 """
