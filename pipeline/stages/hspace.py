@@ -162,7 +162,7 @@ class EditStage(InvertingStage):
         self.ready()
 
     def compute(self, work: Work):
-        """(S, n, H, W, 3) uint8 images, scale-major, and the latent maps; a batch whose S·n rows per
+        """(S, n, H, W, 3) uint8 images, scale-major, and the latent maps; a batch whose 2·S·n rows per
         UNet call do not fit on the device runs in pieces of samples (``ModelStage.fitting``)."""
         if work.pixels is None:
             return None
