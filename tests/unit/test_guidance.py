@@ -245,6 +245,8 @@ def test_guide_stage_batches_in_flight_and_in_pieces_give_each_chain_alone(pixel
     does not fit (a UNet that fails above 2 rows) give the images the whole batch gives at once."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from small_gpu import out_of_memory_above
+
     from pipeline.config import ClipConfig, ModelConfig, OutputConfig, SamplerConfig
     from pipeline.data.rows import RowBuffer, RowKind
     from pipeline.stages.guide import GuideStage
@@ -264,14 +266,7 @@ def test_guide_stage_batches_in_flight_and_in_pieces_give_each_chain_alone(pixel
     assert GuideStage.concurrent_batches == 2
     whole = stage()(batch(range(5)))
     small = stage()
-    forward = small.source.unet.forward
-
-    def limited(sample, *args, **kwargs):
-        if sample.shape[0] > 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory (a test's limit of 2 rows)")
-        return forward(sample, *args, **kwargs)
-
-    small.source.unet.forward = limited
+    out_of_memory_above(small.source, 2)
     pieces = small(batch(range(5)))
     assert small.device_rows == 2
     with ThreadPoolExecutor(2) as pool:

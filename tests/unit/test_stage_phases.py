@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from skimage.metrics import structural_similarity
+from small_gpu import out_of_memory_above
 
 from pipeline.config import ModelConfig, OutputConfig, SamplerConfig
 from pipeline.data.profile import ENV, read_profile
@@ -204,21 +205,6 @@ def test_compiled_unet_sees_one_batch_size_and_the_short_batch_is_unchanged(pixe
 
 
 # ---- batches larger than the device holds ---------------------------------------------------
-
-
-def out_of_memory_above(den, rows: int) -> list[int]:
-    """The UNet raises CUDA's out-of-memory error for calls of more than ``rows`` rows (as a GPU
-    whose memory holds ``rows`` would); returns the row counts of every call it was given."""
-    forward, seen = den.unet.forward, []
-
-    def limited(sample, *args, **kwargs):
-        seen.append(sample.shape[0])
-        if sample.shape[0] > rows:
-            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (a test's limit of {rows} rows)")
-        return forward(sample, *args, **kwargs)
-
-    den.unet.forward = limited
-    return seen
 
 
 def test_a_batch_too_large_for_the_device_runs_in_halves_with_the_same_outputs(pixel_model, other_pixel_model):
