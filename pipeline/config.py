@@ -202,6 +202,10 @@ class ClipConfig(StorageOptions):
     model: str = "ViT-B-16"  # open_clip name, or a model-config JSON path (official: ViT-B/16, Asyrp main.py:212)
     pretrained: str | None = None  # checkpoint file: local path or s3://, gs:// (safetensors)
     allow_pickle: bool = False  # load a .pt/.bin checkpoint: only for files you trust
+    # antialias the resize to CLIP's input size. The official CycleDiffusion, zoo and Asyrp numbers
+    # came from torchvision < 0.17, whose Resize did not antialias tensors (cycle-diffusion
+    # model/energy/clean_clip.py:14-17 keeps CLIP's Resize for tensors): false reproduces them
+    antialias: bool = True
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -275,15 +279,23 @@ class SearchConfig(Section):
     """The official zero-shot protocol (CycleDiffusion, best-of-N): per input, every (trial, encoder
     scale, skip) is DPM-encoded once and decoded at every decoder scale; the candidate with the highest
     directional CLIP is kept. Defaults: cycle-diffusion config/experiments/
-    translate_text2img256_stable_diffusion_stochastic_1.cfg:7-13 (with sampler.steps 100, eta 0.1)."""
+    translate_text2img256_stable_diffusion_stochastic_1.cfg:9-13. The official grid is its
+    ``custom_steps = 99`` (line 7): ``sampler.steps: 99`` on SD's scheduler walks 981, 971, …, 1, the
+    vendored LDM ``make_ddim_timesteps`` grid (configs/paper/sd-zero-shot-search.yaml sets it); the
+    default ``sampler.steps`` 100 walks 991 … 1, one grid step noisier at every skip."""
 
     trials: int = Field(15, ge=1)  # n_trials = 15 (line 12): fresh encoder noise per trial
-    skips: list[int] = Field(default_factory=lambda: [15, 20, 25, 30, 40, 50])  # skip_steps (line 13): strength (S − skip)/S
+    skips: list[int] = Field(default_factory=lambda: [15, 20, 25, 30, 40, 50])  # skip_steps (line 13): the walk starts at grid[skip]
     encoder_scales: list[float] = Field(default_factory=lambda: [1.0])  # encoder_unconditional_guidance_scales (line 10)
     decoder_scales: list[float] = Field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 4.0, 5.0])  # decoder_… (line 11)
     top_k: int = Field(1, ge=1)  # outputs kept per input: the best at the image member, the others as top2… members
     stop_score: float | None = Field(None, ge=-1, le=1)  # early stop: an input whose best reaches this tries no more trials
     trials_per_walk: int = Field(0, ge=0)  # trials walked together per input (0: all); bounds the rows per UNet call
+    # score candidates on the decoded image clamped to [-1, 1], as it is written (true), or on the
+    # decoder's raw output (false: the official ranking post-processes to [0, 1] without a clamp,
+    # stable_diffusion_stochastic_text_wrapper.py:216-228, and the official evaluation scores before
+    # its clamp, evaluation/translate_text.py:65-77). Written images are clamped either way.
+    clamp: bool = True
 
     @field_validator("skips", "encoder_scales", "decoder_scales")
     @classmethod

@@ -201,6 +201,8 @@ class Provenance:
             if "search" in self.settings:  # the winner's settings, and the runners-up (search.top_k)
                 grid = self.settings["search"]
                 row["chosen"] = search_choice(grid, row["candidate"])
+                if row["timesteps"]:  # the winning walk's first timestep (its start after ``skip``)
+                    row["chosen"]["t0"] = row["timesteps"][0]
                 row["ranked"] = [{**search_choice(grid, int(c)), "candidate": int(c), "directional": float(v)}
                                  for c, v in zip(batch["ranked"][i], batch["ranked_scores"][i], strict=True)]
         if str(batch["method"][i]):  # decode: the stored latent's own sampler
@@ -232,7 +234,17 @@ def search_choice(grid: dict, candidate: int) -> dict:
     trial, enc = divmod(rest, n_enc)
     steps, s = int(grid["steps"]), int(grid["skips"][skip])
     return {"trial": trial, "encoder_scale": grid["encoder_scales"][enc], "skip": s,
-            "strength": (steps - s) / steps, "decoder_scale": grid["decoder_scales"][dec]}
+            "strength": strength_keeping(steps, steps - s), "decoder_scale": grid["decoder_scales"][dec]}
+
+
+def strength_keeping(steps: int, keep: int) -> float:
+    """The strength whose grid keeps ``keep`` of ``steps`` entries (``Schedule.grid``: int(steps·strength),
+    as diffusers' img2img): keep/steps, nudged up by ulps where float rounding would floor it one short
+    (99 · (59/99) = 58.99…), so a recorded strength reproduces its walk."""
+    strength = keep / steps
+    while int(steps * strength) < keep:
+        strength = math.nextafter(strength, 2.0)
+    return strength
 
 
 def source_condition(cond_json) -> object:

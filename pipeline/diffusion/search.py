@@ -37,7 +37,10 @@ class SearchGrid:
     encoder_scales: tuple[float, ...]
     skips: tuple[int, ...]  # grid steps left out at the noisy end: the walk starts at grid[skip]
     decoder_scales: tuple[float, ...]
-    steps: int  # the full grid (official custom_steps 99 on LDM's grid = 100 here; see configs/paper/)
+    # the full grid: official custom_steps = 99 (translate_text2img256_stable_diffusion_stochastic_1.cfg:7),
+    # which on SD's scheduler (leading spacing, steps_offset 1) is 981, 971, …, 1, the vendored LDM
+    # make_ddim_timesteps grid (ldm/modules/diffusionmodules/util.py:46-57: range(0, 1000, 10)[:99] + 1)
+    steps: int
 
     def __post_init__(self):
         if any(not 0 <= s < self.steps for s in self.skips):
@@ -49,6 +52,16 @@ class SearchGrid:
     def index(self, trial: int, enc: int, skip: int, dec: int) -> int:
         """The candidate number of (trial, encoder-scale index, skip index, decoder-scale index)."""
         return ((trial * len(self.encoder_scales) + enc) * len(self.skips) + skip) * len(self.decoder_scales) + dec
+
+    def skip_of(self, candidate: int) -> int:
+        """The skip (grid steps left out) of candidate number ``candidate`` (inverse of ``index``)."""
+        rest = candidate // len(self.decoder_scales)
+        return self.skips[rest % len(self.skips)]
+
+    def walk(self, full: Sequence[int], skip: int) -> list[int]:
+        """The timesteps a candidate of ``skip`` walks: the full grid without its first ``skip`` entries
+        (the official ``time_range[-refine_steps:]`` with refine_steps = steps − skip, ldm ddim.py:470-473)."""
+        return list(full[skip:])
 
     def as_dict(self) -> dict:
         return {"trials": self.trials, "encoder_scales": list(self.encoder_scales), "skips": list(self.skips),
@@ -74,12 +87,15 @@ class SearchResult:
 
 def zero_shot_search(den, x0: torch.Tensor, input_seeds: Sequence[int], score: Callable, grid: SearchGrid, *,
                      eta: float, source_condition, target_condition, top_k: int = 1, stop_score: float | None = None,
-                     trials_per_walk: int = 0) -> SearchResult:
+                     trials_per_walk: int = 0, clamp: bool = True) -> SearchResult:
     """Best-of-N zero-shot translation of images ``x0`` (B, 3, H, W) in [-1, 1] with one model ``den``.
 
-    ``score(images, rows)`` ranks decoded images (N, 3, H, W) in [-1, 1] whose inputs are ``rows`` (N,)
-    (indices into the batch); higher is better (the official ranking: directional CLIP). ``stop_score``:
-    after each chunk of ``trials_per_walk`` trials (0: all at once), inputs whose best reached it stop.
+    ``score(images, rows)`` ranks decoded images (N, 3, H, W) whose inputs are ``rows`` (N,) (indices
+    into the batch); higher is better (the official ranking: directional CLIP). ``clamp``: the images
+    are clamped to [-1, 1] as they will be written, else the decoder's raw output, as the official
+    ranking sees them (wrapper.py:216-221); the kept images are then raw too (clamped when written).
+    ``stop_score``: after each chunk of ``trials_per_walk`` trials (0: all at once), inputs whose best
+    reached it stop.
     """
     dev = den.device
     x0m = den.to_model_space(x0)
@@ -100,14 +116,20 @@ def zero_shot_search(den, x0: torch.Tensor, input_seeds: Sequence[int], score: C
             for s, skip in enumerate(grid.skips):
                 seeds = [candidate_seed(input_seeds[i], tr, w_enc, skip) for i in rows.tolist() for tr in trials]
                 _, ys = encode_walk(den, x0m[walk_rows], grid.steps, eta, None, source_condition, w_enc, seeds,
-                                    decoders=decoders, keep_noise=False, timesteps=full[skip:])
+                                    decoders=decoders, keep_noise=False, timesteps=grid.walk(full, skip))
                 # (n, T·D) per input: trial-major then decoder scale, as the candidate numbers run
-                images = den.to_pixels(torch.stack(ys, 1).flatten(0, 1)).view(n, t * n_dec, *x0.shape[1:])
+                images = _pixels(den, torch.stack(ys, 1).flatten(0, 1), clamp).view(n, t * n_dec, *x0.shape[1:])
                 scores = score(images.flatten(0, 1), rows.repeat_interleave(t * n_dec)).float().view(n, t * n_dec)
                 numbers = torch.tensor([grid.index(tr, e, s, d) for tr in trials for d in range(n_dec)], device=dev)
                 seed_t = torch.tensor(seeds, dtype=torch.int64, device=dev).view(n, t).repeat_interleave(n_dec, 1)
                 best.add(rows, images, scores, numbers.expand(n, -1), seed_t)
     return best.result()
+
+
+@torch.no_grad()
+def _pixels(den, x: torch.Tensor, clamp: bool) -> torch.Tensor:
+    """Decoded candidates: clamped to [-1, 1] as written, or the decoder's raw output."""
+    return den.to_pixels(x) if clamp else den.to_pixels_with_grad(x)
 
 
 class _TopK:

@@ -137,7 +137,7 @@ class Clip(torch.nn.Module):
     """A frozen open_clip model (eval mode, no parameter gradients) with CLIP's preprocessing done on
     the device in torch, so image features stay differentiable w.r.t. the input pixels."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, preprocess_cfg: dict, name: str):
+    def __init__(self, model: torch.nn.Module, tokenizer, preprocess_cfg: dict, name: str, antialias: bool = True):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
@@ -147,6 +147,9 @@ class Clip(torch.nn.Module):
         self.resize_mode: str = preprocess_cfg.get("resize_mode", "shortest")
         self.interpolation: str = preprocess_cfg.get("interpolation", "bicubic")
         self.fill: float = preprocess_cfg.get("fill_color", 0) / 255.0
+        # the resize to the model's input: antialiased (as PIL in CLIP's own preprocess) or not, as
+        # torchvision < 0.17 resized tensors, which the official CycleDiffusion / Asyrp numbers came from
+        self.antialias = bool(antialias)
         self.register_buffer("mean", torch.tensor(preprocess_cfg["mean"], dtype=torch.float32).view(1, -1, 1, 1),
                              persistent=False)
         self.register_buffer("std", torch.tensor(preprocess_cfg["std"], dtype=torch.float32).view(1, -1, 1, 1),
@@ -166,23 +169,25 @@ class Clip(torch.nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] → the model's normalised input, on the model's device, in float32.
+    def preprocess(self, images: torch.Tensor, unit: bool = False) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] (``unit``: in [0, 1]) → the model's normalised input, on the model's
+        device, in float32.
 
         As the official loss (clip_loss.py:39-41): [-1, 1] → [0, 1], then CLIP's Resize + CenterCrop
         (the shortest side to the model's size, bicubic; open_clip's ``resize_mode`` 'shortest'),
-        then Normalize with the model's mean/std. Resizing is antialiased, as PIL's is in CLIP's own
-        preprocess; values are not clamped after the bicubic resize (the official tensor path does
-        not clamp either), so the gradient reaches every pixel.
+        then Normalize with the model's mean/std. Resizing is antialiased unless ``antialias`` is off
+        (``clip.antialias``; see ``Clip.__init__``); values are not clamped, before or after the bicubic
+        resize (the official tensor path clamps neither), so the gradient reaches every pixel.
         """
-        x = (images.to(self.device, torch.float32) + 1) / 2
+        x = images.to(self.device, torch.float32)
+        x = x if unit else (x + 1) / 2
         x = self._resize(x)
         return (x - self.mean) / self.std
 
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image features (B, D), float32, differentiable w.r.t. ``images``
-        (clip_loss.py:102-108 normalises them)."""
-        feats = self.model.encode_image(self.preprocess(images).to(self.dtype)).float()
+    def image_features(self, images: torch.Tensor, unit: bool = False) -> torch.Tensor:
+        """L2-normalised image features (B, D), float32, differentiable w.r.t. ``images`` (in [-1, 1], or
+        [0, 1] with ``unit``) (clip_loss.py:102-108 normalises them)."""
+        feats = self.model.encode_image(self.preprocess(images, unit).to(self.dtype)).float()
         return feats / feats.norm(dim=-1, keepdim=True)
 
     def text_features(self, texts: Sequence[str], templates: Sequence[str] | None = None,
@@ -226,13 +231,13 @@ class Clip(torch.nn.Module):
         if (h, w) == (th, tw):
             return x
         if self.resize_mode == "squash":
-            return TF.resize(x, [th, tw], interpolation=mode, antialias=True)
+            return TF.resize(x, [th, tw], interpolation=mode, antialias=self.antialias)
         if self.resize_mode == "shortest" and th == tw:  # CLIP: Resize(n_px) + CenterCrop(n_px)
-            x = TF.resize(x, th, interpolation=mode, antialias=True)
+            x = TF.resize(x, th, interpolation=mode, antialias=self.antialias)
         else:  # open_clip ResizeKeepRatio (longest=1 for 'longest', 0 for 'shortest')
             rh, rw = h / th, w / tw
             ratio = max(rh, rw) if self.resize_mode == "longest" else min(rh, rw)
-            x = TF.resize(x, [round(h / ratio), round(w / ratio)], interpolation=mode, antialias=True)
+            x = TF.resize(x, [round(h / ratio), round(w / ratio)], interpolation=mode, antialias=self.antialias)
         return _center_crop_or_pad(x, th, tw, self.fill)
 
 
@@ -293,7 +298,7 @@ def clip_score_hessel(img_feat: torch.Tensor, text_feat: torch.Tensor, w: float 
 
 
 def load_clip(model: str, pretrained: str | os.PathLike | None, device=None, dtype: torch.dtype = torch.float32,
-              *, allow_pickle: bool = False, preprocess: dict | None = None) -> Clip:
+              *, allow_pickle: bool = False, preprocess: dict | None = None, antialias: bool = True) -> Clip:
     """A frozen ``Clip`` from a model name or config JSON and a LOCAL weights file; never downloads.
 
     ``model``: an open_clip model name (``open_clip.list_models()``; ``/`` reads as ``-``, so
@@ -302,7 +307,8 @@ def load_clip(model: str, pretrained: str | os.PathLike | None, device=None, dty
     ``preprocess_cfg``). ``pretrained``: a ``.safetensors`` file (``.pt``/``.pth``/``.bin`` only with
     ``allow_pickle``). ``preprocess`` overrides the preprocessing (``mean``, ``std``, ``size``,
     ``interpolation``, ``resize_mode``); with a weights file open_clip assumes OpenAI's mean/std,
-    which OpenAI's and LAION's CLIPs use.
+    which OpenAI's and LAION's CLIPs use. ``antialias``: whether the resize to the model's input
+    antialiases (``clip.antialias``).
     """
     import open_clip
 
@@ -323,7 +329,7 @@ def load_clip(model: str, pretrained: str | os.PathLike | None, device=None, dty
                           f"{model!r} ({first}); give the checkpoint of that architecture") from None
     net = net.to(device=dev, dtype=dtype)
     pp = open_clip.get_model_preprocess_cfg(net)
-    return Clip(net, open_clip.get_tokenizer(name), pp, name).to(dev)
+    return Clip(net, open_clip.get_tokenizer(name), pp, name, antialias).to(dev)
 
 
 def _check_pretrained(pretrained, allow_pickle: bool) -> Path:

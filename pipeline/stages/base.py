@@ -52,7 +52,7 @@ def load_clip_section(clip, device):
         raise ConfigError("config error: clip.pretrained is not set; give a local or s3:// open_clip checkpoint "
                           "(latentshift never downloads one)")
     path = materialize_file(clip.pretrained, clip.storage_options)
-    return load_clip(clip.model, str(path), device=device, allow_pickle=clip.allow_pickle)
+    return load_clip(clip.model, str(path), device=device, allow_pickle=clip.allow_pickle, antialias=clip.antialias)
 
 
 @dataclass

@@ -58,6 +58,7 @@ class SearchStage(ModelStage):
         # never compiled: walks differ in rows (skips, trial chunks, inputs stopped early), which would recompile
         self.source = load_model(source, dtype, sampler.clip_x0)
         self.search_grid = search_grid(search, sampler)
+        self.full_grid = self.source.schedule.grid(sampler.steps)  # each winner's walk starts at full[skip]
         # CLIP and the texts' features (the official ranking: plain prompts, clean_clip.py:24-27), loaded once
         self.scorer = Scorer.load(clip, score, source, target, self.source.device)
         self.ready()
@@ -84,7 +85,9 @@ class SearchStage(ModelStage):
         result = zero_shot_search(self.source, images, work.seeds, directional, self.search_grid, eta=self.sampler.eta,
                                   source_condition=self.source_cfg.condition,
                                   target_condition=self.target_cfg.condition, top_k=s.top_k,
-                                  stop_score=s.stop_score, trials_per_walk=s.trials_per_walk)
+                                  stop_score=s.stop_score, trials_per_walk=s.trials_per_walk, clamp=s.clamp)
+        # the winner's CLIP score on the image ranked (raw with search.clamp false, as the official
+        # evaluation scores before its clamp, evaluation/translate_text.py:65-77)
         winners = clip_score(self.features(result.images[:, 0]), self.scorer.target)
         n, k = result.scores.shape
         out = to_uint8_tensor(result.images.flatten(0, 1)).view(n, k, *work.pixels.shape[1:])
@@ -108,5 +111,8 @@ class SearchStage(ModelStage):
                    "candidate": r.candidates[:, 0].numpy(), "ranked": [r.candidates[i, v].numpy() for i, v in enumerate(kept)],
                    "ranked_scores": [scores[i, v] for i, v in enumerate(kept)], "directional": scores[:, 0],
                    "clip_score": found.clip_score}
-        rows.extend(per_row, timesteps=[])
+        # each output's timesteps: its winning walk's (provenance ``timesteps``; ``chosen.t0`` is the first)
+        walks = [self.search_grid.walk(self.full_grid, self.search_grid.skip_of(int(c))) for c in r.candidates[:, 0]]
+        per_row["timesteps"] = [np.asarray(w, dtype=np.int32) for w in walks]
+        rows.extend(per_row)
         return rows.batch()

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 OFFICIAL = {"trials": 15, "skips": (15, 20, 25, 30, 40, 50), "encoder_scales": (1.0,),
-            "decoder_scales": (1.0, 1.5, 2.0, 3.0, 4.0, 5.0), "steps": 100}  # config/experiments/…_stochastic_1.cfg
-SETUPS = {"sd-1": {"steps": 100, "images": 2, "clip": "ViT-B-32"},
+            "decoder_scales": (1.0, 1.5, 2.0, 3.0, 4.0, 5.0), "steps": 99}  # config/experiments/…_stochastic_1.cfg:7-13
+SETUPS = {"sd-1": {"steps": 99, "images": 2, "clip": "ViT-B-32"},
           "tiny-sd": {"steps": 10, "images": 4, "clip": "tiny"}}
 PROMPTS = ("a photo of a cat", "a photo of a dog")
 
@@ -55,6 +55,7 @@ def _sync(device) -> None:
 
 def run_search_bench(shape: str = "tiny-sd", images: int | None = None, trials: int = 1, model: str | None = None,
                      dtype: str = "auto", out=sys.stdout) -> dict:
+    from pipeline.data.rows import strength_keeping
     from pipeline.diffusion import dpm_decode, dpm_encode, load_denoiser
     from pipeline.diffusion.search import SearchGrid, candidate_seed, zero_shot_search
     from pipeline.metrics.clip import directional_similarity
@@ -96,7 +97,7 @@ def run_search_bench(shape: str = "tiny-sd", images: int | None = None, trials: 
         start = time.perf_counter()
         official_images = 1  # one image through the official loop is enough to time it
         for trial, w_enc, skip in itertools.product(range(trials), grid.encoder_scales, grid.skips):
-            z = dpm_encode(den, x0[:1], steps=steps, eta=0.1, strength=(steps - skip) / steps,
+            z = dpm_encode(den, x0[:1], steps=steps, eta=0.1, strength=strength_keeping(steps, steps - skip),
                            condition=PROMPTS[0], guidance_scale=w_enc, seeds=[candidate_seed(0, trial, w_enc, skip)])
             for w_dec in grid.decoder_scales:
                 score(dpm_decode(den, z, condition=PROMPTS[1], guidance_scale=w_dec), torch.zeros(1, dtype=torch.long))

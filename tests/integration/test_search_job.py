@@ -14,6 +14,7 @@ from shard_builders import tar_bytes
 
 from pipeline.config import validate
 from pipeline.data.shards import iter_tar_samples
+from pipeline.diffusion import load_denoiser
 from pipeline.errors import ConfigError
 from pipeline.jobs import run_job
 from pipeline.tools.random_clip import save_random_clip
@@ -55,6 +56,7 @@ def config(bucket, opts, model, clip_config, clip_weights, **search):
 def test_search_writes_the_winner_its_settings_and_scores_once(ray_cluster, s3, search_setup, sd_model):
     bucket, opts, clip_config, clip_weights = search_setup
     cfg = config(bucket, opts, sd_model, clip_config, clip_weights, top_k=2)
+    full_grid = load_denoiser(str(sd_model)).schedule.grid(6)
     summary = run_job(cfg, "search")
     assert summary["images"] == 5 and summary["rejected"] == 1 and summary["candidates_per_input"] == 8
     assert summary["scored"] == 5 and -1 <= summary["mean_directional"] <= 1
@@ -70,8 +72,11 @@ def test_search_writes_the_winner_its_settings_and_scores_once(ray_cluster, s3, 
         chosen, ranked = prov["chosen"], prov["ranked"]
         assert 0 <= prov["candidate"] < 8 and ranked[0]["candidate"] == prov["candidate"]
         assert ranked[0]["directional"] >= ranked[1]["directional"]  # best first
-        assert chosen == {k: v for k, v in ranked[0].items() if k not in ("candidate", "directional")}
+        assert {k: v for k, v in chosen.items() if k != "t0"} == {
+            k: v for k, v in ranked[0].items() if k not in ("candidate", "directional")}
         assert chosen["skip"] in (1, 3) and chosen["strength"] == (6 - chosen["skip"]) / 6
+        # the winning walk: the model's 6-step grid without its first `skip` entries, starting at t0
+        assert prov["timesteps"] == full_grid[chosen["skip"]:] and chosen["t0"] == full_grid[chosen["skip"]]
         rows = [r for r in table if r["key"] == key]
         assert rows[0]["candidate"] == prov["candidate"] and rows[0]["decoder_scale"] == chosen["decoder_scale"]
         assert rows[0]["directional"] == pytest.approx(prov["directional"], abs=1e-6)

@@ -106,6 +106,26 @@ def test_preprocessing_resizes_the_shortest_side_and_centre_crops(tiny):
     assert clip.image_features(x).shape == (2, 32)
 
 
+def test_without_antialias_preprocessing_is_the_official_tensor_transform(tiny):
+    """clip.antialias false = cycle-diffusion model/energy/clean_clip.py:14-17 (and the zoo's
+    clip_guide.py:72-75): CLIP's Resize(n_px, BICUBIC) + CenterCrop(n_px) + Normalize on a [0, 1] tensor,
+    with torchvision < 0.17's tensor default antialias=False. A 4× downscale aliases: the two differ."""
+    import torchvision.transforms as T
+
+    config, weights, antialiased = tiny
+    official = load_clip(config, weights, device="cpu", antialias=False)
+    x = _images(2, 128, 160, seed=5)  # [-1, 1], as our images; the official post_process maps to [0, 1]
+    mean, std = official.mean.flatten().tolist(), official.std.flatten().tolist()
+    transform = T.Compose([T.Resize(32, interpolation=T.InterpolationMode.BICUBIC, antialias=False),
+                           T.CenterCrop(32), T.Normalize(mean, std)])
+    want = transform((x + 1) / 2)  # wrapper post_process: Normalize(mean=-1, std=2), unclamped
+    assert torch.allclose(official.preprocess(x), want, atol=1e-5)
+    assert torch.allclose(official.preprocess((x + 1) / 2, unit=True), want, atol=1e-5)  # [0, 1] input
+    assert (antialiased.preprocess(x) - want).abs().mean() > 0.05  # antialiasing changes what CLIP sees
+    x_big = x * 1.5  # out of [-1, 1]: nothing is clamped on the way in
+    assert torch.allclose(official.preprocess(x_big), transform((x_big + 1) / 2), atol=1e-5)
+
+
 def test_preprocessing_agrees_with_open_clip_on_pil(tiny):
     """Close to open_clip's own PIL transform (PIL's bicubic kernel differs slightly from torch's)."""
     import numpy as np

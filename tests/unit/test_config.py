@@ -125,10 +125,25 @@ def test_gpus_per_actor_auto_follows_the_declared_variable_before_the_cluster(mo
     assert gpus_per_actor(explicit.runtime) == 0.0  # an explicit number wins over the variable
 
 
+def _ldm_make_ddim_timesteps(num_ddim_timesteps: int, num_ddpm_timesteps: int = 1000) -> list[int]:
+    """cycle-diffusion model/lib/stable_diffusion/ldm/modules/diffusionmodules/util.py:46-57, 'uniform',
+    written out: c = T // S; range(0, T, c) cut to S entries; + 1."""
+    c = num_ddpm_timesteps // num_ddim_timesteps
+    return [t + 1 for t in list(range(0, num_ddpm_timesteps, c))[:num_ddim_timesteps]]
+
+
+def _official_walk(custom_steps: int, skip_steps: int) -> list[int]:
+    """ldm/models/diffusion/ddim.py:468-473 (_ddpm_ddim_encoding): time_range = flip(ddim_timesteps),
+    refine_steps = total_steps − skip_steps, the walk is time_range[-refine_steps:]."""
+    time_range = _ldm_make_ddim_timesteps(custom_steps)[::-1]
+    refine_steps = len(time_range) - skip_steps
+    return time_range[-refine_steps:]
+
+
 def test_paper_configs_walk_the_official_grids():
     """configs/paper/ as the official runs: AFHQ starts at t = 849 and walks every timestep below
-    (custom_steps 1000, es_steps 850); SD's "99 steps" is LDM's grid 1, 11, …, 991, and skip 25
-    leaves its last 75 entries."""
+    (custom_steps 1000, es_steps 850); SD's custom_steps 99 is LDM's grid 981, 971, …, 1 (not 991: that
+    is 100 steps), and a skip's walk is the official one (skip 25 starts at 731)."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     from pipeline.diffusion.schedule import schedule_from_scheduler
@@ -142,5 +157,15 @@ def test_paper_configs_walk_the_official_grids():
     s = load_config(ROOT / "configs" / "paper" / "sd-zero-shot.yaml").sampler
     sd = schedule_from_scheduler(DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                                steps_offset=1, set_alpha_to_one=False))
-    assert sd.grid(s.steps) == list(range(991, 0, -10))  # LDM make_ddim_timesteps(99 steps): range(0, 1000, 10) + 1
-    assert sd.grid(s.steps, s.strength) == list(range(741, 0, -10))  # skip 25: 75 steps
+    # translate_text2img256_stable_diffusion_stochastic_1.cfg:7 custom_steps = 99
+    assert s.steps == 99 and sd.grid(s.steps) == _ldm_make_ddim_timesteps(99)[::-1]
+    assert sd.grid(s.steps)[:2] == [981, 971] and len(sd.grid(s.steps)) == 99
+    assert sd.grid(s.steps, s.strength) == _official_walk(99, 25)  # skip 25 (line 13): 731, 721, …, 1
+    assert sd.grid(s.steps, s.strength)[0] == 731
+    search = load_config(ROOT / "configs" / "paper" / "sd-zero-shot-search.yaml")
+    assert search.sampler.steps == 99 and search.search.skips == [15, 20, 25, 30, 40, 50]
+    full = sd.grid(search.sampler.steps)
+    for skip in search.search.skips:  # each skip's walk and start: 831, 781, 731, 681, 581, 481
+        assert full[skip:] == _official_walk(99, skip) and full[skip] == 981 - 10 * skip
+    # the official CLIP preprocessing: no antialiasing (torchvision < 0.17 on tensors), unclamped candidates
+    assert search.clip.antialias is False and search.search.clamp is False

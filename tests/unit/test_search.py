@@ -121,6 +121,48 @@ def test_candidate_numbers_decode_to_the_settings_the_provenance_records():
                           "decoder_scale": wd}
 
 
+def test_a_recorded_strength_reproduces_its_walk_on_the_official_99_step_grid():
+    """On custom_steps 99 (translate_text2img256_stable_diffusion_stochastic_1.cfg:7) skip 40 keeps 59 steps;
+    59/99 in float times 99 floors to 58. The recorded strength must give the walk's own length back,
+    and the skip of a candidate number is the one its walk starts after."""
+    from diffusers import DDIMScheduler
+
+    from pipeline.diffusion.schedule import schedule_from_scheduler
+
+    sd = schedule_from_scheduler(DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                               steps_offset=1, set_alpha_to_one=False))
+    grid = SearchGrid(trials=1, encoder_scales=(1.0,), skips=(15, 20, 25, 30, 40, 50), decoder_scales=(1.0, 2.0),
+                      steps=99)
+    assert int(99 * (59 / 99)) == 58  # the float trap a plain (steps − skip)/steps falls into
+    full = sd.grid(99)
+    for s, skip in enumerate(grid.skips):
+        number = grid.index(0, 0, s, 1)
+        choice = search_choice(grid.as_dict(), number)
+        assert grid.skip_of(number) == skip == choice["skip"]
+        assert sd.grid(99, choice["strength"]) == grid.walk(full, skip) == full[skip:]
+        assert choice["strength"] == pytest.approx((99 - skip) / 99, abs=1e-12)
+
+
+def test_candidates_are_ranked_raw_or_clamped_as_search_clamp_says(sd_model):
+    """search.clamp false scores the decoder's raw output, as the official ranking (wrapper.py:216-221:
+    post_process to [0, 1], no clamp); true scores the image as written. The tiny VAE decodes out of range."""
+    den = load_denoiser(str(sd_model))
+    seen = {}
+
+    def record(clamp):
+        def score(images, rows):
+            seen[clamp] = images.clone()
+            return redness(images, rows)
+        return score
+
+    grid = SearchGrid(trials=1, encoder_scales=(1.0,), skips=(2,), decoder_scales=(1.0,), steps=8)
+    raw = zero_shot_search(den, REF[:2], [1, 2], record(False), grid, eta=ETA, clamp=False, **CONDS)
+    clamped = zero_shot_search(den, REF[:2], [1, 2], record(True), grid, eta=ETA, clamp=True, **CONDS)
+    assert seen[False].abs().max() > 1 and seen[True].abs().max() <= 1
+    assert torch.allclose(seen[False].clamp(-1, 1), seen[True], atol=1e-5)  # the same candidates, clamped or not
+    assert torch.allclose(raw.images.clamp(-1, 1), clamped.images, atol=1e-5)
+
+
 def test_a_skip_outside_the_grid_is_refused():
     with pytest.raises(ValueError, match="skips"):
         SearchGrid(trials=1, encoder_scales=(1.0,), skips=(8,), decoder_scales=(1.0,), steps=8)
