@@ -63,7 +63,8 @@ def build(run, shards):
     ds = model_stage(ds, cfg.runtime, ScoreStage, clip=cfg.clip, score=cfg.score, source=cfg.source,
                      target=cfg.target, directional=directional(cfg))
     source_text, target_text = score_texts(cfg.score, cfg.source, cfg.target, directional(cfg))
-    settings = {"clip_model": cfg.clip.model, "clip_pretrained": cfg.clip.pretrained, "source_text": source_text,
+    settings = {"clip_model": cfg.clip.model, "clip_pretrained": cfg.clip.pretrained,
+                "clip_antialias": cfg.clip.antialias, "source_text": source_text,
                 "target_text": target_text, "templates": cfg.score.templates, "input": cfg.input.uri or None}
     return Built(ds, provenance(run, settings))
 

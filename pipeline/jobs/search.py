@@ -42,6 +42,7 @@ def build(run, shards):
                 "source_guidance_scales": list(cfg.search.encoder_scales), "target_condition": cfg.target.condition,
                 "search": grid.as_dict(), "candidates_per_input": len(grid), "top_k": cfg.search.top_k,
                 "stop_score": cfg.search.stop_score, "ranking": "directional CLIP", "clip_model": cfg.clip.model,
+                "clip_antialias": cfg.clip.antialias, "ranked_clamped": cfg.search.clamp,
                 "source_text": source_text, "target_text": target_text, "text_templates": cfg.score.templates,
                 "eta": cfg.sampler.eta, "steps": cfg.sampler.steps, "seed": cfg.sampler.seed,
                 "clip_x0": cfg.sampler.clip_x0, "noise": GENERATOR,

@@ -33,6 +33,7 @@ def build(run, shards):
 
         source_text, target_text = score_texts(cfg.score, cfg.source, cfg.target)
         settings["score"] = {"clip_model": cfg.clip.model, "clip_pretrained": cfg.clip.pretrained,
+                             "clip_antialias": cfg.clip.antialias,
                              "source_text": source_text, "target_text": target_text, "templates": cfg.score.templates}
     return Built(ds, provenance(run, settings, source_latents(cfg)))
 
