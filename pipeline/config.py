@@ -235,20 +235,47 @@ class HSpaceConfig(Section):
     # learned: a DeltaBlock f_t(h, t) trained on input.uri with `train`
     method: Literal["mean-difference", "learned"] = "mean-difference"
     examples: str | list[str] | None = None  # set B shards (mean-difference), read with input.storage_options
-    t0: int = Field(999, ge=1)  # inversion target, snapped to the model's grid (official --t_0 999, main.py:159)
-    steps: int = Field(40, ge=1)  # grid of inversion and edit (official --n_inv_step / --n_test_step 40, main.py:160-162)
-    # fit: an int, "auto" (LPIPS, needs `lpips`) or null = the official fixed values (500, 200 in
-    # script_train.sh); edit: an int overrides, null = the direction file's own
+    t0: int = Field(999, ge=1)  # inversion target (official --t_0 999, main.py:159); snapped to the grid by `grid: schedule`
+    steps: int = Field(40, ge=1)  # timesteps of the grid of inversion and edit (official --n_inv_step / --n_test_step 40, main.py:160-162)
+    # schedule: the model scheduler's set_timesteps grid from t0 (snapped: 999 → 975 for 40 steps);
+    # linspace: the official int(s + 1e-6) for s in linspace(0, 1, steps)·t0, t0 … 0 with t0 itself, the last
+    # step to ᾱ = 1 (diffusion_latent.py:154-156, 570-574; utils/diffusion_utils.py:68-69)
+    grid: Literal["schedule", "linspace"] = "schedule"
+    # which ε an inversion step t_p → t takes: upper = ε_θ(x_p, t) (this project's DDIM inversion); lower =
+    # ε_θ(x_p, p), starting from x0 at the grid's lowest t (official precompute_pairs, diffusion_latent.py:1034-1044)
+    inversion_eps: Literal["upper", "lower"] = "upper"
+    # fit: an int, "auto" (LPIPS curves the fit measures, needs `lpips`) or null = the official fixed values
+    # (500, 200 in script_train.sh); edit: an int overrides, "auto" = from the direction file's LPIPS curves
+    # with this config's thresholds, null = the direction file's own
     t_edit: int | Literal["auto"] | None = None
     t_boost: int | Literal["auto"] | None = None
-    lpips: str | None = None  # LPIPS network file for "auto" (safetensors, written by `latentshift lpips-export`)
+    lpips: str | None = None  # LPIPS network file (written by `latentshift lpips-export`): a fit with it records the curves
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
     lpips_edit_threshold: float = Field(0.33, gt=0)  # t_edit: LPIPS(x0, x̂0_t) ≥ this · cos(texts) (main.py:21)
-    lpips_boost_threshold: float = Field(0.1, gt=0)  # t_boost: LPIPS(x0, x_t) ≥ this (main.py:22)
+    # t_boost's curve: x_t = LPIPS(x0, x_t) (official --add_noise_from_xt, script_inference.sh:34), or
+    # x0_hat = LPIPS(x0, x̂0_t) (main.py without the flag, diffusion_latent.py:1386-1405)
+    boost_curve: Literal["x_t", "x0_hat"] = "x_t"
+    # t_boost: the first t whose boost_curve reaches this; null = the official pairing, 1.2 on x_t
+    # (script_inference.sh:35 --lpips_addnoise_th 1.2), 0.1 on x0_hat (main.py:22's default)
+    lpips_boost_threshold: float | None = Field(None, gt=0)
     source_text: str | None = None  # learned with CLIP, and the cosine that scales the t_edit threshold
     target_text: str | None = None
     scales: list[float] = Field(default_factory=lambda: [1.0])  # edit strengths: one output image per scale
     train: HSpaceTrainConfig = Field(default_factory=HSpaceTrainConfig)
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: str, info: ValidationInfo) -> str:
+        if v == "linspace" and info.data.get("steps", 2) < 2:
+            raise ValueError("grid: linspace needs steps >= 2 (it holds t0 and 0)")
+        return v
+
+    @property
+    def boost_threshold(self) -> float:
+        """lpips_boost_threshold, or the official one for boost_curve (1.2 on x_t, 0.1 on x0_hat)."""
+        if self.lpips_boost_threshold is not None:
+            return self.lpips_boost_threshold
+        return {"x_t": 1.2, "x0_hat": 0.1}[self.boost_curve]
 
     @field_validator("scales")
     @classmethod
@@ -316,8 +343,11 @@ class SearchConfig(Section):
 
 class GuideConfig(Section):
     """Guidance in latent space (CycleDiffusion paper, section on guidance): Langevin dynamics on the
-    DPM latent z of ``source.model``, z ← z − (s/2)∇(½‖z‖² + λ·E(G(z)|c)) + √s·n, G the DPM decoder on
-    ``sampler.steps`` / ``sampler.eta`` from pure noise."""
+    latent z of ``source.model``, z ← z − (s/2)∇(½‖z‖² + λ·E(G(z)|c)) + √s·n, G the decoder from pure
+    noise: ``sampler.method: dpm`` (η = ``sampler.eta`` > 0) the stochastic walk of z = (x_T, ε…), or
+    ``method: ddim`` with ``eta: 0`` the deterministic walk of z = x_T (the official LDM runs). Defaults
+    of the CLIP energy: ChenWu98/unified-generative-zoo (config/experiments/
+    clip_a_baby_ffhq256_latentdiff_10step_langevin_300.cfg, model/energy/clip_guide.py)."""
 
     count: int = Field(64, ge=1)  # images to make (output shards guided-NNNNN)
     shard_size: int = Field(256, ge=1)
@@ -325,13 +355,32 @@ class GuideConfig(Section):
     text: str | None = None  # energy clip: the prompt c
     target_color: list[float] = Field(default_factory=lambda: [1.0, 0.0, 0.0])  # energy color: RGB in [0, 1]
     target_hue: float = Field(0.0, ge=0, lt=360)  # energy hue: degrees
-    weight: float = Field(1.0, ge=0)  # λ
-    step_size: float = Field(0.05, gt=0)  # s (the paper: 0.05)
-    langevin_steps: int = Field(200, ge=0)  # the paper: 200
-    augmentations: int = Field(8, ge=0)  # differentiable augmentations averaged per energy (0: none)
-    augment: list[Literal["color", "translation", "cutout"]] = Field(
-        default_factory=lambda: ["color", "translation", "cutout"])  # DiffAugment policy
+    # λ; null: 300 for clip (…_langevin_300.cfg:19; its siblings 100-1000), 100 for color/hue (the demo's)
+    weight: float | None = Field(None, ge=0, validate_default=True)
+    step_size: float = Field(0.05, gt=0)  # s (the paper and …_300.cfg:3: 0.05)
+    langevin_steps: int = Field(200, ge=0)  # the paper and …_300.cfg:4: 200
+    # G's grid inside the chain (official custom_steps_train, …_300.cfg:10: 10); the output is decoded on
+    # sampler.steps (custom_steps, :9: 500). null: sampler.steps. Another length needs method ddim
+    chain_steps: int | None = Field(None, ge=1, le=10000)
+    augmentations: int = Field(50, ge=0)  # CLIP views averaged per image (clip_guide.py:18 replicate = 50; 0: none)
+    augment: list[Literal["color", "translation", "resize", "cutout"]] = Field(
+        default_factory=lambda: ["color", "translation", "resize", "cutout"])  # DiffAugment policy (clip_guide.py:10)
+    # the energy on G(z) clamped to [-1, 1]; null: false for clip (the official post_process does not
+    # clamp, latentdiff_wrapper.py:200-202), true for color/hue (as the demo's figures were measured)
+    clamp: bool | None = Field(None, validate_default=True)
     checkpoint: bool = True  # recompute each decoder step in the backward pass (memory ~ one step, not K)
+
+    @field_validator("weight")
+    @classmethod
+    def _default_weight(cls, v: float | None, info: ValidationInfo) -> float:
+        if v is not None:
+            return v
+        return 300.0 if info.data.get("energy", "clip") == "clip" else 100.0
+
+    @field_validator("clamp")
+    @classmethod
+    def _default_clamp(cls, v: bool | None, info: ValidationInfo) -> bool:
+        return v if v is not None else info.data.get("energy", "clip") != "clip"
 
 
 class JobConfig(Section):

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
+COMPONENTS = ("unet", "scheduler", "vae", "vqvae", "text_encoder", "tokenizer")  # vqvae/: LDMPipeline's VQModel
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "assets"
 
@@ -55,7 +55,7 @@ def resolve_model(
     if conditional and ("text_encoder" not in comps or "tokenizer" not in comps):
         raise ModelLoadError(f"model {source!r}: a UNet2DConditionModel needs text_encoder/ and tokenizer/")
     # the weight-bearing components load_denoiser loads (a text encoder only for a conditional unet)
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", "vqvae", "text_encoder"):
         if name in comps and (name != "text_encoder" or conditional):
             _check_weights(comps[name], name, source, allow_pickle)
     return ModelFolder(source=source, path=folder, components=tuple(comps), allow_pickle=allow_pickle)

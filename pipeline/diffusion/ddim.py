@@ -3,6 +3,10 @@
 Inversion walks the grid upward from x0: x_t = √ᾱ_t x̂0(x_p) + √(1−ᾱ_t) ε_θ(x_p, t),
 with ε evaluated at the lower state — the usual approximation ε_θ(x_t, t) ≈ ε_θ(x_p, t),
 which is why the reconstruction error is measured, not assumed (it falls with more steps).
+
+``eps_at="lower"`` is the other common convention, the official Asyrp one: ε_θ(x_p, p) at the lower
+timestep, x̂0 = (x_p − √(1−ᾱ_p) ε)/√ᾱ_p, x_t = √ᾱ_t x̂0 + √(1−ᾱ_t) ε, starting from x0 taken as the
+state at the grid's lowest t (diffusion_latent.py:1029-1044 and :1248-1259; utils/diffusion_utils.py:84-92).
 """
 
 from __future__ import annotations
@@ -44,18 +48,38 @@ def ddim_invert_model_space(
     condition=None,
     guidance_scale: float = 1.0,
     timesteps: list[int] | None = None,
+    eps_at: str = "upper",
 ) -> Latent:
-    """``timesteps`` (descending) overrides the grid that steps/strength/t0 would choose."""
+    """``timesteps`` (descending) overrides the grid that steps/strength/t0 would choose. ``eps_at``:
+    "upper" (ε_θ(x_p, t), the default) or "lower" (ε_θ(x_p, p), official Asyrp; see the module doc)."""
     if timesteps is None:
         timesteps = inversion_grid(den, steps, strength, t0)
     x = x0.to(den.device, torch.float32)
-    for step in reversed(den.schedule.steps_along(timesteps)):
-        eps = den.eps(x, step.t, condition, guidance_scale)
-        x0_hat = den.schedule.process_x0(predict_x0(x, eps, step.alpha_prev))
-        x = step.alpha_t**0.5 * x0_hat + (1 - step.alpha_t) ** 0.5 * eps  # DDIM eq. 13, run upward
+    if eps_at == "lower":
+        x = _invert_eps_at_lower(den, x, timesteps, condition, guidance_scale)
+    elif eps_at == "upper":
+        for step in reversed(den.schedule.steps_along(timesteps)):
+            eps = den.eps(x, step.t, condition, guidance_scale)
+            x0_hat = den.schedule.process_x0(predict_x0(x, eps, step.alpha_prev))
+            x = step.alpha_t**0.5 * x0_hat + (1 - step.alpha_t) ** 0.5 * eps  # DDIM eq. 13, run upward
+    else:
+        raise ValueError(f"eps_at must be upper or lower, got {eps_at!r}")
     empty = x.new_zeros((x.shape[0], 0, *x.shape[1:]))
     return Latent(x_start=x, noise=empty, timesteps=timesteps, method="ddim", eta=0.0, source=den.source,
                   condition=condition)
+
+
+def _invert_eps_at_lower(den, x: torch.Tensor, timesteps: list[int], condition, guidance_scale: float) -> torch.Tensor:
+    """The official inversion loop (diffusion_latent.py:1034-1044): for (i, j) = (seq_next[1:], seq[1:]),
+    i.e. each grid pair p < t upward from the lowest t, with x = x0 at p = the lowest t (no step from ᾱ = 1)."""
+    den.schedule.check_timesteps(timesteps)
+    upward = [int(t) for t in reversed(timesteps)]
+    for p, t in zip(upward, upward[1:], strict=False):
+        a_p, a_t = den.schedule.alpha(p), den.schedule.alpha(t)
+        eps = den.eps(x, p, condition, guidance_scale)  # et = ε_θ(x_i, i) at the lower i (utils/diffusion_utils.py:46)
+        x0_hat = den.schedule.process_x0(predict_x0(x, eps, a_p))  # x0_t = (x − √(1−a_i) et)/√a_i (:88)
+        x = a_t**0.5 * x0_hat + (1 - a_t) ** 0.5 * eps  # √a_j x0_t + √(1−a_j) et (:92, η = 0)
+    return x
 
 
 @torch.no_grad()

@@ -26,7 +26,11 @@ from pipeline.errors import ModelLoadError
 log = logging.getLogger(__name__)
 
 Condition = int | str | None
-COMPONENTS = ("unet", "scheduler", "vae", "text_encoder", "tokenizer")
+COMPONENTS = ("unet", "scheduler", "vae", "vqvae", "text_encoder", "tokenizer")
+# the first stage of a latent model: vae/ (AutoencoderKL, or a VQModel by its config's _class_name) or
+# vqvae/ (diffusers' LDMPipeline layout, e.g. CompVis/ldm-celebahq-256)
+FIRST_STAGES = {"vae": "AutoencoderKL", "vqvae": "VQModel"}  # folder → its default class
+FIRST_STAGE_CLASSES = ("AutoencoderKL", "VQModel")
 
 
 @dataclass
@@ -78,12 +82,14 @@ class Denoiser:
         """Images (B,3,H,W) in [-1,1] → x0 in the diffusion's space, float32 on ``device``.
 
         Latent models use the VAE posterior mean (deterministic), scaled as in training:
-        z = (mean − shift) · scaling_factor.
+        z = (mean − shift) · scaling_factor. A VQ first stage gives its latent before quantisation, as
+        LDM's ``encode_first_stage`` does (its decoder quantises, ``VQModel.decode``).
         """
         x = images.to(self.device, torch.float32)
         if self.vae is None:
             return x
-        mean = self.vae.encode(x.to(self.dtype)).latent_dist.mean.float()
+        encoded = self.vae.encode(x.to(self.dtype))
+        mean = (encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents).float()
         return (mean - self.vae_shift_factor) * self.vae_scaling_factor
 
     @torch.no_grad()
@@ -372,10 +378,15 @@ def load_denoiser(
     if den.num_class_embeds and null_class is not None and not 0 <= null_class < den.num_class_embeds:
         raise ModelLoadError(f"model {source!r}: null_class {null_class} is not in 0..{den.num_class_embeds - 1}")
 
-    if "vae" in comps:
-        den.vae = load(diffusers.AutoencoderKL, "vae")
-        den.vae_scaling_factor = float(den.vae.config.get("scaling_factor", 0.18215) or 1.0)
-        den.vae_shift_factor = float(den.vae.config.get("shift_factor", 0.0) or 0.0)
+    stage = next((k for k in FIRST_STAGES if k in comps), None)
+    if stage is not None:
+        cls_name = first_stage_class(_read_json(comps[stage] / "config.json"), stage, source)
+        den.vae = load(getattr(diffusers, cls_name), stage)
+        if cls_name == "VQModel":  # LDM's VQ models run at scale_factor 1: diffusers' LDMPipeline decodes
+            den.vae_scaling_factor, den.vae_shift_factor = 1.0, 0.0  # latents unscaled, whatever the config holds
+        else:
+            den.vae_scaling_factor = float(den.vae.config.get("scaling_factor", 0.18215) or 1.0)
+            den.vae_shift_factor = float(den.vae.config.get("shift_factor", 0.0) or 0.0)
     if unet_cls_name == "UNet2DConditionModel":
         import transformers
 
@@ -384,6 +395,14 @@ def load_denoiser(
         den.text_encoder = load(te_cls, "text_encoder")
         den.tokenizer = transformers.AutoTokenizer.from_pretrained(comps["tokenizer"], local_files_only=True)
     return den
+
+
+def first_stage_class(config: dict, folder: str, source: str) -> str:
+    """The diffusers class of a latent model's first stage (``vae/`` or ``vqvae/``), checked."""
+    name = config.get("_class_name", FIRST_STAGES[folder])
+    if name not in FIRST_STAGE_CLASSES:
+        raise ModelLoadError(f"model {source!r}: {folder}/ class {name} is not supported ({', '.join(FIRST_STAGE_CLASSES)})")
+    return name
 
 
 def check_weights_fit(folder, *, source: str | None = None) -> None:
@@ -398,7 +417,7 @@ def check_weights_fit(folder, *, source: str | None = None) -> None:
     from safetensors import safe_open
 
     path, source, _ = _local_folder(folder, source, True)
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", *FIRST_STAGES, "text_encoder"):
         component = path / name
         files = sorted(component.glob("*.safetensors")) if component.is_dir() else []
         if not files:
@@ -412,7 +431,7 @@ def check_weights_fit(folder, *, source: str | None = None) -> None:
                 cls = getattr(transformers, cls_name, transformers.CLIPTextModel)
                 model = cls(cls.config_class.from_dict(cfg))
             else:
-                cls_name = cfg.get("_class_name", "UNet2DModel" if name == "unet" else "AutoencoderKL")
+                cls_name = cfg.get("_class_name", "UNet2DModel" if name == "unet" else FIRST_STAGES[name])
                 cls = getattr(diffusers, cls_name, None)
                 if cls is None:
                     continue  # an unsupported class is resolve_model's message

@@ -6,13 +6,18 @@ UNet2DConditionModel alike). An edit replaces h by h + s·Δh and sends it up th
 *original* skip connections: a forward hook on the mid block changes only what the mid block
 returns, so the down path and its skips are untouched.
 
-Asymmetric reverse process (Asyrp eq. 4, official utils/diffusion_utils.py:85-92): for t ≥ t_edit
+Asymmetric reverse process (Asyrp eq. 4, official utils/diffusion_utils.py:84-97): for t ≥ t_edit
 
-    x_p = √ᾱ_p · x̂0(ε̃) + √(1−ᾱ_p) · ε,   ε̃ = ε_θ(x_t | h + Δh),  ε = ε_θ(x_t | h),  η = 0,
+    x_p = √ᾱ_p · x̂0(ε̃) + √(1−ᾱ_p−σ²) · ε + σ n,   ε̃ = ε_θ(x_t | h + Δh),  ε = ε_θ(x_t | h),
 
-then plain DDIM (η = 0) down to t_boost, and stochastic DDIM with η = 1 below t_boost ("quality
-boosting", official diffusion_latent.py:513 ``eta=1.0 if t[0] < self.t_addnoise``). Both ε come from
-one network call: the batch is doubled and the hook edits its second half.
+then plain DDIM down to the end; σ = 0 (η = 0) for t ≥ t_boost and η = 1 for t < t_boost ("quality
+boosting"), inside the edit range too: the official edit loop sets ``eta=1.0 if t[0] < self.t_addnoise``
+for every step (diffusion_latent.py:513), and denoising_step takes x0_t from the modified ε whatever
+η is (utils/diffusion_utils.py:85-97). Both ε come from one network call: the batch is doubled and
+the hook edits its second half.
+
+Grids (``hspace_grid``): the model scheduler's own, or the official ``linspace`` grid, whose last step
+ends at ᾱ = 1 (``grid_schedule``).
 
 Δh is a ``TableDirection`` (a tensor per timestep: the difference of mean h between two example
 sets, or a free Δh) or a ``DeltaBlock`` f_t(h, t) (official models/ddpm/diffusion.py:228-263).
@@ -22,15 +27,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import nn
 
 from pipeline.diffusion.ddim_step import generative_mean, predict_x0
 from pipeline.diffusion.noise import NoiseSource, default_seeds
 from pipeline.diffusion.sampling import mean_from_eps
-from pipeline.diffusion.schedule import Step, ddim_sigma
+from pipeline.diffusion.schedule import Schedule, Step, ddim_sigma
 
 # Δh(h, temb, t) for the rows being edited: h (n, C, h, w), temb (n, D) the U-Net's own timestep embedding
 DeltaFn = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -135,13 +141,49 @@ class DeltaBlock(nn.Module):
         return self.conv2(nn.functional.silu(self.norm2(x)))
 
 
+# ---- grids --------------------------------------------------------------------------------
+
+
+def linspace_grid(t0: int, steps: int) -> list[int]:
+    """The official grid, descending: ``[int(s + 1e-6) for s in np.linspace(0, 1, n) * t_0]``
+    (diffusion_latent.py:570-573, the same at :154-156 and :955-956), t0 itself first and 0 last.
+    The float expression is kept as is: it decides the ints (999 steps to 999 leave out 998, as the
+    released utils/*_LPIPS_*.tsv do). A repeated t (more steps than t0 + 1) is dropped: the official step
+    t → t has ᾱ_t = ᾱ_next, the identity for any η (c1 = 0, utils/diffusion_utils.py:92-97)."""
+    if steps < 2:
+        raise ValueError(f"hspace.grid: linspace needs at least 2 steps (t0 and 0), got {steps}")
+    seq = [int(s + 1e-6) for s in np.linspace(0, 1, steps) * t0]
+    return sorted(set(seq), reverse=True)
+
+
+def hspace_grid(schedule: Schedule, t0: int, steps: int, kind: str = "schedule") -> list[int]:
+    """The grid of inversion, fit and edit: the scheduler's ``steps``-step grid from t0 snapped onto it
+    (``schedule``), or the official ``linspace`` grid from t0 exactly."""
+    if kind == "linspace":
+        grid = linspace_grid(t0, steps)
+        schedule.check_timesteps(grid)
+        return grid
+    if kind != "schedule":
+        raise ValueError(f"hspace.grid must be schedule or linspace, got {kind!r}")
+    return schedule.grid_from(t0, steps)
+
+
+def grid_schedule(schedule: Schedule, kind: str = "schedule") -> Schedule:
+    """The ᾱ table a grid walks with: the linspace grid's last step (t = 0) ends at ᾱ = 1, as the official
+    t_next = −1 (utils/diffusion_utils.py:68-69 ``at_next = 1``); the scheduler's grid at its own final ᾱ."""
+    return replace(schedule, final_alpha_cumprod=1.0) if kind == "linspace" else schedule
+
+
 # ---- the asymmetric reverse process --------------------------------------------------------
 
 
-def asymmetric_step(den, x_t: torch.Tensor, step: Step, eps: torch.Tensor, eps_edit: torch.Tensor) -> torch.Tensor:
-    """x_p = √ᾱ_p x̂0(ε̃) + √(1−ᾱ_p) ε  (Asyrp eq. 4, η = 0): x̂0 from the edited ε̃, direction from the original ε."""
+def asymmetric_step(den, x_t: torch.Tensor, step: Step, eps: torch.Tensor, eps_edit: torch.Tensor,
+                    sigma: float = 0.0) -> torch.Tensor:
+    """The mean √ᾱ_p x̂0(ε̃) + √(1−ᾱ_p−σ²) ε (Asyrp eq. 4; the caller adds σ n): x̂0 from the edited ε̃
+    (utils/diffusion_utils.py:86 x0_t from et_modified), the direction from the original ε (:92 with η = 0,
+    :95-97 c2·et with η > 0)."""
     x0_hat = den.schedule.process_x0(predict_x0(x_t, eps_edit, step.alpha_t))
-    return generative_mean(x0_hat, eps, step.alpha_prev, 0.0)
+    return generative_mean(x0_hat, eps, step.alpha_prev, sigma)
 
 
 def eps_with_edit(den, x_t: torch.Tensor, t: int, delta: DeltaFn, scales: torch.Tensor, condition=None,
@@ -159,14 +201,15 @@ def eps_with_edit(den, x_t: torch.Tensor, t: int, delta: DeltaFn, scales: torch.
 
 @dataclass(frozen=True)
 class EditSchedule:
-    """Where each part of the reverse process runs: Δh for t ≥ t_edit, η = 1 for t < t_boost."""
+    """Where each part of the reverse process runs: Δh for t ≥ t_edit, η = 1 for t < t_boost (both may
+    hold at one step when t_boost > t_edit)."""
 
     t_edit: int
     t_boost: int
     grid_scale: float = 1.0  # Δh multiplier: fit grid / edit grid (official diffusion_latent.py:626)
 
     def eta_at(self, t: int) -> float:
-        return 1.0 if t < self.t_boost else 0.0
+        return 1.0 if t < self.t_boost else 0.0  # diffusion_latent.py:513 ``eta=1.0 if t[0] < self.t_addnoise``
 
 
 @torch.no_grad()
@@ -196,13 +239,14 @@ def edit_walk(
     row_scales = torch.tensor([s * schedule.grid_scale for s in scales for _ in range(b)], device=den.device)
     noise, shape = NoiseSource(seeds * len(scales), den.device, "boost"), tuple(x.shape[1:])
     for i, step in enumerate(den.schedule.steps_along(list(timesteps))):
+        # c1 = η √((1 − ᾱ_t/ᾱ_p)(1 − ᾱ_p)/(1 − ᾱ_t))  (utils/diffusion_utils.py:95), at every step
+        sigma = ddim_sigma(schedule.eta_at(step.t), step.alpha_t, step.alpha_prev)
         if step.t >= schedule.t_edit:
             eps, eps_edit = eps_with_edit(den, x, step.t, delta, row_scales, condition, guidance_scale)
-            x = asymmetric_step(den, x, step, eps, eps_edit)
-            continue
-        sigma = ddim_sigma(schedule.eta_at(step.t), step.alpha_t, step.alpha_prev)
-        x = mean_from_eps(den, x, den.eps(x, step.t, condition, guidance_scale), step, sigma)
-        if sigma > 0:
+            x = asymmetric_step(den, x, step, eps, eps_edit, sigma)
+        else:  # below t_edit the official model returns et_modified = et (models/ddpm/diffusion.py:541-542)
+            x = mean_from_eps(den, x, den.eps(x, step.t, condition, guidance_scale), step, sigma)
+        if sigma > 0:  # + c1 · noise (utils/diffusion_utils.py:97)
             x = x + sigma * noise.draw(i, shape)
     return x
 
@@ -241,11 +285,11 @@ def trace_h(den, x_start: torch.Tensor, timesteps: Sequence[int], condition=None
     return HTrace(list(timesteps), torch.stack(hs, 1), x0s, xts)
 
 
-def first_timestep_reaching(timesteps: Sequence[int], values: Sequence[float], threshold: float) -> int:
+def first_timestep_reaching(timesteps: Sequence[int], values: Sequence[float], threshold: float) -> int | None:
     """The smallest t whose value reaches ``threshold``, scanning t upward (official
-    diffusion_latent.py:1373-1376 for t_edit, :1402-1405 for t_boost); the largest t if none does."""
-    pairs = sorted(zip(timesteps, values, strict=True))
-    for t, v in pairs:
+    diffusion_latent.py:1373-1376 for t_edit, :1402-1405 for t_boost); None if none does (the official
+    code then fails on an unbound t_edit / t_addnoise: the caller says which setting to change)."""
+    for t, v in sorted(zip(timesteps, values, strict=True)):
         if v >= threshold:
             return int(t)
-    return int(pairs[-1][0])
+    return None

@@ -11,6 +11,9 @@ optimiser step on
 cosine of the source and target texts; any differentiable L_attr plugs in). The edited state is
 detached between steps (diffusion_latent.py:308 ``xt_next.detach()``). SGD, StepLR stepped once per
 iteration over the images (diffusion_latent.py:201-202, :406).
+
+Everything trains in float32, as the official code (no autocast or half anywhere in run_training):
+the gradient reaching f_t comes back through the U-Net's decoder, where float16 underflows.
 """
 
 from __future__ import annotations
@@ -65,10 +68,15 @@ def train_delta_block(
 ) -> TrainLog:
     """Train ``block`` in place on inverted latents ``x_start`` (N, …) at ``timesteps[0]`` of the
     images ``x0`` (N, …, model space). Only the steps with t ≥ t_edit train (the rest never sees Δh)."""
+    # official seq_train: the grid's t ≥ t_edit (diffusion_latent.py:154-156); the official last step goes to
+    # t_next = −1 instead of the next grid t, but its x_next is never used, only its x0_t
     steps = [s for s in den.schedule.steps_along(timesteps) if s.t >= t_edit]
     if not steps:
         raise ValueError(f"t_edit = {t_edit} is above every timestep of the grid {timesteps[:3]}…: nothing to train")
-    block.to(den.device).train().requires_grad_(True)
+    if den.dtype != torch.float32:
+        raise ValueError(f"train a DeltaBlock through a float32 model (this one is {den.dtype}): float16 gradients "
+                         "underflow on their way back through the U-Net's decoder")
+    block.to(den.device, torch.float32).train().requires_grad_(True)
     optim = torch.optim.SGD(block.parameters(), lr=settings.lr, weight_decay=0)
     lr_steps = torch.optim.lr_scheduler.StepLR(optim, step_size=settings.lr_step, gamma=settings.lr_gamma)
     log = TrainLog([], [], [])

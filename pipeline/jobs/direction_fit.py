@@ -7,7 +7,8 @@ fit streams in bounded memory and any number of actors share it.
 learned: invert the first hspace.train.images of input.uri, then train a DeltaBlock f_t in one Ray
 task (a GPU when the actors get one) with the official loss and schedule.
 Either way t_edit / t_boost are the config's numbers, the official 500 / 200, or "auto" from the
-LPIPS curves of set A; the direction file records them with the model, grid and settings.
+LPIPS curves of set A, measured whenever hspace.lpips is set (an edit's "auto" reads them from the
+file); the direction file records them with the model, grid and settings.
 """
 
 from __future__ import annotations
@@ -74,9 +75,9 @@ def build(run, shards):
     run.state["sums"] = sums = Sums(cfg.hspace.train.images)
     ds = model_stage(read_images(run, shards), cfg.runtime, DirectionFitStage, source=cfg.source, hspace=cfg.hspace,
                      output=cfg.output, clip_x0=cfg.sampler.clip_x0)
-    settings = {"method": "ddim", "t0_requested": cfg.hspace.t0, "steps": cfg.hspace.steps,
-                "source_model": cfg.source.model, "source_condition": cfg.source.condition,
-                "clip_x0": cfg.sampler.clip_x0}
+    settings = {"method": "ddim", "t0_requested": cfg.hspace.t0, "steps": cfg.hspace.steps, "grid": cfg.hspace.grid,
+                "inversion_eps": cfg.hspace.inversion_eps, "source_model": cfg.source.model,
+                "source_condition": cfg.source.condition, "clip_x0": cfg.sampler.clip_x0}
     return Built(ds, provenance(run, settings, source_latents(cfg, "ddim")), on_partial=sums.add)
 
 
@@ -101,9 +102,13 @@ def finish(run) -> None:
         return
     h = cfg.hspace
     t_edit, t_boost, curves = resolve_times(cfg, sums)
+    # grid: "schedule" snaps t0 onto the scheduler's grid, "linspace" keeps it (timesteps[0] is the t0 used)
     header = {"model": cfg.source.model, "condition": cfg.source.condition, "guidance_scale": cfg.source.guidance_scale,
               "timesteps": sums.timesteps, "t0": sums.timesteps[0], "t0_requested": h.t0, "steps": h.steps,
+              "grid": h.grid, "inversion_eps": h.inversion_eps,
               "t_edit": t_edit, "t_boost": t_boost, "t_edit_setting": h.t_edit, "t_boost_setting": h.t_boost,
+              "lpips_edit_threshold": h.lpips_edit_threshold, "boost_curve": h.boost_curve,
+              "lpips_boost_threshold": h.boost_threshold,
               "lpips_curves": curves, "image_size": cfg.image.size, "clip_x0": cfg.sampler.clip_x0,
               "input": cfg.input.uri, "count": sums.count, "created_at": time.time(), "method": h.method}
     if h.method == "mean-difference":
@@ -119,23 +124,23 @@ def finish(run) -> None:
 
 def resolve_times(cfg, sums: Sums) -> tuple[int, int, dict | None]:
     """t_edit and t_boost: numbers as given, null = the official 500 / 200, auto = the first t whose mean
-    LPIPS over set A reaches the threshold (official diffusion_latent.py:1308-1406)."""
-    from pipeline.diffusion.hspace import first_timestep_reaching
-    from pipeline.stages.hspace import FIXED_T_BOOST, FIXED_T_EDIT
+    LPIPS over set A reaches the threshold (official diffusion_latent.py:1308-1406, ``auto_time``). Run
+    before any training, so a threshold the curves never reach stops the fit at once."""
+    from pipeline.stages.hspace import FIXED_T_BOOST, FIXED_T_EDIT, auto_time
 
     h, curves = cfg.hspace, None
     if "lpips_x0_sum" in sums.sums:
-        cosine = text_cosine(cfg)
         curves = {"timesteps": sums.timesteps, "x0_hat": sums.mean("lpips_x0_sum").tolist(),
-                  "x_t": sums.mean("lpips_xt_sum").tolist(), "text_cosine": cosine}
-    t_edit = {None: FIXED_T_EDIT}.get(h.t_edit, h.t_edit)
-    t_boost = {None: FIXED_T_BOOST}.get(h.t_boost, h.t_boost)
-    if t_edit == "auto":  # LPIPS(x0, x̂0_t) ≥ 0.33 · cos(source text, target text)
-        factor = curves["text_cosine"] if curves["text_cosine"] is not None else 1.0
-        t_edit = first_timestep_reaching(sums.timesteps, curves["x0_hat"], h.lpips_edit_threshold * factor)
-    if t_boost == "auto":  # LPIPS(x0, x_t) ≥ threshold
-        t_boost = first_timestep_reaching(sums.timesteps, curves["x_t"], h.lpips_boost_threshold)
-    return int(t_edit), int(t_boost), curves
+                  "x_t": sums.mean("lpips_xt_sum").tolist(), "text_cosine": text_cosine(cfg)}
+    fixed = {"t_edit": FIXED_T_EDIT, "t_boost": FIXED_T_BOOST}
+
+    def pick(which: str) -> int:
+        value = getattr(h, which)
+        if value == "auto":
+            return auto_time(h, curves, which)
+        return fixed[which] if value is None else int(value)
+
+    return pick("t_edit"), pick("t_boost"), curves
 
 
 def text_cosine(cfg) -> float | None:
@@ -157,7 +162,7 @@ def mean_difference(run, sums: Sums, header: dict) -> dict[str, np.ndarray]:
     cfg = run.cfg.model_copy(deep=True)
     cfg.input.uri, cfg.output.latents = run.cfg.hspace.examples, "none"
     cfg.output.uri = posixpath.join(run.cfg.output.uri.rstrip("/"), "examples")
-    cfg.hspace.t_edit = cfg.hspace.t_boost = None  # set B needs no LPIPS curves
+    cfg.hspace.t_edit = cfg.hspace.t_boost = cfg.hspace.lpips = None  # set B needs no LPIPS curves
     means = run_job(JOB, cfg, overwrite=True, out=run.out, role="examples")["means"]
     other, other_header = read_tensor_file(means, cfg.output.storage_options, ("h_mean", "count"), "means file",
                                            "run `latentshift direction fit` again")
@@ -179,7 +184,7 @@ def learned(run, sums: Sums, header: dict) -> dict[str, np.ndarray]:
     import ray
 
     from pipeline.runtime.ray_env import gpus_per_actor
-    from pipeline.stages.hspace import train_direction
+    from pipeline.stages.hspace import TRAIN_DTYPE, train_direction
 
     cfg, h = run.cfg, run.cfg.hspace
     x_start = np.stack([r[1] for r in sums.latents])
@@ -190,7 +195,7 @@ def learned(run, sums: Sums, header: dict) -> dict[str, np.ndarray]:
     first = state["temb_proj.weight"]
     header.update(kind="delta-block", channels=int(first.shape[0]), temb_channels=int(first.shape[1]),
                   trained_on=[r[0] for r in sums.latents][:1000], train_images=len(sums.latents),
-                  train=h.train.model_dump(), source_text=h.source_text, target_text=h.target_text,
+                  train=h.train.model_dump(), train_dtype=TRAIN_DTYPE, source_text=h.source_text, target_text=h.target_text,
                   text_cosine=cosine, losses={"loss": log.loss, "attribute": log.attribute, "l1": log.l1})
     return state
 

@@ -1,8 +1,10 @@
 """guide: guidance in latent space (CycleDiffusion, arXiv 2210.05559; seed 002 lines 81-99). For each of
-``guide.count`` images, Langevin dynamics on the DPM latent z of ``source.model``,
+``guide.count`` images, Langevin dynamics on the latent z of ``source.model``,
 z ← z − (s/2)∇_z(½‖z‖² + λ·E(G(z) | c)) + √s·n, then G(z) → shards ``guided-NNNNN`` of
-``guide.shard_size`` (the ledger's exactly-once rules hold). Rows are built on the driver (image numbers
-only); actors regenerate every chain from (sampler.seed, key)."""
+``guide.shard_size`` (the ledger's exactly-once rules hold). ``sampler.method: dpm`` (η > 0): z = (x_T, ε…)
+and G the stochastic walk; ``method: ddim, eta: 0``: z = x_T and G the deterministic DDIM walk, the
+official LDM runs (ChenWu98/unified-generative-zoo model/gan_wrapper/latentdiff_wrapper.py:24, 212).
+Rows are built on the driver (image numbers only); actors regenerate every chain from (sampler.seed, key)."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ PREFIX = "guided"
 
 
 def check(cfg) -> None:
-    """What the energy and the stochastic decoder need, named by key, before any model loads."""
+    """What the energy and the decoder need, named by key, before any model loads."""
     g = cfg.guide
     if g.energy == "clip":
         from pipeline.stages.score import check_clip_checkpoint
@@ -24,9 +26,14 @@ def check(cfg) -> None:
         check_clip_checkpoint(cfg.clip, "guide.energy clip (or use color | hue, offline) needs")
         if not g.text:
             raise ConfigError("config error: guide.text is not set; guide.energy clip needs the prompt c")
-    if not cfg.sampler.eta > 0:
-        raise ConfigError(f"config error: sampler.eta = {cfg.sampler.eta}: guide walks the stochastic DPM decoder "
-                          "G(z) and needs eta > 0 (with eta 0 the noise maps of z would drive nothing)")
+    s = cfg.sampler
+    if s.method == "ddim" and s.eta != 0:
+        raise ConfigError(f"config error: sampler.eta = {s.eta} with sampler.method ddim: guide's ddim G is the "
+                          "deterministic walk of z = x_T (set sampler.eta: 0), method dpm the stochastic one (eta > 0)")
+    if s.method == "dpm" and g.chain_steps not in (None, s.steps):
+        raise ConfigError(f"config error: guide.chain_steps = {g.chain_steps} with sampler.method dpm: z holds one "
+                          f"noise map per step of the {s.steps}-step grid, so the chain cannot walk another; "
+                          "use sampler.method ddim, eta 0 (z = x_T), or leave guide.chain_steps null")
 
 
 def units(cfg) -> list[ShardRef]:
@@ -40,14 +47,16 @@ def settings(cfg) -> dict:
     from pipeline.diffusion.noise import GENERATOR
 
     g, s = cfg.guide, cfg.sampler
-    target = {"clip": {"text": g.text, "clip_model": cfg.clip.model, "clip_pretrained": cfg.clip.pretrained},
+    target = {"clip": {"text": g.text, "clip_model": cfg.clip.model, "clip_pretrained": cfg.clip.pretrained,
+                       "clip_antialias": cfg.clip.antialias},
               "color": {"target_color": list(g.target_color)}, "hue": {"target_hue": g.target_hue}}[g.energy]
     augmented = g.energy == "clip" and g.augmentations > 0 and bool(g.augment)
     return {"method": "langevin", "source_model": cfg.source.model, "source_condition": cfg.source.condition,
             "source_guidance": cfg.source.guidance_scale, "energy": g.energy, **target, "weight": g.weight,
-            "step_size": g.step_size, "langevin_steps": g.langevin_steps,
+            "step_size": g.step_size, "langevin_steps": g.langevin_steps, "clamp": g.clamp,
             "augmentations": g.augmentations if augmented else 0, "augment": list(g.augment) if augmented else [],
-            "checkpoint": g.checkpoint, "seed": s.seed, "steps": s.steps, "eta": s.eta, "strength": 1.0,
+            "checkpoint": g.checkpoint, "seed": s.seed, "decoder": s.method, "steps": s.steps,
+            "chain_steps": g.chain_steps or s.steps, "eta": s.eta if s.method == "dpm" else 0.0, "strength": 1.0,
             "clip_x0": s.clip_x0, "noise": GENERATOR, "noise_streams": [INIT_STREAM, LANGEVIN_STREAM]}
 
 
@@ -72,10 +81,11 @@ def build(run, shards):
     ds = model_stage(ds, cfg.runtime, GuideStage, source=cfg.source, guide=cfg.guide, clip=cfg.clip,
                      sampler=cfg.sampler, output=cfg.output, size=cfg.image.size)
     run.summary["guide"] = {k: v for k, v in settings(cfg).items() if k in SUMMARY_KEYS}
-    return Built(ds, provenance(run, settings(cfg), source_latents(cfg, "dpm")))
+    return Built(ds, provenance(run, settings(cfg), source_latents(cfg)))  # dpm (η) or ddim (η 0) latents
 
 
-SUMMARY_KEYS = ("energy", "text", "target_color", "target_hue", "weight", "step_size", "langevin_steps", "augmentations")
+SUMMARY_KEYS = ("energy", "text", "target_color", "target_hue", "weight", "step_size", "langevin_steps", "augmentations",
+                "decoder", "steps", "chain_steps")
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -84,8 +94,10 @@ def summary_lines(s: dict) -> list[str]:
     g = s["guide"]
     target = {"clip": f"text {g.get('text')!r}", "color": f"target colour {g.get('target_color')}",
               "hue": f"target hue {g.get('target_hue')}°"}[g["energy"]]
+    chain = f"{g['chain_steps']} in the chain, " if g["chain_steps"] != g["steps"] else ""
+    grid = f"{g['decoder']} G on {chain}{g['steps']} steps"
     return [f"  guidance   energy {g['energy']} ({target}), λ {g['weight']}, s {g['step_size']}, "
-            f"{g['langevin_steps']} Langevin steps, {g['augmentations']} augmentations"]
+            f"{g['langevin_steps']} Langevin steps, {g['augmentations']} augmentations; {grid}"]
 
 
 JOB = Job(

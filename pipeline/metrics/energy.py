@@ -5,7 +5,8 @@ Plug-and-play guidance (CycleDiffusion, Wu & De la Torre, arXiv 2210.05559, the 
 energy here is a callable ``E(images, keys=None) -> (B,)``; ``keys`` are per-sample integers that seed
 its random augmentations (``pipeline.metrics.augment``), ignored by the energies that have none.
 
-  clip   E_CLIP(x | t) = 1/L Σ_l (1 − cos(CLIP_img(DiffAug_l(x)), CLIP_text(t)))      (seed 002 line 97)
+  clip   E_CLIP(x | t) = 1/L Σ_l (1 − cos(CLIP_img(DiffAug_l(x)), CLIP_text(t)))      (seed 002 line 97;
+         ChenWu98/unified-generative-zoo model/energy/clip_guide.py:38-62: DiffAug on (x + 1)/2 in [0, 1])
   color  ‖mean RGB(x) − target‖²                       (offline; mean colour in [0, 1] per channel)
   hue    1 − cos(angle between the mean chroma vector and the target hue direction)   (offline)
 
@@ -30,8 +31,13 @@ class ClipEnergy:
     augmentations of each image (``policy``; none when count is 0 or the policy is empty).
 
     The paper averages over L augmentations to "mitigate the adversarial effect" (seed 002 line 99) of
-    optimising pixels against one CLIP view; it does not give L, the policy or their strengths, which
-    ``guide.augmentations`` / ``guide.augment`` set (DiffAugment's own ranges, augment.py).
+    optimising pixels against one CLIP view. The official code (model/energy/clip_guide.py) takes
+    L = 50 replicas per image (:18) and the policy 'color,translation,resize,cutout' (:10), and augments
+    the generator's output as its wrapper hands it over: post-processed to [0, 1] by (x + 1)/2, not
+    clamped (latentdiff_wrapper.py:200-202, 271-272). So the views are made on (x + 1)/2 here, where
+    brightness moves by ±½ of the range and the fills are black, and reach CLIP as [0, 1] images
+    (``unit=True``: CLIP's own resize, crop and normalisation, clip_guide.py:72-75). Whether x is
+    clamped first is the caller's (``guide.clamp``).
     """
 
     def __init__(self, clip, text: str, policy: Sequence[str] = (), count: int = 0):
@@ -45,9 +51,13 @@ class ClipEnergy:
             return 1 - self.similarity(images)
         if keys is None:
             raise ValueError("the clip energy augments its input: give one augmentation key per image")
+        from pipeline.metrics.clip import clip_score
+
         b = images.shape[0]
-        views = augment(images, self.policy, keys, self.count)  # (B·L, 3, H, W), sample-major
-        return (1 - self.similarity(views)).view(b, self.count).mean(1)  # 1/L Σ_l (1 − cos_l)
+        unit = (images + 1) / 2  # post_process: Normalize(mean −1, std 2), [-1, 1] → [0, 1] (latentdiff_wrapper.py:200-202)
+        views = augment(unit, self.policy, keys, self.count)  # (B·L, 3, H, W), sample-major (clip_guide.py:45-51)
+        cos = clip_score(self.clip.image_features(views, unit=True), self.text_feat)
+        return (1 - cos).view(b, self.count).mean(1)  # 1/L Σ_l (1 − cos_l) (clip_guide.py:55)
 
     def similarity(self, images: torch.Tensor) -> torch.Tensor:
         """cos(CLIP_img(x), CLIP_text(t)) per image, no augmentation: the CLIP score of an output."""

@@ -1,4 +1,4 @@
-"""The guide stage (actor pool): image numbers → guided DPM latents → images (CycleDiffusion guidance).
+"""The guide stage (actor pool): image numbers → guided latents (DPM, or DDIM z = x_T) → images (CycleDiffusion guidance).
 
 Per batch of candidate rows (``candidate`` = the image's number): each sample's seed is
 ``sample_seed(sampler.seed, key)``; z⁽⁰⁾ and the Langevin noise come from it alone
@@ -62,16 +62,21 @@ class GuideStage(ModelStage):
     def _guide(self, seeds: list[int]) -> tuple[np.ndarray, Latent, np.ndarray | None]:
         """Guided images (uint8, host), their final z, and their CLIP scores (with the CLIP energy)."""
         den, g = self.source, self.guide
-        z0 = initial_latent(den, self.shape, steps=self.sampler.steps, eta=self.sampler.eta, seeds=seeds,
+        # method ddim (eta 0): z = x_T, G the deterministic walk; dpm: z = (x_T, ε…), G the stochastic one
+        eta = self.sampler.eta if self.sampler.method == "dpm" else 0.0
+        z0 = initial_latent(den, self.shape, steps=self.sampler.steps, eta=eta, seeds=seeds,
                             condition=self.source_cfg.condition)
+        chain = den.schedule.grid(g.chain_steps) if g.chain_steps else None  # custom_steps_train
 
-        def energy(x0, keys):  # E on the image G(z) as it will be written: decoded, clamped to [-1, 1]
-            return self.energy(den.to_pixels_with_grad(x0).clamp(-1, 1), keys)
+        def energy(x0, keys):  # E on the decoded G(z), clamped to [-1, 1] as written or not (guide.clamp)
+            x = den.to_pixels_with_grad(x0)
+            return self.energy(x.clamp(-1, 1) if g.clamp else x, keys)
 
         with torch.enable_grad():  # the Langevin gradient (grad mode is per thread); nothing else builds a graph
             res = guide(den, z0, energy, steps=g.langevin_steps, step_size=g.step_size, weight=g.weight,
                         seeds=seeds, condition=self.source_cfg.condition,
-                        guidance_scale=self.source_cfg.guidance_scale, checkpoint=g.checkpoint)
+                        guidance_scale=self.source_cfg.guidance_scale, checkpoint=g.checkpoint,
+                        chain_timesteps=chain)
         with torch.no_grad():
             pixels = den.to_pixels(res.x0)
             scores = self.energy.similarity(pixels) if isinstance(self.energy, ClipEnergy) else None

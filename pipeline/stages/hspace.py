@@ -1,8 +1,8 @@
 """h-space stages (actor pools): fit a direction's statistics, and edit images (Asyrp, seed 001).
 
 ``DirectionFitStage``: images → DDIM latents at t0 → the reverse walk's h at each timestep → one
-PARTIAL row per batch for the driver (sums of h per timestep, LPIPS curves for auto t_edit/t_boost,
-or the inverted latents a learned direction trains on). ``EditStage``: images → DDIM latents →
+PARTIAL row per batch for the driver (sums of h per timestep, LPIPS curves when ``hspace.lpips`` is
+set, or the inverted latents a learned direction trains on). ``EditStage``: images → DDIM latents →
 the asymmetric reverse process with Δh at each requested scale → one output sample per input
 with one image per scale.
 """
@@ -15,12 +15,22 @@ import torch
 from pipeline.config import HSpaceConfig, ModelConfig, OutputConfig
 from pipeline.data.rows import RowBuffer, RowKind
 from pipeline.diffusion import Latent, ddim_invert_model_space
-from pipeline.diffusion.hspace import DeltaBlock, EditSchedule, TableDirection, edit_walk, trace_h
+from pipeline.diffusion.hspace import (
+    DeltaBlock,
+    EditSchedule,
+    TableDirection,
+    edit_walk,
+    first_timestep_reaching,
+    grid_schedule,
+    hspace_grid,
+    trace_h,
+)
 from pipeline.errors import ConfigError, ModelLoadError
 from pipeline.stages.base import LatentMaps, ModelStage, Work, load_clip_section, load_model
 from pipeline.stages.tensors import to_model_range, to_uint8_tensor
 
 FIXED_T_EDIT, FIXED_T_BOOST = 500, 200  # script_train.sh --user_defined_t_edit 500 --user_defined_t_addnoise 200
+TRAIN_DTYPE = "float32"  # the official run_training has no half precision; float16 gradients underflow (see guide.py)
 
 
 def load_lpips_file(hspace: HSpaceConfig, device):
@@ -34,8 +44,52 @@ def load_lpips_file(hspace: HSpaceConfig, device):
     return load_lpips(str(materialize_file(hspace.lpips, hspace.direction_storage_options)), hspace.lpips_net, device)
 
 
-def needs_lpips(hspace: HSpaceConfig) -> bool:
-    return "auto" in (hspace.t_edit, hspace.t_boost)
+def walk_grid(den, hspace: HSpaceConfig) -> list[int]:
+    """``hspace.grid`` on ``den``: sets the ᾱ its last step ends at (``grid_schedule``) and returns the grid."""
+    den.schedule = grid_schedule(den.schedule, hspace.grid)
+    return hspace_grid(den.schedule, hspace.t0, hspace.steps, hspace.grid)
+
+
+# ---- t_edit / t_boost from LPIPS curves -----------------------------------------------------
+
+CURVE_LABELS = {"x0_hat": "LPIPS(x0, x̂0_t)", "x_t": "LPIPS(x0, x_t)"}
+
+
+def auto_time(hspace: HSpaceConfig, curves: dict, which: str) -> int:
+    """t_edit (``which="t_edit"``) or t_boost from LPIPS curves {timesteps, x0_hat, x_t, text_cosine}: the
+    first t, scanning up, whose curve reaches the threshold (official set_t_edit_t_addnoise,
+    diffusion_latent.py:1331-1406): t_edit on x̂0 at lpips_edit_threshold · cos(texts) (:1334, :1373-1376);
+    t_boost on ``boost_curve`` at ``boost_threshold`` (:1386-1405).
+
+    A threshold the curve never reaches is an error naming the setting, not the top of the grid: the
+    official code stops there too (t_addnoise unbound), and the top of the grid would boost (η = 1) the
+    whole walk or apply Δh at t0 alone, an edit unlike the one the thresholds describe, with no sign why."""
+    if which == "t_edit":
+        cosine = curves.get("text_cosine")
+        factor = 1.0 if cosine is None else float(cosine)
+        name, setting, value = "x0_hat", "hspace.lpips_edit_threshold", hspace.lpips_edit_threshold
+    else:
+        factor, name, setting, value = 1.0, hspace.boost_curve, "hspace.lpips_boost_threshold", hspace.boost_threshold
+    values, timesteps = curves[name], curves["timesteps"]
+    t = first_timestep_reaching(timesteps, values, value * factor)
+    if t is not None:
+        return t
+    top = max(range(len(values)), key=lambda k: values[k])
+    scaled = f" × cos(texts) {factor:.3f}" if factor != 1.0 else ""
+    below = f" below {values[top] / factor:.3f}" if factor > 0 else ""
+    raise ConfigError(f"config error: hspace.{which} = auto: {CURVE_LABELS[name]} never reaches {setting} {value:g}"
+                      f"{scaled}; its maximum is {values[top]:.3f} at t = {timesteps[top]}. Set {setting}{below}, "
+                      f"or hspace.{which} to a number")
+
+
+def file_curves(hspace: HSpaceConfig, header: dict) -> dict:
+    """The direction file's LPIPS curves, for an edit's t_edit / t_boost = auto."""
+    curves = header.get("lpips_curves")
+    if not curves:
+        raise ConfigError(f"config error: hspace.t_edit / t_boost = auto in an edit reads the LPIPS curves of the "
+                          f"direction file, and {hspace.direction} has none: fit it with hspace.lpips set, or give "
+                          "t_edit and t_boost as numbers (null: the file's own)")
+    return curves
 
 
 def _pack(tensors: dict[str, torch.Tensor], meta: dict) -> bytes:
@@ -59,7 +113,8 @@ class InvertingStage(ModelStage):
         den, cond, w = self.source, self.source_cfg.condition, self.source_cfg.guidance_scale
         images = to_model_range(work.pixels.to(den.device))
         x0 = den.to_model_space(images)
-        z = ddim_invert_model_space(den, x0, timesteps=self.grid, condition=cond, guidance_scale=w)
+        z = ddim_invert_model_space(den, x0, timesteps=self.grid, condition=cond, guidance_scale=w,
+                                    eps_at=self.hspace.inversion_eps)
         z.seeds = list(work.seeds)
         return images, x0, z
 
@@ -67,15 +122,15 @@ class InvertingStage(ModelStage):
 class DirectionFitStage(InvertingStage):
     """Per batch, one PARTIAL row: ``count``, ``h_sum`` (K, C, h, w) and ``h_norm_sum`` (K,) for a mean
     difference; ``x_start`` and ``x0`` (model space) with the samples' ids for a learned direction;
-    ``lpips_x0_sum`` / ``lpips_xt_sum`` (K,) when t_edit or t_boost is auto."""
+    ``lpips_x0_sum`` / ``lpips_xt_sum`` (K,) when ``hspace.lpips`` is set."""
 
     def __init__(self, source: ModelConfig, hspace: HSpaceConfig, output: OutputConfig, clip_x0: str = "auto",
                  dtype: str = "auto", compile: str = "off"):
         super().__init__(output)
         self.source_cfg, self.hspace = source, hspace
         self.source = load_model(source, dtype, clip_x0)  # never compiled: h is read by a hook on the mid block
-        self.grid = self.source.schedule.grid_from(hspace.t0, hspace.steps)
-        self.lpips = load_lpips_file(hspace, self.source.device) if needs_lpips(hspace) else None
+        self.grid = walk_grid(self.source, hspace)
+        self.lpips = load_lpips_file(hspace, self.source.device) if hspace.lpips else None
         self.ready()
 
     def compute(self, work: Work):
@@ -91,12 +146,14 @@ class DirectionFitStage(InvertingStage):
         trace = trace_h(den, z.x_start, self.grid, cond, w, keep_states=self.lpips is not None)
         if self.hspace.method == "mean-difference":
             out.update(h_sum=trace.h.double().sum(0), h_norm_sum=trace.h.flatten(2).norm(dim=2).double().sum(0))
-        if self.lpips is not None:  # official diffusion_latent.py:1257-1268: LPIPS(x0, x̂0_t) and LPIPS(x0, x_t)
+        if self.lpips is not None:  # official diffusion_latent.py:1260-1261: LPIPS(x0, x_t) and LPIPS(x0, x̂0_t)
             from pipeline.metrics.lpips_net import lpips_distance
 
+            # on the raw x_t and x̂0, never clamped, as the official loss_fn_alex(x, x0) (a latent model's
+            # decoder output unclamped alike): clamped, LPIPS(x0, x_t) stays under the official 1.2
             with torch.no_grad():
-                d_x0 = [lpips_distance(self.lpips, images, den.to_pixels(x)) for x in trace.x0_hat]
-                d_xt = [lpips_distance(self.lpips, images, den.to_pixels(x)) for x in trace.x_t]
+                d_x0 = [lpips_distance(self.lpips, images, den.to_pixels_with_grad(x)) for x in trace.x0_hat]
+                d_xt = [lpips_distance(self.lpips, images, den.to_pixels_with_grad(x)) for x in trace.x_t]
             out.update(lpips_x0_sum=torch.stack(d_x0, 1).double().sum(0), lpips_xt_sum=torch.stack(d_xt, 1).double().sum(0))
         return out, LatentMaps.of(z, self.output)
 
@@ -139,10 +196,17 @@ def direction_from_file(tensors: dict[str, np.ndarray], header: dict, den):
 
 
 def edit_schedule(hspace: HSpaceConfig, header: dict) -> EditSchedule:
-    """t_edit / t_boost: the config's numbers, else the direction file's; Δh scaled by fit grid / edit grid."""
-    t_edit = hspace.t_edit if isinstance(hspace.t_edit, int) else int(header["t_edit"])
-    t_boost = hspace.t_boost if isinstance(hspace.t_boost, int) else int(header["t_boost"])
-    return EditSchedule(t_edit=t_edit, t_boost=t_boost, grid_scale=float(header["steps"]) / hspace.steps)
+    """t_edit / t_boost: the config's numbers; auto = from the direction file's LPIPS curves with this
+    config's thresholds (as the official run_test derives them, diffusion_latent.py:552-554); null = the
+    file's own. Δh scaled by fit grid / edit grid (diffusion_latent.py:626)."""
+
+    def pick(which: str) -> int:
+        value = getattr(hspace, which)
+        if value == "auto":
+            return auto_time(hspace, file_curves(hspace, header), which)
+        return int(header[which]) if value is None else int(value)
+
+    return EditSchedule(t_edit=pick("t_edit"), t_boost=pick("t_boost"), grid_scale=float(header["steps"]) / hspace.steps)
 
 
 class EditStage(InvertingStage):
@@ -158,7 +222,7 @@ class EditStage(InvertingStage):
         tensors, header = read_direction(hspace.direction, hspace.direction_storage_options)
         self.delta = direction_from_file(tensors, header, self.source)
         self.schedule = edit_schedule(hspace, header)
-        self.grid = self.source.schedule.grid_from(hspace.t0, hspace.steps)
+        self.grid = walk_grid(self.source, hspace)
         self.ready()
 
     def compute(self, work: Work):
@@ -244,10 +308,16 @@ def attribute_loss(den, hspace: HSpaceConfig, clip_cfg):
 
 def train_direction(source: ModelConfig, hspace: HSpaceConfig, clip_cfg, clip_x0: str, dtype: str,
                     x_start: np.ndarray, x0: np.ndarray, timesteps: list[int], t_edit: int):
-    """Train a DeltaBlock on inverted latents (run as one Ray task): (state dict as numpy, log, cos of texts)."""
+    """Train a DeltaBlock on inverted latents (run as one Ray task): (state dict as numpy, log, cos of texts).
+
+    ``dtype`` is runtime.dtype, what the actors infer in; the model trains in float32 whatever it says
+    (TRAIN_DTYPE): the official code trains in float32, and float16 gradients underflow in the backward
+    pass through the U-Net's decoder."""
     from pipeline.diffusion.hspace_train import TrainSettings, train_delta_block
 
-    den = load_model(source, dtype, clip_x0)
+    del dtype  # inference precision only, see above
+    den = load_model(source, TRAIN_DTYPE, clip_x0)
+    den.schedule = grid_schedule(den.schedule, hspace.grid)  # the ᾱ the fit's grid ends at; timesteps are that grid
     loss, l1_factor, cosine = attribute_loss(den, hspace, clip_cfg)
     t = hspace.train
     settings = TrainSettings(lr=t.lr, lr_step=t.lr_step, lr_gamma=t.lr_gamma, iterations=t.iterations,

@@ -105,7 +105,8 @@ def test_clip_energy_with_augmentations_runs_offline_and_scores_its_outputs(ray_
     name, opts = bucket
     clip_json, weights = save_random_clip(tmp_path)
     cfg = config(name, opts, pixel_model, guide={"count": 2, "energy": "clip", "text": "a green disc",
-                                                 "langevin_steps": 1, "augmentations": 2},
+                                                 "langevin_steps": 1, "augmentations": 2,
+                                                 "weight": None},  # null: clip's official λ
                  clip={"model": clip_json, "pretrained": weights}, output={
                      "uri": f"s3://{name}/guided", "storage_options": opts, "latents": "none"})
     summary = run_job(cfg, "guide")
@@ -116,8 +117,52 @@ def test_clip_energy_with_augmentations_runs_offline_and_scores_its_outputs(ray_
     for _, members in samples:
         prov = json.loads(members["latentshift.json"])
         assert prov["energy"] == "clip" and prov["text"] == "a green disc" and prov["augmentations"] == 2
-        assert prov["augment"] == ["color", "translation", "cutout"] and -1 <= prov["clip_score"] <= 1
+        assert prov["augment"] == ["color", "translation", "resize", "cutout"] and -1 <= prov["clip_score"] <= 1
+        assert prov["weight"] == 300 and prov["clamp"] is False  # the CLIP energy's official defaults
     assert s3.exists(f"{name}/guided/scores/guided-00000.parquet")
+
+
+def test_eta_0_guide_walks_x_T_with_a_short_chain_grid_and_writes_the_long_grid_decode(ray_cluster, s3, bucket,
+                                                                                       pixel_model):
+    """The official LDM form (zoo latentdiff_wrapper.py:24, 204-212; …_langevin_300.cfg:9-10): sampler
+    method ddim, eta 0 (z = x_T), guide.chain_steps 2 inside the chain, the image decoded on
+    sampler.steps 6. The stored z is a DDIM latent on the long grid and decodes to the image."""
+    from pipeline.diffusion import ddim_decode
+    from pipeline.diffusion.latent import Latent
+
+    name, opts = bucket
+    cfg = config(name, opts, pixel_model, guide={"count": 2, "chain_steps": 2},
+                 sampler={"method": "ddim", "steps": 6, "eta": 0.0, "seed": 5, "clip_x0": "off"})
+    summary = run_job(cfg, "guide")
+    assert summary["images"] == 2 and summary["guide"]["decoder"] == "ddim" and summary["guide"]["chain_steps"] == 2
+
+    den = load_denoiser(str(pixel_model), device="cpu")
+    den.schedule = den.schedule.with_x0_clip("off")
+    long, short = den.schedule.grid(6), den.schedule.grid(2)
+    samples = dict(_samples(s3, f"{name}/guided/images/guided-00000.tar"))
+    prov = json.loads(samples["000000001"]["latentshift.json"])
+    assert prov["decoder"] == "ddim" and prov["eta"] == 0.0 and prov["steps"] == 6 and prov["chain_steps"] == 2
+    assert prov["timesteps"] == long and prov["clamp"] is True  # hue's default: the demo's clamped energy
+    image = np.asarray(Image.open(io.BytesIO(samples["000000001"]["png"])))
+
+    seeds = [sample_seed(5, "000000001")]
+    z0 = initial_latent(den, (3, 16, 16), steps=6, eta=0.0, seeds=seeds)
+    energy = hue_energy(HUE)
+    res = guide(den, z0, lambda x, k: energy(x.clamp(-1, 1), k), steps=LANGEVIN, step_size=0.05, weight=WEIGHT,
+                seeds=seeds, chain_timesteps=short)
+    again = ((den.to_pixels(res.x0) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()[0]
+    assert np.abs(again.astype(int) - image).max() <= 1
+    # the same chain on the long grid is another image: the job's chain walked the short one
+    on_long = guide(den, z0, lambda x, k: energy(x.clamp(-1, 1), k), steps=LANGEVIN, step_size=0.05,
+                    weight=WEIGHT, seeds=seeds)
+    other = ((den.to_pixels(on_long.x0) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()[0]
+    assert np.abs(other.astype(int) - image).max() > 1
+
+    z = dict(read_latents(f"s3://{name}/guided/latents/", opts))["000000001"]
+    assert z.method == "ddim" and z.timesteps == long and z.noise.shape[0] == 0
+    stored = Latent(torch.from_numpy(z.x_start)[None], torch.zeros(1, 0, 3, 16, 16), z.timesteps, "ddim", 0.0)
+    decoded = ((ddim_decode(den, stored) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()[0]
+    assert np.abs(decoded.astype(int) - image).max() <= 1
 
 
 @pytest.mark.parametrize(("guide", "sections", "key"), [
@@ -125,7 +170,10 @@ def test_clip_energy_with_augmentations_runs_offline_and_scores_its_outputs(ray_
     ({"energy": "clip"}, {"clip": {"pretrained": "__file__"}}, "guide.text"),
     ({"energy": "clip", "text": "a cat"}, {"clip": {"pretrained": "/nonexistent/clip.safetensors"}},
      "clip.pretrained"),
-    ({}, {"sampler": {"method": "ddim", "eta": 0.0}}, "sampler.eta"),
+    # method ddim is the η = 0 walk of z = x_T: an η > 0 there would need noise maps z does not have
+    ({}, {"sampler": {"method": "ddim", "eta": 0.5}}, "sampler.eta"),
+    # a DPM latent holds one ε per step of sampler.steps: its chain cannot walk another grid
+    ({"chain_steps": 2}, {"sampler": {"method": "dpm", "steps": STEPS, "eta": 1.0}}, "guide.chain_steps"),
 ])
 def test_a_bad_config_names_the_key_before_any_work(s3, bucket, pixel_model, guide, sections, key):
     name, opts = bucket

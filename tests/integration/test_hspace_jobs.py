@@ -126,24 +126,34 @@ def test_edit_config_errors_name_the_key(s3, hspace_setup, pixel_model):
     cfg = config(bucket, opts, pixel_model, t_edit="auto")
     with pytest.raises(ConfigError, match="hspace.lpips"):
         run_job(cfg, "direction-fit")
+    from pipeline.data.directions import write_direction
+
+    write_direction(cfg.hspace.direction, opts, {"deltas": np.zeros((1, 4, 2, 2), np.float32)},
+                    {"kind": "table", "timesteps": [999], "steps": 8, "t_edit": 500, "t_boost": 200})
+    with pytest.raises(ConfigError, match="has none: fit it with hspace.lpips set"):
+        run_job(config(bucket, opts, pixel_model, t_boost="auto"), "edit")  # an edit's auto reads the file's curves
     cfg = config(bucket, opts, pixel_model, examples=None)
     with pytest.raises(ConfigError, match="hspace.examples"):
         run_job(cfg, "direction-fit")
 
 
 def test_learned_direction_with_auto_times_then_edit(ray_cluster, s3, hspace_setup, pixel_model, tmp_path):
-    """A DeltaBlock trained with the offline colour loss; t_edit / t_boost from LPIPS curves (a random LPIPS file)."""
+    """A DeltaBlock trained with the offline colour loss on the official grid and inversion; t_edit / t_boost
+    from LPIPS curves (a random LPIPS file) in the fit, and again in the edit from the file's curves."""
     from pipeline.tools.random_clip import save_random_lpips
 
     bucket, opts = hspace_setup
     lpips_file = save_random_lpips(str(tmp_path / "lpips.safetensors"))
     cfg = config(bucket, opts, pixel_model, method="learned", t_edit="auto", t_boost="auto", lpips=lpips_file,
-                 lpips_edit_threshold=0.05, lpips_boost_threshold=0.02, steps=6,
+                 lpips_edit_threshold=0.05, lpips_boost_threshold=0.02, steps=6, grid="linspace", inversion_eps="lower",
                  train={"loss": "color", "target_color": [1.0, 0.0, 0.0], "images": 3, "iterations": 3,
                         "batch_size": 2, "lr": 0.05})
     fit = run_job(cfg, "direction-fit")
     tensors, header = read_direction(cfg.hspace.direction, opts)
-    assert header["kind"] == "delta-block" and header["train_images"] == 3
+    assert header["kind"] == "delta-block" and header["train_images"] == 3 and header["train_dtype"] == "float32"
+    # the official grid: int(s + 1e-6) for s in linspace(0, 1, 6)·999, t0 not snapped (diffusion_latent.py:570-573)
+    assert header["timesteps"] == [999, 799, 599, 399, 199, 0] and header["grid"] == "linspace"
+    assert header["inversion_eps"] == "lower" and header["t0"] == header["t0_requested"] == 999
     assert header["trained_on"] == ["shard-0/sq0-000", "shard-0/sq0-001", "shard-0/sq0-002"]  # the first, by shard/key
     assert header["train"]["loss"] == "color" and header["train"]["lr"] == 0.05
     losses = header["losses"]["loss"]
@@ -151,17 +161,30 @@ def test_learned_direction_with_auto_times_then_edit(ray_cluster, s3, hspace_set
     curves = header["lpips_curves"]
     assert curves["timesteps"] == header["timesteps"] and len(curves["x0_hat"]) == 6 and curves["text_cosine"] is None
     # t_edit: the smallest t whose mean LPIPS(x0, x̂0_t) reaches the threshold, scanning upward (×1 without texts)
-    pairs = sorted(zip(curves["timesteps"], curves["x0_hat"], strict=True))
-    assert fit["t_edit"] == next((t for t, v in pairs if v >= 0.05), pairs[-1][0]) == header["t_edit"]
-    pairs = sorted(zip(curves["timesteps"], curves["x_t"], strict=True))
-    assert fit["t_boost"] == next((t for t, v in pairs if v >= 0.02), pairs[-1][0]) == header["t_boost"]
+    def first(name, threshold):
+        return min(t for t, v in zip(curves["timesteps"], curves[name], strict=True) if v >= threshold)
+
+    assert fit["t_edit"] == first("x0_hat", 0.05) == header["t_edit"]
+    assert fit["t_boost"] == first("x_t", 0.02) == header["t_boost"]
     assert set(tensors) >= {"conv1.weight", "temb_proj.weight", "conv2.weight"}
 
-    edit_cfg = config(bucket, opts, pixel_model, steps=12, scales=[1.0])
+    # the edit's auto: the file's curves with the edit's thresholds (official run_test, diffusion_latent.py:552-554)
+    top = max(curves["x0_hat"])
+    edit_cfg = config(bucket, opts, pixel_model, steps=12, scales=[1.0], grid="linspace", inversion_eps="lower",
+                      t_edit="auto", t_boost="auto", lpips_edit_threshold=top / 3, boost_curve="x0_hat",
+                      lpips_boost_threshold=top / 2)
     edit_cfg.output.uri = f"s3://{bucket}/edited-learned"
     out = run_job(edit_cfg, "edit")
     assert out["images"] == 10
     members = _samples(s3, f"{bucket}/edited-learned/images/shard-0.tar")[0][1]
     prov = json.loads(members["latentshift.json"])
     # the learned grid has 6 steps and the edit 12: Δh is halved per step (official diffusion_latent.py:626)
-    assert prov["grid_scale"] == 0.5 and prov["t_edit"] == header["t_edit"] and "scale1.png" not in members
+    assert prov["grid_scale"] == 0.5 and "scale1.png" not in members
+    assert prov["t_edit"] == first("x0_hat", top / 3) and prov["t_boost"] == first("x0_hat", top / 2)
+    assert prov["t_edit_setting"] == "auto" and prov["boost_curve"] == "x0_hat" and prov["grid"] == "linspace"
+    assert prov["timesteps"] == [int(s + 1e-6) for s in np.linspace(0, 1, 12) * 999][::-1]
+
+    never = edit_cfg.model_copy(deep=True)
+    never.hspace.boost_curve, never.hspace.lpips_boost_threshold = "x_t", 2 * max(curves["x_t"])
+    with pytest.raises(ConfigError, match=r"hspace\.t_boost = auto: LPIPS\(x0, x_t\) never reaches"):
+        run_job(never, "edit")  # said by the job's check, before any model loads

@@ -1,5 +1,7 @@
-"""Guidance in latent space (CycleDiffusion): the Langevin step, the differentiable decoder G, energies
-and DiffAugment, on a tiny random pixel model and a tiny random CLIP (no downloads)."""
+"""Guidance in latent space (CycleDiffusion): the Langevin step, the differentiable decoder G (the
+stochastic DPM walk, and the official LDM runs' η = 0 walk of z = x_T with a short chain grid and a long
+output grid), energies and DiffAugment, on a tiny random pixel model and a tiny random CLIP (no
+downloads). The official code is ChenWu98/unified-generative-zoo, cited as zoo FILE:LINE."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 
 from pipeline.config import GuideConfig
 from pipeline.diffusion import load_denoiser
+from pipeline.diffusion.ddim import ddim_decode_model_space
 from pipeline.diffusion.dpm import dpm_decode_model_space
 from pipeline.diffusion.guidance import (
     INIT_STREAM,
@@ -34,7 +37,7 @@ from pipeline.metrics.augment import (
     translation,
 )
 from pipeline.metrics.clip import load_clip
-from pipeline.metrics.energy import clip_energy, color_energy, hue_energy, make_energy
+from pipeline.metrics.energy import ClipEnergy, clip_energy, color_energy, hue_energy, make_energy
 from pipeline.tools.random_clip import save_random_clip
 
 pytestmark = pytest.mark.unit
@@ -120,6 +123,68 @@ def test_generate_is_the_dpm_decoder_and_checkpointing_keeps_the_gradient(den):
     plain, ckpt = grads(False), grads(True)
     assert plain[0].abs().sum() > 0 and plain[1][:, 0].abs().sum() > 0
     assert torch.allclose(plain[0], ckpt[0], atol=1e-6) and torch.allclose(plain[1], ckpt[1], atol=1e-6)
+
+
+# ---- (2b) η = 0: z = x_T, the DDIM walk, a short chain grid and a long output grid (the zoo's LDM runs) ----
+
+
+def _prior(x):  # zoo model/energy/prior_z.py:14-20: ½ Σ z² per sample
+    return 0.5 * x.pow(2).sum((1, 2, 3))
+
+
+def test_eta_0_guidance_is_langevin_on_x_T_through_the_ddim_walk(den):
+    """zoo latentdiff_wrapper.py: DDIM with eta '0' (:24), z = x_T (:212); langevin_dynamics.py:97-100:
+    z ← z − (s/2)·∇(½‖z‖² + λE(G(z))) + √s·n (PriorZEnergy weight 1, …_300.cfg:24-25). Written out here
+    for two steps, G by sampling.denoise (another code path than guidance.generate)."""
+    seeds, s, lam, grid = [3, 7], 0.05, 5.0, den.schedule.grid(STEPS)
+    z0 = initial_latent(den, SHAPE, steps=STEPS, eta=0.0, seeds=seeds)
+    assert z0.method == "ddim" and z0.noise.shape[1] == 0 and z0.timesteps == grid and z0.eta == 0
+    assert torch.equal(z0.x_start, NoiseSource(seeds, "cpu", INIT_STREAM).draw(0, SHAPE))  # x_T: map 0
+
+    out = guide(den, z0, red, steps=2, step_size=s, weight=lam, seeds=seeds, checkpoint=False)
+
+    langevin, z = NoiseSource(seeds, "cpu", LANGEVIN_STREAM), z0.x_start
+    for k in range(2):
+        x_T = z.clone().requires_grad_(True)
+        e = red(denoise(den, x_T, grid, eta=0.0))  # G(z): the deterministic DDIM walk of x_T
+        (g_e,) = torch.autograd.grad(e.sum(), x_T)
+        assert g_e.abs().sum() > 0  # the energy pulls on z (λ would not matter otherwise)
+        n = langevin.draw(k, (1, *SHAPE))[:, 0]
+        z = z - s / 2 * (z + lam * g_e) + math.sqrt(s) * n  # ∇½‖z‖² = z
+    assert torch.allclose(out.z.x_start, z, atol=1e-5)
+    assert out.z.method == "ddim" and out.z.noise.shape[1] == 0 and out.z.timesteps == grid
+    # the output is the plain DDIM decode of the final z: a stored z decodes to the image
+    assert torch.allclose(out.x0, ddim_decode_model_space(den, out.z), atol=1e-6)
+    assert torch.allclose(out.prior[0], _prior(z0.x_start)) and torch.allclose(out.prior[-1], _prior(z), atol=1e-4)
+
+
+def test_the_chain_walks_chain_steps_and_the_output_is_the_long_grid_decode(den):
+    """zoo langevin_dynamics.py:120-123 (train() in the chain, eval() after) and latentdiff_wrapper.py:204-209
+    (train: custom_steps_train, eval: custom_steps), …_300.cfg:9-10 (500 and 10). Here 8 and 2: the
+    gradient goes through the 2-step walk, the image is the 8-step walk of the final x_T."""
+    seeds, s, lam = [4, 5], 0.05, 50.0
+    long, short = den.schedule.grid(8), den.schedule.grid(2)
+    z0 = initial_latent(den, SHAPE, steps=8, eta=0.0, seeds=seeds)
+    out = guide(den, z0, red, steps=1, step_size=s, weight=lam, seeds=seeds, checkpoint=False, chain_timesteps=short)
+
+    x_T = z0.x_start.clone().requires_grad_(True)
+    e_short = red(denoise(den, x_T, short, eta=0.0))
+    (g,) = torch.autograd.grad((_prior(x_T) + lam * e_short).sum(), x_T)
+    want = z0.x_start - s / 2 * g + math.sqrt(s) * NoiseSource(seeds, "cpu", LANGEVIN_STREAM).draw(0, (1, *SHAPE))[:, 0]
+    assert torch.allclose(out.z.x_start, want, atol=1e-5) and out.z.timesteps == long
+    x_long = denoise(den, want, long, eta=0.0)
+    assert torch.allclose(out.x0, x_long, atol=1e-5)
+    assert not torch.allclose(out.x0, denoise(den, want, short, eta=0.0), atol=1e-3)  # the grids differ
+    # energies: the chain's on the short grid; the last of the output image (langevin_dynamics.py:142-146)
+    assert torch.allclose(out.energy[0], e_short.detach(), atol=1e-6)
+    assert torch.allclose(out.energy[-1], red(x_long), atol=1e-5)
+    # the long grid's gradient moves z elsewhere: this test sees which grid the chain walked
+    on_long = guide(den, z0, red, steps=1, step_size=s, weight=lam, seeds=seeds, checkpoint=False)
+    assert not torch.allclose(on_long.z.x_start, out.z.x_start, atol=1e-4)
+    # a DPM latent holds one ε per step of its grid: another chain grid would need another z
+    with pytest.raises(ValueError, match="DDIM latent"):
+        guide(den, initial_latent(den, SHAPE, steps=8, eta=1.0, seeds=seeds), red, steps=1, step_size=s,
+              weight=lam, seeds=seeds, chain_timesteps=short)
 
 
 # ---- (3) guidance does what it is for -------------------------------------------------------------
@@ -226,10 +291,12 @@ def test_clip_energy_is_one_minus_cosine_and_averages_its_augmentations(tiny_cli
     plain = clip_energy(tiny_clip, text)
     assert torch.allclose(plain(x), direct, atol=1e-6)
 
-    policy = ["color", "translation", "cutout"]
+    policy = ["color", "translation", "resize", "cutout"]
     e = clip_energy(tiny_clip, text, policy, count=3)
-    views = augment(x, policy, [1, 2], 3)
-    by_hand = (1 - F.cosine_similarity(tiny_clip.image_features(views),
+    # the views are DiffAugment of the [0, 1] image (x + 1)/2, the zoo wrapper's post_process
+    # (latentdiff_wrapper.py:200-202, clip_guide.py:45-51), handed to CLIP as [0, 1] images
+    views = augment((x + 1) / 2, policy, [1, 2], 3)
+    by_hand = (1 - F.cosine_similarity(tiny_clip.image_features(views, unit=True),
                                        tiny_clip.text_features([text]).expand(6, -1))).view(2, 3).mean(1)
     xg = x.clone().requires_grad_(True)
     value = e(xg, keys=[1, 2])
@@ -238,6 +305,95 @@ def test_clip_energy_is_one_minus_cosine_and_averages_its_augmentations(tiny_cli
     assert xg.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="augmentation key"):
         e(x)
+
+
+class RecordingClip:
+    """A stand-in CLIP that records the images (and ``unit``) it is given; features = mean colour."""
+
+    def __init__(self):
+        self.seen = []
+
+    def text_features(self, texts):
+        return torch.tensor([[1.0, 0.0, 0.0]])
+
+    def image_features(self, images, unit=False):
+        self.seen.append((images.detach().clone(), unit))
+        return images.mean(dim=(2, 3))
+
+
+def _official_color(x, r):
+    """zoo DiffAugment_pytorch.py:23-37 with torch.rand's draws given as the columns of r (N, 3)."""
+    x = x + (r[:, 0].view(-1, 1, 1, 1) - 0.5)
+    m = x.mean(dim=1, keepdim=True)
+    x = (x - m) * (r[:, 1].view(-1, 1, 1, 1) * 2) + m
+    m = x.mean(dim=[1, 2, 3], keepdim=True)
+    return (x - m) * (r[:, 2].view(-1, 1, 1, 1) + 0.5) + m
+
+
+def test_clip_energy_augments_the_0_1_image_brightness_half_its_range_fill_black():
+    """zoo clip_guide.py:45-51 augments the wrapper's output, post-processed to [0, 1] (latentdiff_wrapper.py:
+    200-202): brightness ± ½ of [0, 1], translation and cutout fill 0 = black; CLIP is told the views are
+    [0, 1] images (``unit``)."""
+    x = _images(1, size=16, seed=3)
+    clip = RecordingClip()
+    clip_energy(clip, "t", ["color"], count=4)(x, keys=[7])
+    (views, unit), = clip.seen
+    r = draw_params([7], 4, ["color"])[0]
+    assert unit is True
+    assert torch.allclose(views, _official_color(((x + 1) / 2).expand(4, -1, -1, -1), r), atol=1e-6)
+    # not the old [-1, 1] augmentation mapped to [0, 1] afterwards (brightness half as strong there)
+    assert not torch.allclose(views, (_official_color(x.expand(4, -1, -1, -1), r) + 1) / 2, atol=1e-3)
+
+    white = torch.ones(1, 3, 16, 16)  # 1 in [-1, 1]: 1 in [0, 1]
+    clip.seen.clear()
+    clip_energy(clip, "t", ["translation", "cutout"], count=8)(white, keys=[11])
+    views = clip.seen[0][0]
+    assert set(views.unique().tolist()) == {0.0, 1.0}  # kept pixels white, filled pixels black (not 0.5 grey)
+
+
+def test_the_clip_energy_defaults_are_the_official_ones():
+    """λ 300 (…_langevin_300.cfg:19; the siblings _100/_700/_1000 only change it), 50 replicas
+    (clip_guide.py:18), policy 'color,translation,resize,cutout' (clip_guide.py:10), energy on the
+    unclamped image (latentdiff_wrapper.py:200-202 has no clamp). hue/color keep the demo's λ 100 and
+    clamp; an explicit value always wins."""
+    g = GuideConfig(energy="clip", text="a photo of a baby")
+    assert (g.weight, g.augmentations, g.augment, g.clamp) == (300.0, 50, ["color", "translation", "resize", "cutout"],
+                                                             False)
+    hue = GuideConfig(energy="hue", target_hue=120)
+    assert (hue.weight, hue.clamp) == (100.0, True)
+    assert GuideConfig(energy="clip", weight=0, clamp=True).weight == 0 and GuideConfig(clamp=True).clamp is True
+    clip = RecordingClip()
+    e = make_energy(g, lambda: clip)
+    assert isinstance(e, ClipEnergy) and e.count == 50 and e.policy == ("color", "translation", "resize", "cutout")
+    x = _images(2, size=16)
+    value = e(x, keys=[1, 2])
+    views = clip.seen[0][0]
+    assert views.shape == (100, 3, 16, 16) and value.shape == (2,)  # B · 50 views, one energy per image
+    assert torch.equal(views[50:], augment((x[1:] + 1) / 2, g.augment, [2], 50))  # image 1's 50, its key alone
+
+
+def test_the_guide_stage_clamps_the_energy_input_as_guide_clamp_says(pixel_model):
+    """guide.clamp false (clip's default, as the zoo): the energy sees G(z) as decoded, beyond [-1, 1]
+    where it is; true (hue/color): clamped. The η = 0 path with a chain grid runs in the stage."""
+    from pipeline.config import ClipConfig, ModelConfig, OutputConfig, SamplerConfig
+    from pipeline.data.rows import RowBuffer, RowKind
+    from pipeline.stages.guide import GuideStage
+
+    def largest(clamp):
+        stage = GuideStage(ModelConfig(model=str(pixel_model)),
+                           GuideConfig(energy="hue", target_hue=120, langevin_steps=1, chain_steps=2, clamp=clamp),
+                           ClipConfig(), SamplerConfig(method="ddim", eta=0.0, steps=STEPS, seed=5, clip_x0="off"),
+                           OutputConfig(latents="none"), size=16)
+        seen, energy = [], stage.energy
+        stage.energy = lambda x, keys=None: (seen.append(float(x.detach().abs().max())), energy(x, keys))[1]
+        rows = RowBuffer()
+        for n in range(2):
+            rows.add(shard="guided-00000", key=f"{n:06d}", index=n, kind=RowKind.SAMPLE, candidate=n)
+        out = stage(rows.batch())
+        assert len(out["pixels"]) == 2
+        return max(seen)
+
+    assert largest(False) > 1.0 >= largest(True)
 
 
 def test_guide_stage_batches_in_flight_and_in_pieces_give_each_chain_alone(pixel_model):
@@ -276,3 +432,46 @@ def test_guide_stage_batches_in_flight_and_in_pieces_give_each_chain_alone(pixel
         for a, b in zip(got, whole["pixels"], strict=True):
             assert abs(a.astype(int) - b.astype(int)).max() <= 1
     assert list(pieces["seed"]) == list(whole["seed"]) and list(pieces["key"]) == list(whole["key"])
+
+
+# ---- (6) the paper config -------------------------------------------------------------------------
+
+
+def test_the_paper_config_is_the_official_ldm_run_and_its_scheduler_walks_ldms_grids(monkeypatch):
+    """configs/paper/guide-clip-baby-ffhq256.yaml against zoo clip_a_baby_ffhq256_latentdiff_10step_langevin_300.cfg
+    (:3-4 s 0.05, 200 steps; :9-10 custom_steps 500, custom_steps_train 10; :19-21 λ 300, the text,
+    ViT-B/32) and latentdiff_wrapper.py:24 (η 0). The converted scheduler its comment names (DDIM,
+    scaled_linear 0.0015-0.0195, steps_offset 1, set_alpha_to_one false) walks LDM's grids
+    (make_ddim_timesteps 'uniform', ldm/modules/diffusionmodules/util.py:46-61), on LDM's betas (:21-25),
+    ending at ᾱ_0 (alphas_prev, :67)."""
+    from pathlib import Path
+
+    from diffusers import DDIMScheduler
+
+    from pipeline.config import load_config
+    from pipeline.diffusion.schedule import schedule_from_scheduler
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "paper" / "guide-clip-baby-ffhq256.yaml")
+    g, s = cfg.guide, cfg.sampler
+    assert (g.step_size, g.langevin_steps, g.weight, g.text) == (0.05, 200, 300, "a photo of a baby")
+    assert (s.method, s.eta, s.steps, g.chain_steps, s.clip_x0) == ("ddim", 0.0, 500, 10, "off")
+    assert (g.augmentations, g.augment, g.clamp) == (50, ["color", "translation", "resize", "cutout"], False)
+    assert cfg.clip.model == "ViT-B-32-quickgelu" and cfg.clip.antialias is False
+    assert cfg.clip.pretrained.startswith("s3://") and cfg.source.model.startswith("s3://")
+    from pipeline.jobs.guide import check
+
+    monkeypatch.setattr("pipeline.stages.score.check_clip_checkpoint", lambda *a, **k: None)  # no s3 here
+    check(cfg)  # method ddim, eta 0 and chain_steps 10: a combination the job accepts
+
+    sched = schedule_from_scheduler(DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195,
+                                                  steps_offset=1, set_alpha_to_one=False, clip_sample=False))
+
+    def ldm_grid(n, total=1000):
+        c = total // n
+        return [t + 1 for t in list(range(0, total, c))[:n]][::-1]
+
+    assert sched.grid(500) == ldm_grid(500) and sched.grid(500)[:2] == [999, 997]
+    assert sched.grid(10) == ldm_grid(10) == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    betas = torch.linspace(0.0015**0.5, 0.0195**0.5, 1000, dtype=torch.float64) ** 2
+    assert torch.allclose(sched.alphas_cumprod, torch.cumprod(1 - betas, 0), rtol=1e-6)
+    assert sched.final_alpha_cumprod == pytest.approx(float(1 - betas[0]))

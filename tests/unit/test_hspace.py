@@ -197,7 +197,7 @@ def test_first_timestep_reaching_scans_upward():
     ts, values = [900, 600, 300, 0], [0.9, 0.5, 0.2, 0.0]
     assert first_timestep_reaching(ts, values, 0.33) == 600
     assert first_timestep_reaching(ts, values, 0.2) == 300
-    assert first_timestep_reaching(ts, values, 5.0) == 900  # never reached: the top of the grid
+    assert first_timestep_reaching(ts, values, 5.0) is None  # never reached: the caller names the setting
 
 
 def test_table_direction_uses_the_nearest_fitted_timestep():

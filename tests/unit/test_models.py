@@ -244,3 +244,56 @@ def test_dtype_override(pixel_model):
     den = load_denoiser(str(pixel_model), dtype="float64")
     assert den.dtype == torch.float64 and next(den.unet.parameters()).dtype == torch.float64
     assert den.eps(torch.zeros(1, 3, 16, 16), 3).dtype == torch.float32
+
+
+def _save_ldm_vq_model(path: Path, layout: str) -> Path:
+    """A tiny LDM with a VQ first stage: ``vqvae/`` as diffusers' LDMPipeline saves it
+    (CompVis/ldm-celebahq-256's layout), or the VQModel under ``vae/`` (a converted folder)."""
+    from diffusers import DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
+
+    torch.manual_seed(0)
+    vq = VQModel(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=3, num_vq_embeddings=32,
+                 norm_num_groups=4, layers_per_block=1)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=8, attention_head_dim=8)
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195, clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    LDMPipeline(vqvae=vq, unet=unet, scheduler=sched).save_pretrained(path, safe_serialization=True)
+    if layout == "vae":  # the same weights as vae/, no model_index.json
+        (path / "vqvae").rename(path / "vae")
+        (path / "model_index.json").unlink()
+    return path
+
+
+@pytest.mark.parametrize("layout", ["vqvae", "vae"])
+def test_a_latent_model_with_a_vq_first_stage_encodes_and_decodes_as_ldm(tmp_path, layout):
+    """LDM's VQ-f4 models (the FFHQ-256 / CelebA-HQ LDMs of the guidance experiments): x0 is the latent
+    before quantisation (LDM encode_first_stage), decoding quantises (VQModel.decode), no scale factor
+    (diffusers' LDMPipeline decodes its latents unscaled); the straight-through quantiser passes gradients."""
+    from diffusers import VQModel
+
+    folder = _save_ldm_vq_model(tmp_path / "ldm", layout)
+    resolved = resolve_model(str(folder))
+    assert layout in resolved.components
+    den = load_denoiser(resolved)
+    peer = VQModel.from_pretrained(folder / layout)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    z = den.to_model_space(x)
+    with torch.no_grad():
+        assert torch.allclose(z, peer.encode(x).latents, atol=1e-6)
+        assert z.shape == (2, *den.model_space_shape((3, 16, 16))) == (2, 3, 8, 8)
+        raw = peer.decode(z).sample
+    assert torch.allclose(den.to_pixels(z), raw.clamp(-1, 1), atol=1e-6)
+    var = z.clone().requires_grad_(True)
+    den.to_pixels_with_grad(var).sum().backward()
+    assert var.grad is not None and var.grad.abs().sum() > 0
+
+
+def test_an_unknown_first_stage_class_is_refused(tmp_path):
+    folder = _save_ldm_vq_model(tmp_path / "ldm", "vae")
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    (folder / "vae" / "config.json").write_text(json.dumps({**config, "_class_name": "AutoencoderTiny"}))
+    with pytest.raises(ModelLoadError, match="vae/ class AutoencoderTiny is not supported"):
+        load_denoiser(str(folder))
