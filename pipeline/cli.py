@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 from importlib.metadata import PackageNotFoundError, version
 
 from pipeline.errors import ConfigError, LatentshiftError
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"latentshift {_version()}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and tracebacks (Python's, Ray's workers') on the console")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("config", help="validate a job config and print it resolved")
@@ -313,11 +314,25 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from pipeline.runtime.ray_env import show_traces
+
+    show_traces(args.verbose)
     try:
         return int(args.func(args) or 0)
-    except LatentshiftError as exc:
+    except LatentshiftError as exc:  # the user's to fix: one line, exit 2
+        if args.verbose:
+            traceback.print_exception(exc)
         print(f"latentshift: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a bug: still one line (the traceback with --verbose), exit 1
+        from pipeline.runtime.models import root_reason
+
+        if args.verbose:
+            traceback.print_exception(exc)
+        hint = "" if args.verbose else "; run with --verbose for the traceback"
+        print(f"latentshift: unexpected error (a bug, please report it): {root_reason(exc)}{hint}",
+              file=sys.stderr)
+        return 1
 
 
 def run_registered(name: str, argv: list[str]) -> int:

@@ -19,3 +19,9 @@ class StorageError(LatentshiftError):
 
 class DeviceMemoryError(LatentshiftError):
     """One sample's device work does not fit in the accelerator's memory, even alone."""
+
+
+class FileLoadError(ModelLoadError):
+    """A file a config key names (a model folder, a CLIP checkpoint, an LPIPS network, a direction)
+    failed to load on a Ray actor; the message reads ``key = file: reason; fix``
+    (``pipeline.stages.base.loading``)."""

@@ -83,7 +83,10 @@ class Claims:
             "renewed_at": now, "expires_at": now + self.lease_seconds})
 
     def end(self) -> None:
+        """The run is over: its lease goes, and with it the control folders the run left empty
+        (``_leases/`` among them, unless another run's lease is in it)."""
         self.store.remove(self.store.lease(self.run_id))
+        self.store.remove_empty_control_folders()
 
     def alive(self, run_id: str) -> bool:
         """Is run ``run_id`` still running (as far as its lease tells)?"""

@@ -58,9 +58,19 @@ class ShardLedger:
             return False
         return True
 
-    def expect(self, shard: str, rows: int) -> None:
-        """The reader's count of a shard's sample rows (REJECT rows included)."""
-        self.store.put_json(posixpath.join(self.store.staging(self.run_id, shard), EXPECTED), {"rows": int(rows)})
+    def expect(self, shard: str, rows: int, members: dict[int, str] | None = None,
+               input_members: dict[int, str] | None = None) -> None:
+        """The reader's count of a shard's sample rows (REJECT rows included), and the tar member each
+        row is about, so that a reject line names it whichever stage rejects the row (a row's columns
+        do not all travel through the model stages): ``members`` for a REJECT row, the member at
+        fault; for a SAMPLE row, its image member (what a later decode reject is about).
+        ``input_members``: the score job's input image members, for rejects of the input image."""
+        record: dict = {"rows": int(rows)}
+        if members:
+            record["members"] = {str(i): name for i, name in members.items()}
+        if input_members:
+            record["input_members"] = {str(i): name for i, name in input_members.items()}
+        self.store.put_json(posixpath.join(self.store.staging(self.run_id, shard), EXPECTED), record)
 
     def stage_part(self, shard: str, files: dict[str, bytes], manifest: dict) -> str:
         """Write a part's files (``tar``, ``parquet``), then its manifest (last). Returns the part name."""
@@ -113,12 +123,12 @@ class ShardLedger:
 
     def finish(self, shards=()) -> None:
         """End of this run, whatever happened: give up the claims it still holds among ``shards``
-        (left undone: the next run takes them at once), remove its staging, and ``_staging/``
-        itself when no other run has any there."""
+        (left undone: the next run takes them at once), remove its staging, and the control folders
+        left empty (``_staging/`` when no other run has any there; ``_leases/`` goes when the lease
+        does, ``Claims.end``)."""
         self.claims.release_all(shards)
         self.store.remove_tree(self.store.staging(self.run_id))
-        self.store.remove_empty_folder(self.store.ctl("_staging"))
-        self.store.remove_empty_folder(self.store.claims())
+        self.store.remove_empty_control_folders()
 
     def taken_by(self, shard: str) -> str | None:
         """The other run that holds ``shard`` now, or committed it; None if it is this run's to finish."""
@@ -177,6 +187,34 @@ class CommitTracker:
         return [s for s, p in self.progress.items() if not p.committed]
 
 
+def reject_line(shard: str, staged: dict, read_record: dict) -> dict:
+    """One line of ``_rejects/<shard>.jsonl``, the same fields in every job:
+
+    - ``shard``: the shard's basename (the unit of the ledger; for the score job, the output shard);
+    - ``key``: the sample's ``__key__`` as the tar groups its members, raw, whatever it holds (an
+      unsafe key such as ``../x`` too: JSON escapes any string, and nothing uses it as a path), so
+      rejects join to inputs by key. ``""`` only for a line about no sample (an unreadable shard,
+      a tar broken between two samples) or a member whose name has no key part (``.png``: its key
+      *is* empty; ``member`` names it);
+    - ``member``: the tar member at fault, by its full name in the tar (a dropped member, an empty
+      or undecodable image, the member being read when the tar broke); ``""`` when the whole sample
+      is at fault (unsafe key, no image member, duplicate key) — the reason lists its members then;
+    - ``index``: the row's position in the shard (outputs keep input order);
+    - ``reason``: deterministic text saying what is wrong; one about a single member of a sample that
+      may live on starts with "dropped member", an empty image is "empty image member …" in every job.
+
+    ``staged``: the writer's line (shard, key, index, reason); ``read_record``: the reader's
+    ``expected.json``, which knows the member each row is about (``ShardLedger.expect``).
+    """
+    from pipeline.data.shards import INPUT_IMAGE
+
+    index = str(int(staged["index"]))
+    by_role = "input_members" if str(staged["reason"]).startswith(INPUT_IMAGE) else "members"
+    member = read_record.get(by_role, {}).get(index, "")
+    return {"shard": shard, "key": str(staged["key"]), "member": member, "index": int(staged["index"]),
+            "reason": str(staged["reason"])}
+
+
 def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str], owns: tuple[str, ...] = ()) -> dict:
     """Merge staged parts of one shard into its final outputs; return counts for the ledger.
 
@@ -192,6 +230,8 @@ def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str], o
     from pipeline.data.shards import DROPPED_MEMBER, iter_tar_samples, write_samples
 
     staging = store.staging(run_id, shard)
+    expected = posixpath.join(staging, EXPECTED)
+    read_record = store.get_json(expected) if store.exists(expected) else {}
     samples: dict[int, tuple[str, dict]] = {}
     rejects: dict[int, dict] = {}
     latent_tables, score_tables = [], []
@@ -212,7 +252,7 @@ def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str], o
                     samples[idx] = (item.key, item.members)
         for line in manifest.get("rejects", []):
             if int(line["index"]) in fresh:
-                rejects[int(line["index"])] = line
+                rejects[int(line["index"])] = reject_line(shard, line, read_record)
         if "parquet" in manifest["files"]:
             table = pq.read_table(io.BytesIO(store.get(f"{staging}/{part}.parquet")))
             keep = []

@@ -160,3 +160,12 @@ def _check_weights(component: Path, name: str, source: str, allow_pickle: bool) 
         )
     log.warning("model %s: loading pickle-based weights from %s/ because allow_pickle is set", source, name)
     return False
+
+
+def unet_conditioning(folder: ModelFolder) -> str:
+    """What the model's UNet is conditioned on, from its config alone (no torch): "text" (a
+    UNet2DConditionModel with its text encoder), "class" (class embeddings) or "none"."""
+    cfg = _read_json(folder.path / "unet" / "config.json")
+    if _unet_class(folder.path / "unet", folder.source) == "UNet2DConditionModel":
+        return "text"
+    return "class" if cfg.get("num_class_embeds") else "none"

@@ -16,6 +16,12 @@ two jobs' records of a shard never meet.
 
 How a shard gets there, exactly once, is the ledger's rule (``pipeline/data/ledger.py``);
 this module only names the paths and does the storage I/O.
+
+A finished run leaves no empty control folder (``_staging/``, ``_claims/``, ``_leases/``, the
+control root): on object storage a folder is a prefix, gone with its last object; on a local disk
+the run removes the folders it emptied with ``os.rmdir``, which refuses a folder holding anything
+(another run's lease, claim or staging). A writer that loses the race (its folder removed between
+making it and writing into it) makes it again and writes (``put``, ``create``), so no file is lost.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from pipeline.data.filesystems import (
 )
 
 log = logging.getLogger(__name__)
+
+FOLDER_RACE_ATTEMPTS = 5  # a write whose local folder another run removed (it was empty) is tried again
 
 
 @dataclass
@@ -85,11 +93,22 @@ class OutputStore:
 
     # io
     def put(self, path: str, data: bytes) -> None:
-        put_bytes(self.fs, path, data)
+        self._into_folder(put_bytes, path, data)
 
     def create(self, path: str, data: bytes) -> bool:
         """Write ``path`` only if it does not exist (atomically, against any other writer)."""
-        return create_exclusive(self.fs, path, data)
+        return self._into_folder(create_exclusive, path, data)
+
+    def _into_folder(self, write, path: str, data: bytes):
+        """``write(fs, path, data)``, again when another run removed the (empty) local folder between
+        ``write`` making it and writing into it (``remove_empty_folder``): it is made anew each time."""
+        for attempt in range(FOLDER_RACE_ATTEMPTS):
+            try:
+                return write(self.fs, path, data)
+            except FileNotFoundError:
+                if not is_local(self.fs) or attempt == FOLDER_RACE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def remove(self, path: str) -> None:
         try:
@@ -133,7 +152,9 @@ class OutputStore:
         self.fs.invalidate_cache()
 
     def remove_empty_folder(self, path: str) -> None:
-        """Local stores only (object stores have no folders): remove ``path`` if it is empty."""
+        """Local stores only (object stores have no folders): remove ``path`` if it is empty.
+        Safe beside live runs: rmdir(2) refuses a folder with anything in it, and a run writing
+        into it at that moment makes it again (``put``, ``create``)."""
         if is_local(self.fs):
             import os
 
@@ -141,6 +162,15 @@ class OutputStore:
                 os.rmdir(path)
             except OSError:  # not empty (another run's staging), or gone
                 pass
+
+    def remove_empty_control_folders(self) -> None:
+        """At a run's end: the run-control folders it left empty, deepest first, then the control
+        root of a job that keeps its records apart (``_score/``). ``_ledger/`` holds the record of
+        every commit and run, and ``_rejects/`` is made only with a file in it."""
+        for folder in ("_staging", "_claims", "_leases"):
+            self.remove_empty_folder(self.ctl(folder))
+        if self.control:
+            self.remove_empty_folder(self.ctl())
 
     # ledger
     def committed(self) -> set[str]:

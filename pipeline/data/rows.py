@@ -39,6 +39,7 @@ COLUMNS: dict[str, tuple[str, object]] = {
     "index": ("int64", -1),  # position in its shard: outputs keep input order
     "kind": ("int8", int(RowKind.SAMPLE)),
     "error": ("object", ""),  # REJECT: a deterministic reason
+    "member": ("object", ""),  # read REJECT: the tar member at fault, by its name in the tar ("" if none is)
     "image": ("object", b""),  # read: the encoded image member (bytes)
     "image_name": ("object", ""),  # read: its member name in the tar (a decode reject names it)
     "member_names": ("object", ()),  # carried metadata members: extensions …
@@ -81,12 +82,12 @@ COLUMNS: dict[str, tuple[str, object]] = {
     "directional_count": ("int64", 0),  # … with a directional CLIP (it needs the input)
 }
 
-INPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "image", "image_name", "member_names", "member_data")
+INPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "member", "image", "image_name", "member_names", "member_data")
 PIXEL_COLUMNS = ("shard", "key", "index", "kind", "error", "pixels", "member_names", "member_data")
 LATENT_INPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "latent", "timesteps", "method", "eta", "seed",
                         "source_model", "source_cond")
 CANDIDATE_COLUMNS = ("shard", "key", "index", "kind", "candidate")
-SCORE_READ_COLUMNS = ("shard", "key", "index", "kind", "error", "image", "image_name", "input_image")
+SCORE_READ_COLUMNS = ("shard", "key", "index", "kind", "error", "member", "image", "image_name", "input_image")
 SCORE_PIXEL_COLUMNS = ("shard", "key", "index", "kind", "error", "pixels", "input_pixels")
 OUTPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "pixels", "latent", "step", "latent_rows",
                   "member_names", "member_data", "timesteps", "method", "eta", "seed", "candidate", "psnr",

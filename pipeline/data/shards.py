@@ -112,6 +112,8 @@ class TarDamage(Exception):
 
 
 DROPPED_MEMBER = "dropped member"  # how a reject reason for one member (not its sample) begins
+EMPTY_IMAGE = "empty image member"  # how the reason for a 0-byte image begins, in every job
+INPUT_IMAGE = "input image"  # how the score job's reason about the input (not the output) image begins
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 

@@ -39,6 +39,57 @@ def check(cfg) -> None:
     if "auto" in (h.t_edit, h.t_boost) and not h.lpips:
         raise ConfigError("config error: hspace.t_edit / t_boost = auto needs hspace.lpips (an LPIPS network file, "
                           "`latentshift lpips-export PATH` writes one once), or give them as numbers")
+    check_files(cfg)
+
+
+def check_files(cfg) -> None:
+    """Every file the fit will read, each named by its own key, before Ray starts: set B's shards (else set A
+    is walked first and an empty set B blamed on input.uri), the LPIPS network, the CLIP checkpoint, and
+    source.model: the kind of condition it takes, and its grid, on which a numeric t_edit must edit some step."""
+    from pipeline.jobs.checks import check_condition_fits, check_t_edit_in_grid, source_folder
+    from pipeline.stages.hspace import preflight_grid
+
+    h = cfg.hspace
+    folder = source_folder(cfg)
+    check_condition_fits(cfg, folder)
+    if h.method == "mean-difference":
+        examples_shards(h.examples, cfg.input.storage_options)
+    if h.lpips:
+        check_lpips(h)
+    if (h.method == "learned" and h.train.loss == "clip") or (h.source_text and h.target_text and cfg.clip.pretrained):
+        from pipeline.stages.score import check_clip_checkpoint
+
+        check_clip_checkpoint(cfg.clip, "the CLIP loss and cos(source_text, target_text) need")
+    if isinstance(h.t_edit, int):  # auto comes from curves on this very grid; null is the official 500
+        check_t_edit_in_grid(h.t_edit, preflight_grid(folder, h))
+
+
+def examples_shards(examples, storage_options: dict):
+    """Set B's shards, listed before set A is walked; none (or a listing that fails) names hspace.examples."""
+    from pipeline.data.shards import list_shards
+
+    try:
+        shards = list_shards(examples, storage_options)
+    except StorageError as exc:
+        raise StorageError(f"hspace.examples: {exc}") from None
+    if not shards:
+        raise StorageError(f"hspace.examples {examples}: no .tar shards found; point hspace.examples at the shards of "
+                           "set B, the images the direction leads to (pack images with `latentshift shards pack`)")
+    return shards
+
+
+def check_lpips(h) -> None:
+    """``hspace.lpips``: there (an s3:// one fetched into the model cache the actors reuse), a safetensors file
+    of LPIPS-``hspace.lpips_net`` whose tensors fit that network; no tensor read."""
+    from pipeline.data.model_cache import materialize_file
+    from pipeline.metrics.lpips_net import check_lpips_file
+
+    try:
+        path = materialize_file(h.lpips, h.direction_storage_options)
+    except StorageError as exc:
+        raise ConfigError(f"config error: hspace.lpips {exc}; write an LPIPS file once with "
+                          "`latentshift lpips-export PATH`") from None
+    check_lpips_file(path, h.lpips_net, shown=h.lpips)
 
 
 class Sums:

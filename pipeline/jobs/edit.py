@@ -1,6 +1,7 @@
 """edit: h-space editing (Asyrp): DDIM-invert each image to hspace.t0 with source.model, then the
 asymmetric reverse process with the direction in hspace.direction, once per scale in hspace.scales."""
 
+from pipeline.errors import ConfigError
 from pipeline.runtime.job import Built, Job, image_shards, provenance, source_latents
 
 # what each output sample repeats of its direction's header (the file keeps curves, losses and image ids)
@@ -10,13 +11,40 @@ HEADER_KEYS = ("kind", "method", "model", "condition", "t0", "t0_requested", "st
 
 
 def check(cfg) -> None:
-    """The direction file is there and readable, and t_edit / t_boost resolve (auto: from its LPIPS
-    curves), before any model loads."""
+    """Before any model loads: the direction file is there and readable and fits source.model's mid block
+    (built on the meta device), the scales edit something, t_edit / t_boost resolve (auto: from its LPIPS
+    curves) and t_edit lies on the walk; a direction fitted on another model or grid is said in one line."""
     from pipeline.data.directions import read_direction
-    from pipeline.stages.hspace import edit_schedule
+    from pipeline.errors import StorageError
+    from pipeline.jobs.checks import check_condition_fits, check_t_edit_in_grid, source_folder, warn
+    from pipeline.stages.hspace import check_direction_fits, edit_schedule, preflight_grid
 
-    _, header = read_direction(cfg.hspace.direction, cfg.hspace.direction_storage_options)
-    edit_schedule(cfg.hspace, header)
+    h = cfg.hspace
+    # refused: scales of only 0 write the unedited reconstruction under every name; [0, s] keeps it as a baseline
+    if not any(s != 0 for s in h.scales):
+        raise ConfigError(f"config error: hspace.scales = {list(h.scales)}: every scale is 0, so nothing would be "
+                          "edited; give a non-zero scale (e.g. [0, 1.0] keeps the unedited image as the baseline)")
+    try:
+        tensors, header = read_direction(h.direction, h.direction_storage_options)
+    except StorageError as exc:
+        raise StorageError(f"hspace.direction {exc}") from None
+    applied = edit_schedule(h, header)  # from the file and the config alone: said before any model is read
+    folder = source_folder(cfg)
+    check_condition_fits(cfg, folder)
+    check_direction_fits(tensors, header, folder, h)
+    grid = preflight_grid(folder, h)
+    origin = {None: " (null: the direction file's own)", "auto": " (auto: from the file's LPIPS curves)"}
+    check_t_edit_in_grid(applied.t_edit, grid, origin.get(h.t_edit, ""))
+    fitted_on = header.get("model")
+    if fitted_on and fitted_on != cfg.source.model:  # the shapes fit: maybe a copy of the same model, maybe not
+        warn(f"hspace.direction {h.direction} was fitted on {fitted_on!r}, not source.model {cfg.source.model!r}; "
+             "its h fits this model's, so the edit runs: fit it on this model if they differ")
+    fitted = (header.get("t0"), header.get("steps"), header.get("grid", "schedule"))
+    if None not in fitted[:2] and fitted != (grid[0], h.steps, h.grid):
+        warn(f"hspace.direction {h.direction} was fitted on a {fitted[2]} grid of {fitted[1]} steps from t0 "
+             f"{fitted[0]}; this edit walks its config's {h.grid} grid of {h.steps} steps from t0 {grid[0]} "
+             f"(hspace.t0/steps/grid), Δh scaled by {applied.grid_scale:g}"
+             + (" and looked up at the nearest fitted timestep" if header["kind"] == "table" else ""))
 
 
 def build(run, shards):

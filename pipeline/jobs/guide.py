@@ -23,9 +23,9 @@ def check(cfg) -> None:
     if g.energy == "clip":
         from pipeline.stages.score import check_clip_checkpoint
 
-        check_clip_checkpoint(cfg.clip, "guide.energy clip (or use color | hue, offline) needs")
         if not g.text:
             raise ConfigError("config error: guide.text is not set; guide.energy clip needs the prompt c")
+        check_clip_checkpoint(cfg.clip, "guide.energy clip (or use color | hue, offline) needs")
     s = cfg.sampler
     if s.method == "ddim" and s.eta != 0:
         raise ConfigError(f"config error: sampler.eta = {s.eta} with sampler.method ddim: guide's ddim G is the "
@@ -34,6 +34,15 @@ def check(cfg) -> None:
         raise ConfigError(f"config error: guide.chain_steps = {g.chain_steps} with sampler.method dpm: z holds one "
                           f"noise map per step of the {s.steps}-step grid, so the chain cannot walk another; "
                           "use sampler.method ddim, eta 0 (z = x_T), or leave guide.chain_steps null")
+    from pipeline.jobs.checks import check_condition_fits, source_folder, warn
+
+    # any model may be guided (an unconditional one too, as the official FFHQ runs): its condition must fit it
+    check_condition_fits(cfg, source_folder(cfg))
+    if g.langevin_steps == 0 and g.weight:
+        # warned, not refused: 0 steps is the unguided baseline G(z⁽⁰⁾) with the same seeds (the guide demo runs
+        # it), but then λ and the energy are never used, which a run that meant to guide should hear of
+        warn(f"guide.langevin_steps is 0, so guide.weight (λ = {g.weight:g}) and guide.energy {g.energy} are not "
+             "applied: the outputs are the unguided decodes G(z⁽⁰⁾); set guide.langevin_steps > 0 to guide")
 
 
 def units(cfg) -> list[ShardRef]:

@@ -7,7 +7,9 @@ from pipeline.runtime.job import Built, Job, image_shards, provenance
 
 
 def check(cfg) -> None:
-    """One model, the dpm encoder, a grid that fits sampler.steps, a CLIP checkpoint: before any model loads."""
+    """One text-conditional model, the dpm encoder, a grid that fits sampler.steps, a CLIP checkpoint that loads
+    into clip.model: before any model loads."""
+    from pipeline.jobs.checks import require_text_model
     from pipeline.stages.score import check_scoring
     from pipeline.stages.search import search_grid
 
@@ -17,14 +19,18 @@ def check(cfg) -> None:
     if cfg.sampler.method != "dpm":
         raise ConfigError("config error: sampler.method = ddim: the zero-shot search draws fresh DPM-Encoder noise "
                           "per trial; use sampler.method: dpm")
-    check_scoring(cfg.clip, cfg.score, cfg.source, cfg.target)  # the ranking: a CLIP checkpoint and both texts
     try:
+        # refused, not warned: a skip of sampler.steps or more leaves its candidates no step to walk
         grid = search_grid(cfg.search, cfg.sampler)
     except ValueError as exc:
-        raise ConfigError(f"config error: search.{exc}") from None
+        raise ConfigError(f"config error: search.{exc}; a skip leaves that many grid steps out") from None
     if cfg.search.top_k > len(grid):
         raise ConfigError(f"config error: search.top_k = {cfg.search.top_k} is more than the {len(grid)} candidates "
                           "the grid makes per input")
+    # the candidates are decoded under target.condition, a prompt: an unconditional or class model cannot take it
+    require_text_model(cfg, "the zero-shot search encodes and decodes under text prompts (source.condition, "
+                            "target.condition)")
+    check_scoring(cfg.clip, cfg.score, cfg.source, cfg.target)  # the ranking: both texts and the CLIP checkpoint
 
 
 def build(run, shards):

@@ -347,7 +347,7 @@ def _check_pretrained(pretrained, allow_pickle: bool) -> Path:
         if allow_pickle:
             return path.resolve()
         raise ConfigError(f"config error: clip.pretrained {str(pretrained)!r} is a pickle checkpoint; latentshift "
-                          "loads safetensors only unless allow_pickle is set (only for files you trust): convert "
+                          "loads safetensors only unless clip.allow_pickle is set (only for files you trust): convert "
                           "it with safetensors.torch.save_file(state_dict, 'clip.safetensors')")
     raise ConfigError(f"config error: clip.pretrained {str(pretrained)!r}: expected a .safetensors file "
                       f"(or {'/'.join(PICKLE_SUFFIXES)} with allow_pickle)")
@@ -409,3 +409,80 @@ def _check_offline(name: str, cfg: dict, model: str) -> None:
         raise ConfigError(f"config error: clip.model {model!r}: its tokenizer or text tower comes from the "
                           f"Hugging Face hub, which open_clip would download ({_NO_DOWNLOAD}); give a model "
                           "with open_clip's own tokenizer, e.g. ViT-B-16-quickgelu")
+
+
+def check_clip_files(model: str, pretrained: str | os.PathLike, *, allow_pickle: bool = False,
+                     shown: str | None = None) -> None:
+    """Preflight of what ``load_clip`` will load, without reading a tensor: the checkpoint's suffix
+    and pickle policy, its safetensors header and tensor extents (a truncated file fails here), the
+    model config (offline), and that the weights' shapes fit that architecture, built on the meta
+    device. ``shown``: the checkpoint as the user wrote it (an s3:// URI), for messages."""
+    shown = str(shown or pretrained)
+    weights = _check_pretrained(pretrained, allow_pickle)
+    name, cfg, _ = _model_config(model)
+    _check_offline(name, cfg, model)
+    if weights.suffix.lower() not in SAFE_SUFFIXES:
+        return  # a trusted pickle (allow_pickle): its shapes are known only once it is unpickled, on the actor
+    found = _safetensors_shapes(weights, shown)
+    expected = _meta_shapes(name, model)
+    problems = _clip_mismatch(expected, found)
+    if problems:
+        raise ConfigError(f"config error: clip.pretrained {shown!r} does not fit clip.model {model!r} ({problems}); "
+                          "give the checkpoint of that architecture, or the clip.model it was saved from")
+
+
+def _safetensors_shapes(path: Path, shown: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape from the header; safe_open checks that every tensor lies inside the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a mapping
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error types: one line naming the key and file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"config error: clip.pretrained {shown!r} is not a valid safetensors file ({first}); "
+                          f"it may be truncated or damaged: copy or export it again ({_MAKE_ONE})") from None
+
+
+def _meta_shapes(name: str, model: str) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the open_clip architecture ``name``, built on the meta device (no memory)."""
+    import logging
+
+    import open_clip
+
+    class _Quiet(logging.Filter):  # open_clip logs "no pretrained weights loaded" on the root logger
+        def filter(self, record):
+            return "No pretrained weights" not in record.getMessage()
+
+    root, quiet = logging.getLogger(), _Quiet()
+    root.addFilter(quiet)
+    try:
+        net = open_clip.create_model(name, device="meta", load_weights=False, pretrained_image=False,
+                                     pretrained_text=False)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"config error: clip.model {model!r}: open_clip cannot build it ({first}); "
+                          "give an open_clip model name or a valid model-config .json path") from None
+    finally:
+        root.removeFilter(quiet)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+# open_clip's load_checkpoint adds or drops these itself, and resizes positional embeddings to the model
+_LOADER_FIXES = ("logit_bias", "position_ids")
+
+
+def _clip_mismatch(expected: dict, found: dict) -> str:
+    found = {k.removeprefix("module."): v for k, v in found.items()}
+    missing = [k for k in expected if k not in found and not k.endswith(_LOADER_FIXES)]
+    unexpected = [k for k in found if k not in expected and not k.endswith(_LOADER_FIXES)]
+    shapes = [k for k in expected if k in found and expected[k] != found[k] and not k.endswith("positional_embedding")]
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(f"{len(shapes)} tensors of another shape, e.g. {k} {list(found[k])} where the model has "
+                     f"{list(expected[k])}")
+    for label, keys in (("missing", missing), ("unexpected", unexpected)):
+        if keys:
+            parts.append(f"{len(keys)} {label} tensors, e.g. {keys[0]}")
+    return "; ".join(parts)

@@ -78,12 +78,7 @@ def load_lpips(path, net: str = "alex", device=None) -> torch.nn.Module:
 
     if path is None or str(path).strip() == "":
         raise ConfigError(f"config error: {_KEY} is not set; give the path of an LPIPS safetensors file ({_FIX})")
-    file = Path(os.path.expanduser(str(path)))
-    if not file.is_file():
-        raise ConfigError(f"config error: {_KEY} {str(path)!r}: no such file; {_FIX}")
-    if file.suffix.lower() != ".safetensors":
-        raise ConfigError(f"config error: {_KEY} {str(path)!r}: expected a .safetensors file as written by "
-                          f"export_lpips ({_FIX})")
+    file = _safetensors_file(path, str(path))
     model = _build(net)
     try:
         with safe_open(str(file), framework="pt") as f:
@@ -103,10 +98,53 @@ def load_lpips(path, net: str = "alex", device=None) -> torch.nn.Module:
     return model.eval().requires_grad_(False).to(dev)
 
 
+def _safetensors_file(path, shown: str) -> Path:
+    """``path`` as a local .safetensors file that exists; else one line naming ``shown`` and the fix."""
+    file = Path(os.path.expanduser(str(path)))
+    if not file.is_file():
+        raise ConfigError(f"config error: {_KEY} {shown!r}: no such file; {_FIX}")
+    if file.suffix.lower() != ".safetensors":
+        raise ConfigError(f"config error: {_KEY} {shown!r}: expected a .safetensors file as written by "
+                          f"export_lpips ({_FIX})")
+    return file
+
+
+def check_lpips_file(path, net: str = "alex", shown: str | None = None) -> None:
+    """Preflight of what ``load_lpips`` will load, without reading a tensor: a .safetensors file whose
+    header and tensor extents are sound, of LPIPS-``net``, whose tensors fit that network built on the
+    meta device. ``shown``: the file as the user wrote it (an s3:// URI), for messages."""
+    from safetensors import safe_open
+
+    shown = str(shown or path)
+    file = _safetensors_file(path, shown)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            saved_net = (f.metadata() or {}).get("lpips_net")
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a mapping
+    except Exception as exc:  # noqa: BLE001 - safetensors' own error types for a damaged or truncated file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"config error: {_KEY} {shown!r}: not a readable safetensors file ({first}); "
+                          f"it may be truncated: copy it again or {_FIX}") from None
+    if saved_net is not None and saved_net != net:
+        raise ConfigError(f"config error: {_KEY} {shown!r} holds an LPIPS-{saved_net} network, not LPIPS-{net} "
+                          f"(hspace.lpips_net); set hspace.lpips_net: {saved_net} or export the other one")
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in _build(net).state_dict().items()}
+    problems = _mismatch(expected, found)
+    if problems:
+        raise ConfigError(f"config error: {_KEY} {shown!r}: {problems}; the file must hold a whole LPIPS "
+                          f"network (backbone and linear layers) as written by export_lpips(PATH, net={net!r})")
+
+
+def _shape(v) -> tuple[int, ...]:
+    return tuple(getattr(v, "shape", v))
+
+
 def _mismatch(expected: dict, found: dict) -> str:
+    """Tensors of ``found`` that ``expected`` lacks, or the reverse, or of another shape (values: tensors or shapes)."""
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
-    shapes = [k for k in expected if k in found and tuple(found[k].shape) != tuple(expected[k].shape)]
+    shapes = [k for k in expected if k in found and _shape(found[k]) != _shape(expected[k])]
     parts = []
     for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
         if keys:

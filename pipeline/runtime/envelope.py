@@ -94,7 +94,7 @@ def run_job(job: Job, cfg: JobConfig, overwrite: bool = False, out=sys.stdout, *
                 failure = actor_failure(exc, job, cfg)
                 if failure is None:
                     raise
-                raise failure from None
+                raise failure from exc  # the CLI prints the one line; --verbose, the chain from the actor
             finally:
                 run.ledger.finish([t.name for t in todo])
     if job.finish is not None:

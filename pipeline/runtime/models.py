@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from pipeline.config import JobConfig
-from pipeline.errors import LatentshiftError, ModelLoadError
+from pipeline.errors import LatentshiftError
 from pipeline.runtime.job import Job
 
 
@@ -38,9 +38,9 @@ _ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
 
 def actor_failure(exc: BaseException, job: Job, cfg: JobConfig) -> LatentshiftError | None:
     """The one-line error for what went wrong on an actor: a ``LatentshiftError`` raised there (a
-    model that does not load, one sample that does not fit in GPU memory), or a model stage's
-    actor that died in ``__init__`` (a model that passed ``check_models`` and still failed to
-    load, e.g. corrupt weights); None for any other error.
+    file a config key names that does not load, ``pipeline.stages.base.loading``; one sample that
+    does not fit in GPU memory), also when it killed the actor in ``__init__``; None for any
+    other error (a bug: the CLI prints it in one line too, ``root_reason``, exit 1).
 
     Ray Data gives up on the first actor that dies during initialisation (``init_ray`` pins
     ``max_consecutive_actor_init_deaths = 0``) and raises Ray's ``ActorDiedError``, whose text
@@ -48,37 +48,78 @@ def actor_failure(exc: BaseException, job: Job, cfg: JobConfig) -> LatentshiftEr
     """
     import ray.exceptions
 
+    chain = _chain(exc)
+    for e in chain:  # e.g. a ModelLoadError that came back through Ray as RayTaskError(ModelLoadError)
+        if isinstance(e, LatentshiftError):
+            original = getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayError) else e
+            if isinstance(original, LatentshiftError):
+                return type(original)(_one_line(str(original)))
+            found = _last_error_line(str(e))
+            kind = _error_class(found[0]) if found else None
+            return (kind or LatentshiftError)(_one_line(found[1] if found else str(e)))
+    died = next((e for e in chain if isinstance(e, ray.exceptions.RayActorError)
+                 and "creation task" in str(e)), None)
+    if died is None:
+        return None
+    found = _last_error_line(str(died))
+    kind = _error_class(found[0]) if found else None
+    if kind is None:
+        return None  # not an error a user can act on: a bug in the stage's __init__
+    return kind(_one_line(found[1]))
+
+
+def root_reason(exc: BaseException) -> str:
+    """What went wrong, in one line, for an error that is not a ``LatentshiftError`` (a bug): the
+    original exception raised on a Ray worker when the error came from one (Ray Data's "UDF failed
+    to process a data block", ``RayTaskError``, an actor that died), else ``Type: message``."""
+    import ray.exceptions
+
+    chain = _chain(exc)
+    on_ray = any(isinstance(e, ray.exceptions.RayError) or type(e).__module__.startswith("ray.")
+                 for e in chain)
+    where = " (on a Ray worker)" if on_ray else ""
+    for e in reversed(chain):  # Ray's text holds the worker's traceback: its last error not Ray's own
+        found = _last_error_line(str(e), skip=_RAY_WRAPPERS) if "\n" in str(e) else None
+        if found:
+            return _one_line(f"{found[0]}: {found[1]}") + where
+    for e in reversed(chain):
+        cause = getattr(e, "cause", None)  # RayTaskError: the exception object raised on the worker
+        if isinstance(cause, BaseException) and not type(cause).__module__.startswith("ray."):
+            return _one_line(f"{type(cause).__name__}: {cause}") + where
+    deepest = chain[-1]
+    return _one_line(f"{type(deepest).__name__}: {deepest}" if str(deepest) else type(deepest).__name__) + where
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
     chain, seen = [], set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         chain.append(e)
         e = e.__cause__ or e.__context__
-    for e in chain:  # e.g. a ModelLoadError that came back through Ray as RayTaskError(ModelLoadError)
-        if isinstance(e, LatentshiftError):
-            original = getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayError) else e
-            if isinstance(original, LatentshiftError):
-                return type(original)(_one_line(str(original)))
-            kind = ModelLoadError if isinstance(e, ModelLoadError) else LatentshiftError
-            return kind(_one_line(_last_error_line(str(e)) or str(e)))
-    died = next((e for e in chain if isinstance(e, ray.exceptions.RayActorError)
-                 and "creation task" in str(e)), None)
-    if died is None:
-        return None
-    text = str(died)
-    reason = _last_error_line(text) or "the actor died while loading it (see the Ray logs)"
-    models = ", ".join(dict.fromkeys(getattr(cfg, m).model for m in job.models)) or "its model"
-    if "ModelLoadError" in text and reason.startswith("model "):
-        return ModelLoadError(_one_line(f"{reason} (on a Ray actor)"))
-    return ModelLoadError(_one_line(f"model {models}: failed to load on a Ray actor: {reason}"))
+    return chain
 
 
-def _last_error_line(text: str) -> str | None:
+def _error_class(name: str) -> type[LatentshiftError] | None:
+    """``FileLoadError`` → the class, for any error of ``pipeline.errors`` named in a worker's text."""
+    import pipeline.errors
+
+    cls = getattr(pipeline.errors, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, LatentshiftError) else None
+
+
+# Ray's wrappers around the error raised on a worker (Ray Data's "UDF failed to process a data block")
+_RAY_WRAPPERS = frozenset({"UserCodeException", "RayTaskError", "RayActorError", "ActorDiedError"})
+
+
+def _last_error_line(text: str, skip: frozenset = frozenset()) -> tuple[str, str] | None:
+    """(type name, message) of the last ``...Error: message`` line of a worker's traceback text,
+    ignoring errors of the types named in ``skip``."""
     found = None
     for line in _ANSI.sub("", text).splitlines():
         m = _ERROR_LINE.match(line.strip())
-        if m:
-            found = m.group(2) if m.group(1) in ("ModelLoadError", "LatentshiftError") else f"{m.group(1)}: {m.group(2)}"
+        if m and m.group(1) not in skip:
+            found = (m.group(1), m.group(2))
     return found
 
 

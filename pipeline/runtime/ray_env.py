@@ -9,10 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 from pipeline.config import RuntimeConfig
 from pipeline.data.shards import ShardRef
 from pipeline.errors import ConfigError
+
+_show_traces = False  # --verbose: Ray's console output as Ray prints it
+
+
+def show_traces(on: bool) -> None:
+    """``--verbose``: leave Ray's console output alone (worker tracebacks, Ray Data's error log)."""
+    global _show_traces
+    _show_traces = on
 
 
 def init_ray() -> None:
@@ -32,27 +41,86 @@ def init_ray() -> None:
     # raises the actor's ActorDiedError, which run_job turns into one line (runtime/models.py: actor_failure).
     ctx.actor_init_retry_on_errors = False
     ctx.max_consecutive_actor_init_deaths = 0
-    _hide_actor_init_traces()
+    _keep_traces_in_log_files()
 
 
-class _HideActorInitTrace(logging.Filter):
-    """Ray Data logs an actor's death in __init__ as an internal error, with the driver's whole
-    stack; run_job reports it in one line, so keep it out of the console (Ray Data's log file
-    still gets it: its console handler drops records marked ``hide``)."""
+class _HideRayDataErrorLog(logging.Filter):
+    """Ray Data logs a failed execution (an actor that died in __init__, a UDF that raised) as an
+    error with a stack; the CLI reports the failure in one line, so the record goes to Ray Data's
+    log file only (its console handler drops records marked ``hide``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        import ray.exceptions
-
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, ray.exceptions.RayActorError) and "creation task" in str(exc):
+        if not _show_traces:
             record.hide = True
         return True
 
 
-def _hide_actor_init_traces() -> None:
+_TRACE_START = re.compile(r"Traceback \(most recent call last\)|Exception raised in creation task|"
+                          r"During handling of the above exception|The above exception was the direct cause")
+_CRASH_START = re.compile(r"Stack trace:|\*\*\* SIG\w+ received|Fatal Python error|"
+                          r"Stack \(most recent call first\)")
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit|Interrupt)\b")
+
+
+class _ForwardedTraceFilter:
+    """Worker output forwarded to the console (``log_to_driver``) without tracebacks: a Python
+    traceback is dropped from its first line to its exception line, a dying worker's crash dump
+    (Ray's C++ stack, ``*** SIGABRT``, ``Fatal Python error``) with everything after it from that
+    worker, and a raylet message that carries a traceback whole. Other lines pass."""
+
+    def __init__(self):
+        self.in_traceback: set = set()
+        self.crashed: set = set()
+
+    def keep(self, data: dict) -> list[str]:
+        lines = data.get("lines", [])
+        if data.get("pid") == "raylet":
+            return [line for line in lines if "Traceback (most recent call last)" not in line]
+        worker = (data.get("ip"), data.get("pid"))
+        kept = []
+        for line in lines:
+            if worker in self.crashed:
+                break
+            if _CRASH_START.search(line):
+                self.crashed.add(worker)
+                break
+            if _TRACE_START.search(line):
+                self.in_traceback.add(worker)
+            elif worker in self.in_traceback:
+                if _EXCEPTION_LINE.match(line):
+                    self.in_traceback.discard(worker)
+            elif line.strip():  # a blank line often opens a dump: alone it says nothing
+                kept.append(line)
+        return kept
+
+
+def _keep_traces_in_log_files() -> None:
+    """Unless ``--verbose``: no traceback from Ray on the console; Ray's log files keep them all
+    (``/tmp/ray/session_*/logs``: the workers' output, Ray Data's ``ray-data`` log)."""
     logger = logging.getLogger("ray.data.exceptions")
-    if not any(isinstance(f, _HideActorInitTrace) for f in logger.filters):
-        logger.addFilter(_HideActorInitTrace())
+    if not any(isinstance(f, _HideRayDataErrorLog) for f in logger.filters):
+        logger.addFilter(_HideRayDataErrorLog())
+    try:
+        # Ray prints worker output and raylet error messages through this one function; it is
+        # private, so a Ray without it prints them unfiltered rather than failing the run.
+        import ray._private.worker as ray_worker
+
+        printer = ray_worker.print_worker_logs
+    except (ImportError, AttributeError):
+        return
+    if getattr(printer, "latentshift_filter", None) is not None:
+        return
+    trace_filter = _ForwardedTraceFilter()
+
+    def print_worker_logs(data, print_file, ignore_prefix=False):
+        if _show_traces:
+            return printer(data, print_file, ignore_prefix)
+        kept = trace_filter.keep(data)
+        if kept:
+            printer({**data, "lines": kept}, print_file, ignore_prefix)
+
+    print_worker_logs.latentshift_filter = trace_filter
+    ray_worker.print_worker_logs = print_worker_logs
 
 
 def gpus_per_actor(runtime: RuntimeConfig) -> float:

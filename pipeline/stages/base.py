@@ -17,6 +17,8 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,14 +29,53 @@ from pipeline.data.model_store import resolve_model
 from pipeline.data.profile import StageProfile, now
 from pipeline.data.rows import RowBuffer, RowKind, rows_of
 from pipeline.diffusion import Denoiser, Latent, load_denoiser, sample_seed
-from pipeline.errors import ConfigError, DeviceMemoryError
+from pipeline.errors import ConfigError, DeviceMemoryError, FileLoadError
+
+MODEL_FIX = "give a complete diffusers model folder whose weights match its configs (download or export it again)"
+CLIP_FIX = "give a complete open_clip checkpoint (safetensors) of the architecture clip.model names"
+LPIPS_FIX = "write it again with `latentshift lpips-export PATH`"
+DIRECTION_FIX = "fit it again with `latentshift direction fit` on this source.model and hspace grid"
 
 
-def load_model(section: ModelConfig, dtype: str, clip_x0: str = "auto", compile: str = "off") -> Denoiser:
+@contextmanager
+def loading(key: str, file: str, fix: str) -> Iterator[None]:
+    """Whatever goes wrong inside (on an actor, loading what config ``key`` names: ``file``) is
+    re-raised as one ``FileLoadError``, ``key = file: reason; fix``.
+
+    The run's driver prints that line and nothing else (runtime/models.py: actor_failure), so a
+    failure that passed preflight (a file that changed since, a check preflight cannot make)
+    still names the key to change; the traceback stays in Ray's logs (and ``--verbose``). A
+    ConfigError already names its key and passes unchanged.
+    """
+    try:
+        yield
+    except (FileLoadError, ConfigError):
+        raise
+    except Exception as exc:
+        raise FileLoadError(f"{key} = {file}: {load_reason(exc, file).rstrip('.')}; {fix}") from exc
+
+
+def load_reason(exc: BaseException, file: str) -> str:
+    """The reason in one line: a LatentshiftError's own message (less a leading ``model 'file':``, the
+    key's line names the file), any other error as ``Type: message``."""
+    from pipeline.errors import LatentshiftError
+
+    text = " ".join(str(exc).split())
+    if isinstance(exc, LatentshiftError):
+        for prefix in (f"model {file!r}: ", f"{file}: "):
+            text = text.removeprefix(prefix)
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_model(section: ModelConfig, dtype: str, clip_x0: str = "auto", compile: str = "off",
+               key: str = "model") -> Denoiser:
     """A model section → a Denoiser on this actor's device (the source resolved by data/), its
-    x̂0 clipping as ``sampler.clip_x0`` says, its UNet compiled as ``runtime.compile`` says."""
-    folder = resolve_model(section.model, section.storage_options, allow_pickle=section.allow_pickle)
-    den = load_denoiser(folder, dtype=dtype, null_class=section.null_class)
+    x̂0 clipping as ``sampler.clip_x0`` says, its UNet compiled as ``runtime.compile`` says.
+    ``key`` is the section's name (``source``, ``target``): a failure names ``<key>.model``."""
+    with loading(f"{key}.model", section.model, MODEL_FIX):
+        folder = resolve_model(section.model, section.storage_options, allow_pickle=section.allow_pickle)
+        den = load_denoiser(folder, dtype=dtype, null_class=section.null_class)
     den.schedule = den.schedule.with_x0_clip(clip_x0)
     if compile != "off" and den.device.type == "cuda":  # CPU: compiling costs more than it saves here
         # compiled once per actor, on the first batch; batches keep one shape (ModelStage.padded)
@@ -51,8 +92,10 @@ def load_clip_section(clip, device):
     if not clip.pretrained:
         raise ConfigError("config error: clip.pretrained is not set; give a local or s3:// open_clip checkpoint "
                           "(latentshift never downloads one)")
-    path = materialize_file(clip.pretrained, clip.storage_options)
-    return load_clip(clip.model, str(path), device=device, allow_pickle=clip.allow_pickle, antialias=clip.antialias)
+    with loading("clip.pretrained", clip.pretrained, CLIP_FIX):
+        path = materialize_file(clip.pretrained, clip.storage_options)
+        return load_clip(clip.model, str(path), device=device, allow_pickle=clip.allow_pickle,
+                         antialias=clip.antialias)
 
 
 @dataclass

@@ -66,7 +66,7 @@ class EncodeStage(ModelStage):
                  compile: str = "off", ready: bool = True):
         super().__init__(output)
         self.source_cfg, self.sampler = source, sampler
-        self.source = load_model(source, dtype, sampler.clip_x0, compile)
+        self.source = load_model(source, dtype, sampler.clip_x0, compile, key="source")
         if ready:
             self.ready()
 
@@ -138,7 +138,7 @@ class TranslateStage(EncodeStage):
         super().__init__(source, sampler, output, dtype, compile, ready=False)
         self.target_cfg = target
         same = target.model == source.model and target.allow_pickle == source.allow_pickle
-        self.target = self.source if same else load_model(target, dtype, sampler.clip_x0, compile)
+        self.target = self.source if same else load_model(target, dtype, sampler.clip_x0, compile, key="target")
         check_refine(self.target, sampler.refine_steps)
         if score is not None and score.inline:  # loaded once per actor, its text features with it
             from pipeline.stages.score import Scorer
@@ -169,7 +169,7 @@ class DecodeStage(ModelStage):
                  compile: str = "off"):
         super().__init__()
         self.target_cfg, self.refine_steps = target, refine_steps
-        self.target = load_model(target, dtype, clip_x0, compile)
+        self.target = load_model(target, dtype, clip_x0, compile, key="target")
         check_refine(self.target, refine_steps)
         self.ready()
 

@@ -42,7 +42,7 @@ class GuideStage(ModelStage):
         # range (6e-5) and flushes to zero or loses its digits as it goes back through K UNet calls
         # (mixed-precision training needs loss scaling for the same reason, Micikevicius et al. 2018). So
         # auto is float32 here; an explicit float16 / bfloat16 (float32's range) is the user's to choose.
-        self.source = load_model(source, "float32" if dtype == "auto" else dtype, sampler.clip_x0)
+        self.source = load_model(source, "float32" if dtype == "auto" else dtype, sampler.clip_x0, key="source")
         self.shape = self.source.model_space_shape((3, size, size))
         self.energy = make_energy(guide, lambda: load_clip_section(clip, self.source.device))
         self.ready()

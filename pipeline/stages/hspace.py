@@ -26,7 +26,16 @@ from pipeline.diffusion.hspace import (
     trace_h,
 )
 from pipeline.errors import ConfigError, ModelLoadError
-from pipeline.stages.base import LatentMaps, ModelStage, Work, load_clip_section, load_model
+from pipeline.stages.base import (
+    DIRECTION_FIX,
+    LPIPS_FIX,
+    LatentMaps,
+    ModelStage,
+    Work,
+    load_clip_section,
+    load_model,
+    loading,
+)
 from pipeline.stages.tensors import to_model_range, to_uint8_tensor
 
 FIXED_T_EDIT, FIXED_T_BOOST = 500, 200  # script_train.sh --user_defined_t_edit 500 --user_defined_t_addnoise 200
@@ -41,7 +50,9 @@ def load_lpips_file(hspace: HSpaceConfig, device):
     if not hspace.lpips:
         raise ConfigError("config error: hspace.t_edit / t_boost = auto needs hspace.lpips (an LPIPS network file; "
                           "write one once with `latentshift lpips-export PATH`), or give t_edit and t_boost as numbers")
-    return load_lpips(str(materialize_file(hspace.lpips, hspace.direction_storage_options)), hspace.lpips_net, device)
+    with loading("hspace.lpips", hspace.lpips, LPIPS_FIX):
+        path = materialize_file(hspace.lpips, hspace.direction_storage_options)
+        return load_lpips(str(path), hspace.lpips_net, device)
 
 
 def walk_grid(den, hspace: HSpaceConfig) -> list[int]:
@@ -128,7 +139,7 @@ class DirectionFitStage(InvertingStage):
                  dtype: str = "auto", compile: str = "off"):
         super().__init__(output)
         self.source_cfg, self.hspace = source, hspace
-        self.source = load_model(source, dtype, clip_x0)  # never compiled: h is read by a hook on the mid block
+        self.source = load_model(source, dtype, clip_x0, key="source")  # never compiled: h is read by a hook on the mid block
         self.grid = walk_grid(self.source, hspace)
         self.lpips = load_lpips_file(hspace, self.source.device) if hspace.lpips else None
         self.ready()
@@ -180,19 +191,83 @@ def direction_from_file(tensors: dict[str, np.ndarray], header: dict, den):
     from pipeline.diffusion.hspace import h_channels, temb_channels
 
     channels, temb = h_channels(den.unet), temb_channels(den.unet)
+    misfit = direction_misfit(tensors, header, channels, temb)
+    if misfit:
+        raise ModelLoadError(f"{misfit}, but {den.source!r} has {channels_of(header, channels, temb)}: "
+                             f"{refit(header)} the direction on this model")
     if header["kind"] == "table":
         deltas = torch.from_numpy(np.asarray(tensors["deltas"], dtype=np.float32)).to(den.device)
-        if deltas.shape[1] != channels:
-            raise ModelLoadError(f"the direction holds h of {deltas.shape[1]} channels (fitted on {header.get('model')!r}), "
-                                 f"but {den.source!r} has {channels}: fit the direction on this model")
         return TableDirection(list(header["timesteps"]), deltas)
-    if (header["channels"], header["temb_channels"]) != (channels, temb):
-        raise ModelLoadError(f"the direction's DeltaBlock takes h of {header['channels']} channels and a timestep embedding "
-                             f"of {header['temb_channels']} (trained on {header.get('model')!r}), but {den.source!r} has "
-                             f"{channels} and {temb}: train the direction on this model")
     block = DeltaBlock(channels, temb)
     block.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()})
     return block.to(den.device).eval().requires_grad_(False)
+
+
+# ---- preflight of direction files (no model loaded: the UNet is built on the meta device) -------
+
+
+def direction_misfit(tensors: dict[str, np.ndarray], header: dict, channels: int, temb: int) -> str | None:
+    """What of a direction does not fit a model whose mid block has ``channels`` h channels and a timestep
+    embedding of ``temb``; None when it fits (as ``direction_from_file`` will load it)."""
+    fitted_on = header.get("model")
+    if header["kind"] == "table":
+        held = int(np.shape(tensors["deltas"])[1])
+        return None if held == channels else f"the direction holds h of {held} channels (fitted on {fitted_on!r})"
+    if (header.get("channels"), header.get("temb_channels")) == (channels, temb):
+        return None
+    return (f"the direction's DeltaBlock takes h of {header.get('channels')} channels and a timestep embedding of "
+            f"{header.get('temb_channels')} (trained on {fitted_on!r})")
+
+
+def channels_of(header: dict, channels: int, temb: int) -> str:
+    return f"{channels}" if header["kind"] == "table" else f"{channels} and {temb}"
+
+
+def refit(header: dict) -> str:
+    return "fit" if header["kind"] == "table" else "train"
+
+
+def mid_block_sizes(folder) -> tuple[int, int]:
+    """(h channels, timestep-embedding width) of a resolved model folder's UNet mid block, from its config:
+    the UNet is built on the meta device (no memory, no weights read)."""
+    import diffusers
+
+    from pipeline.diffusion.hspace import h_channels, temb_channels
+
+    unet_dir = folder.path / "unet"
+    cfg = diffusers.UNet2DModel.load_config(unet_dir)
+    cls = getattr(diffusers, cfg.get("_class_name", "UNet2DModel"))
+    with torch.device("meta"):
+        unet = cls.from_config(cfg)
+    return h_channels(unet), temb_channels(unet)
+
+
+def preflight_grid(folder, hspace: HSpaceConfig) -> list[int]:
+    """The timesteps an inversion / edit walks on a resolved model folder (``walk_grid``), from its
+    scheduler config alone."""
+    import diffusers
+
+    from pipeline.diffusion.schedule import schedule_from_scheduler
+
+    sched_dir = folder.path / "scheduler"
+    cfg = diffusers.DDPMScheduler.load_config(sched_dir)
+    cls = getattr(diffusers, cfg.get("_class_name", "DDPMScheduler"), diffusers.DDPMScheduler)
+    schedule = grid_schedule(schedule_from_scheduler(cls.from_config(cfg)), hspace.grid)
+    try:
+        return hspace_grid(schedule, hspace.t0, hspace.steps, hspace.grid)
+    except ValueError as exc:
+        raise ConfigError(f"config error: hspace.t0: {exc}") from None
+
+
+def check_direction_fits(tensors: dict[str, np.ndarray], header: dict, folder, hspace: HSpaceConfig) -> None:
+    """Preflight of ``hspace.direction`` against the model ``source.model`` it will edit: one line naming the
+    key, the file and the fix."""
+    channels, temb = mid_block_sizes(folder)
+    misfit = direction_misfit(tensors, header, channels, temb)
+    if misfit:
+        raise ConfigError(f"config error: hspace.direction {hspace.direction}: {misfit}, but source.model "
+                          f"{folder.source!r} has {channels_of(header, channels, temb)}: {refit(header)} the direction "
+                          f"on this model (`latentshift direction fit` with this source.model)")
 
 
 def edit_schedule(hspace: HSpaceConfig, header: dict) -> EditSchedule:
@@ -218,10 +293,11 @@ class EditStage(InvertingStage):
         from pipeline.data.directions import read_direction
 
         self.source_cfg, self.hspace, self.seed = source, hspace, seed
-        self.source = load_model(source, dtype, clip_x0)  # never compiled: Δh goes in through a hook
-        tensors, header = read_direction(hspace.direction, hspace.direction_storage_options)
-        self.delta = direction_from_file(tensors, header, self.source)
-        self.schedule = edit_schedule(hspace, header)
+        self.source = load_model(source, dtype, clip_x0, key="source")  # never compiled: Δh goes in through a hook
+        with loading("hspace.direction", hspace.direction, DIRECTION_FIX):
+            tensors, header = read_direction(hspace.direction, hspace.direction_storage_options)
+            self.delta = direction_from_file(tensors, header, self.source)
+            self.schedule = edit_schedule(hspace, header)
         self.grid = walk_grid(self.source, hspace)
         self.ready()
 
@@ -316,7 +392,7 @@ def train_direction(source: ModelConfig, hspace: HSpaceConfig, clip_cfg, clip_x0
     from pipeline.diffusion.hspace_train import TrainSettings, train_delta_block
 
     del dtype  # inference precision only, see above
-    den = load_model(source, TRAIN_DTYPE, clip_x0)
+    den = load_model(source, TRAIN_DTYPE, clip_x0, key="source")
     den.schedule = grid_schedule(den.schedule, hspace.grid)  # the ᾱ the fit's grid ends at; timesteps are that grid
     loss, l1_factor, cosine = attribute_loss(den, hspace, clip_cfg)
     t = hspace.train

@@ -77,7 +77,7 @@ class InvertAndFitStage(ModelStage):
                  dtype: str = "auto", compile: str = "off"):
         super().__init__(output)
         self.source_cfg, self.ood = source, ood
-        self.source = load_model(source, dtype, clip_x0, compile)
+        self.source = load_model(source, dtype, clip_x0, compile, key="source")
         self.grid = ood_grid(self.source.schedule, ood.t0, ood.inversion_steps)
         self.reservoir = Reservoir(ood.reservoir)  # this actor's, across its batches
         self.ready()
@@ -162,7 +162,7 @@ class SampleDecodeStage(ModelStage):
         self.shape = tuple(header["shape"])
         self.timesteps = list(header["timesteps"])
         self.source_cfg, self.run_seed = source, run_seed
-        self.source = load_model(source, dtype, clip_x0, compile)
+        self.source = load_model(source, dtype, clip_x0, compile, key="source")
         self.ready()
 
     def prepare(self, batch: dict) -> Latent | None:

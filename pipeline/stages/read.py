@@ -12,8 +12,13 @@ of two sorts, told apart by their reason:
   sample's members, e.g. ``no image member (has 'k.json', 'k.txt')``;
 - one member dropped while its sample may live on: the reason starts with ``dropped member``,
   e.g. ``dropped member 'k.pkl': extension 'pkl' not in input.carry (json, txt, cls)``. Such a
-  row has its own index and the sample's key, or ``""`` when the member belongs to no usable
-  sample (its key is unsafe, or its group has no other member).
+  row has its own index.
+
+Every REJECT row carries the key it is about, raw, even an unsafe one (it is data for the reject
+line, never a path), and in ``member`` the member at fault, if one is (a dropped member, an empty
+image). The reader also tells the ledger each row's member (``ShardLedger.expect``), so a sample
+the decode stage rejects later is named by its image member; the reject line's fields are
+documented at ``pipeline.data.ledger.reject_line``.
 
 All reasons are deterministic (no object addresses), so two reads of one input give the same rows.
 """
@@ -29,6 +34,7 @@ from pipeline.data.ledger import ShardLedger
 from pipeline.data.rows import INPUT_COLUMNS, LATENT_INPUT_COLUMNS, RowBuffer, RowKind
 from pipeline.data.shards import (
     DROPPED_MEMBER,
+    EMPTY_IMAGE,
     METADATA_EXTENSIONS,
     TarDamage,
     TarSample,
@@ -76,14 +82,17 @@ def read_shard(item: dict, storage_options: dict, ledger: ShardLedger,
         return []
     carry = tuple(carry)
     rows = RowBuffer(INPUT_COLUMNS)
+    members: dict[int, str] = {}  # row index → the member it is about (ShardLedger.expect)
 
-    def reject(key: str, error: str) -> None:
+    def reject(key: str, error: str, member: str = "") -> None:
         if len(error) > MAX_REASON:
             error = error[: MAX_REASON - 1] + "…"
-        rows.add(shard=shard, key=key, index=len(rows), kind=RowKind.REJECT, error=error)
+        if member:
+            members[len(rows)] = member
+        rows.add(shard=shard, key=key, index=len(rows), kind=RowKind.REJECT, error=error, member=member)
 
     def drop(key: str, name: str, reason: str) -> None:
-        reject(key, f"{DROPPED_MEMBER} {name!r}: {reason}")
+        reject(key, f"{DROPPED_MEMBER} {name!r}: {reason}", member=name)
 
     data, failure = fetch_shard(uri, storage_options)
     if data is None:
@@ -93,23 +102,22 @@ def read_shard(item: dict, storage_options: dict, ledger: ShardLedger,
     for sample in iter_tar_samples(io.BytesIO(data)) if data is not None else ():
         if isinstance(sample, Exception):
             after = f" after key {last_key!r}" if last_key else ""
-            where, key = "", ""
+            where, key, member = "", "", ""
             partial = sample.partial if isinstance(sample, TarDamage) else None
             if partial is not None:  # the group being read when the tar broke: it lost a member
-                key = "" if partial.error else partial.key
+                key, member = partial.key, sample.member or ""
                 for name, why in partial.dropped:
                     drop(key, name, why)
                 has = f" (has {_has(partial)})" if partial.names else ""
                 where = f", while reading member {sample.member!r} of key {partial.key!r}{has}"
-            reject(key, f"corrupt or truncated tar{after}{where}: {sample}")
+            reject(key, f"corrupt or truncated tar{after}{where}: {sample}", member=member)
             continue
-        usable = bool(sample.members) and not sample.error
-        for name, why in sample.dropped:
-            drop(sample.key if usable else "", name, why)
+        for name, why in sample.dropped:  # the raw key even when unusable: the line is joined by it
+            drop(sample.key, name, why)
         if not sample.members:  # only dropped members: each has its row
             continue
         if sample.error:
-            reject("", f"{sample.error} (has {_has(sample)})")
+            reject(sample.key, f"{sample.error} (has {_has(sample)})")
             continue
         last_key = sample.key
         if sample.key in seen:
@@ -122,7 +130,7 @@ def read_shard(item: dict, storage_options: dict, ledger: ShardLedger,
             continue
         ext, image = found
         if not image:
-            reject(sample.key, f"empty image member {sample.names[ext]!r} (has {_has(sample)})")
+            reject(sample.key, f"{EMPTY_IMAGE} {sample.names[ext]!r} (has {_has(sample)})", member=sample.names[ext])
             continue
         carried: dict[str, bytes] = {}
         for e, b in sample.members.items():
@@ -134,10 +142,11 @@ def read_shard(item: dict, storage_options: dict, ledger: ShardLedger,
                 carried[e] = b
             else:
                 drop(sample.key, sample.names[e], f"extension {e!r} not in input.carry ({', '.join(carry)})")
+        members[len(rows)] = sample.names[ext]  # what a decode reject of this sample is about
         rows.add(shard=shard, key=sample.key, index=len(rows), kind=RowKind.SAMPLE, image=image,
                  image_name=sample.names[ext],
                  member_names=list(carried), member_data=list(carried.values()))
-    ledger.expect(shard, len(rows))
+    ledger.expect(shard, len(rows), members)
     return _listing(rows)
 
 

@@ -27,7 +27,14 @@ from pipeline.config import ClipConfig, ModelConfig, ScoreConfig
 from pipeline.data.images import RejectedImage, decode_image
 from pipeline.data.ledger import ShardLedger
 from pipeline.data.rows import SCORE_PIXEL_COLUMNS, SCORE_READ_COLUMNS, RowBuffer, RowKind
-from pipeline.data.shards import TarDamage, clean_message, image_member, iter_tar_samples
+from pipeline.data.shards import (
+    EMPTY_IMAGE,
+    INPUT_IMAGE,
+    TarDamage,
+    clean_message,
+    image_member,
+    iter_tar_samples,
+)
 from pipeline.errors import ConfigError
 from pipeline.metrics.clip import IMAGENET_TEMPLATES, clip_score, directional_similarity
 from pipeline.stages.base import ModelStage, load_clip_section
@@ -67,22 +74,34 @@ def score_texts(score: ScoreConfig, source: ModelConfig, target: ModelConfig,
 
 def check_scoring(clip: ClipConfig, score: ScoreConfig, source: ModelConfig, target: ModelConfig,
                   directional: bool = True) -> None:
-    """Preflight, before any model loads: the checkpoint key is set (a local one exists) and the texts resolve."""
+    """Preflight, before any model loads: the texts resolve and the checkpoint passes ``check_clip_checkpoint``."""
+    score_texts(score, source, target, directional)  # the cheap check first: no file is read for a missing text
     check_clip_checkpoint(clip, "CLIP scores need")
-    score_texts(score, source, target, directional)
 
 
 def check_clip_checkpoint(clip: ClipConfig, who: str) -> None:
-    """``clip.pretrained`` is set, and a local one exists (a remote one is fetched when the model loads)."""
+    """Preflight of the ``clip`` section, through the checks the actor's load applies: ``clip.pretrained``
+    is set and readable (an s3:// one is fetched into the model cache now, which the actors then reuse),
+    safetensors (or a pickle with ``clip.allow_pickle``) whose header and tensor extents are sound, and
+    its shapes fit ``clip.model`` built on the meta device. No tensor is read."""
+    from pipeline.data.model_cache import materialize_file
+    from pipeline.errors import StorageError
+    from pipeline.metrics.clip import check_clip_files
+
     if not (clip.pretrained or "").strip():
         raise ConfigError(f"config error: clip.pretrained is not set; {who} a local or s3:// open_clip "
                           "checkpoint (.safetensors; latentshift never downloads one)")
-    local = clip.pretrained.removeprefix("file://")
-    if "://" not in local:
-        from pathlib import Path
+    try:
+        path = materialize_file(clip.pretrained, clip.storage_options)
+    except StorageError as exc:
+        raise ConfigError(f"config error: clip.pretrained {clip.pretrained!r}: {_without_uri(str(exc), clip.pretrained)}"
+                          ) from None
+    check_clip_files(clip.model, path, allow_pickle=clip.allow_pickle, shown=clip.pretrained)
 
-        if not Path(local).expanduser().is_file():
-            raise ConfigError(f"config error: clip.pretrained {clip.pretrained!r}: no such file")
+
+def _without_uri(message: str, uri: str) -> str:
+    """A storage error's text without its leading ``URI:`` (the caller names the URI with its key)."""
+    return message.removeprefix(f"{uri}:").strip() or message
 
 
 # ---- the scorer -----------------------------------------------------------------------------
@@ -145,22 +164,24 @@ def _listing(rows: RowBuffer) -> list[dict]:
     return [{c: batch[c][i] for c in rows.columns} for i in range(len(rows))]
 
 
-def _input_images(uri: str | None, shard: str, storage_options: dict) -> tuple[dict[str, bytes], str]:
-    """key → encoded image of the input shard, and why a key may be missing from it."""
+def _input_images(uri: str | None, shard: str, storage_options: dict) -> tuple[dict[str, tuple[str, bytes]], str]:
+    """key → (member name, encoded image) of the input shard, and why a key may be missing from it.
+    An empty image member is in it with its empty bytes: the reject says "empty image member", as
+    read_shard's does, not that the key is missing."""
     if uri is None:
         return {}, f"no input shard {shard}.tar under input.uri"
     data, failure = fetch_shard(uri, storage_options)
     if data is None:  # every sample of the shard becomes a reject naming it
         return {}, f"cannot read input shard {uri}: {failure}"
-    found: dict[str, bytes] = {}
+    found: dict[str, tuple[str, bytes]] = {}
     why = f"not in input shard {uri}"
     for sample in iter_tar_samples(io.BytesIO(data)):
         if isinstance(sample, Exception):
             why = f"not in input shard {uri} (it is damaged: {clean_message(str(sample))})"
             break
         image = image_member(sample.members) if not sample.error else None
-        if image is not None and image[1] and sample.key not in found:  # the first occurrence, as read_shard keeps
-            found[sample.key] = image[1]
+        if image is not None and sample.key not in found:  # the first occurrence, as read_shard keeps
+            found[sample.key] = (sample.names[image[0]], image[1])
     return found, why
 
 
@@ -173,10 +194,14 @@ def read_pairs(item: dict, storage_options: dict, input_uris: dict[str, str] | N
     if not ledger.begin(shard):  # another live score run is doing it (or committed it meanwhile)
         return []
     rows = RowBuffer(SCORE_READ_COLUMNS)
+    members: dict[int, str] = {}  # row index → the member it is about (ShardLedger.expect) …
+    input_members: dict[int, str] = {}  # … and a pair's input image member, for a reject of that image
 
-    def reject(key: str, error: str) -> None:
+    def reject(key: str, error: str, member: str = "") -> None:
         error = error if len(error) <= MAX_REASON else error[: MAX_REASON - 1] + "…"
-        rows.add(shard=shard, key=key, index=len(rows), kind=RowKind.REJECT, error=error)
+        if member:
+            members[len(rows)] = member
+        rows.add(shard=shard, key=key, index=len(rows), kind=RowKind.REJECT, error=error, member=member)
 
     inputs, missing = (None, "") if input_uris is None else _input_images(input_uris.get(shard), shard,
                                                                           input_storage_options)
@@ -186,29 +211,42 @@ def read_pairs(item: dict, storage_options: dict, input_uris: dict[str, str] | N
     seen: set[str] = set()
     for sample in iter_tar_samples(io.BytesIO(data)) if data is not None else ():
         if isinstance(sample, Exception):
-            key = sample.partial.key if isinstance(sample, TarDamage) and sample.partial is not None else ""
-            reject(key, f"corrupt or truncated output shard {uri}: {sample}")
+            partial = sample.partial if isinstance(sample, TarDamage) else None
+            key, member = (partial.key, sample.member or "") if partial is not None else ("", "")
+            reject(key, f"corrupt or truncated output shard {uri}: {sample}", member=member)
             continue
-        if sample.error or not sample.members:
-            reject("", f"output shard {uri}: {sample.error or 'a group with no usable member'}")
+        if sample.error or not sample.members:  # the raw key, even an unsafe one: the line is joined by it
+            lone = sample.dropped[0][0] if len(sample.dropped) == 1 and not sample.members else ""
+            reject(sample.key, f"output shard {uri}: {sample.error or 'a group with no usable member'}", member=lone)
             continue
         if sample.key in seen:
             reject(sample.key, f"duplicate key in output shard {uri}, first occurrence scored")
             continue
         seen.add(sample.key)
         found = image_member(sample.members)
-        if found is None or not found[1]:
+        if found is None:
             reject(sample.key, f"no image member in output shard {uri} (key {sample.key!r})")
             continue
+        name = sample.names[found[0]]
+        if not found[1]:
+            reject(sample.key, f"{EMPTY_IMAGE} {name!r} in output shard {uri} (key {sample.key!r})", member=name)
+            continue
         row = {"shard": shard, "key": sample.key, "index": len(rows), "kind": RowKind.SAMPLE, "image": found[1],
-               "image_name": sample.names[found[0]]}
+               "image_name": name}
         if inputs is not None:
             if sample.key not in inputs:
-                reject(sample.key, f"input image missing: key {sample.key!r} of shard {shard!r} is {missing}")
+                reject(sample.key, f"{INPUT_IMAGE} missing: key {sample.key!r} of shard {shard!r} is {missing}")
                 continue
-            row["input_image"] = inputs[sample.key]
+            input_name, input_image = inputs[sample.key]
+            if not input_image:
+                reject(sample.key, f"{EMPTY_IMAGE} {input_name!r} in input shard {input_uris[shard]} "
+                                   f"(key {sample.key!r})", member=input_name)
+                continue
+            row["input_image"] = input_image
+            input_members[len(rows)] = input_name
+        members[len(rows)] = name  # what a decode reject of the pair is about (the input's: input_members)
         rows.add(**row)
-    ledger.expect(shard, len(rows))
+    ledger.expect(shard, len(rows), members, input_members)
     return _listing(rows)
 
 
@@ -227,6 +265,7 @@ def decode_pairs(batch: dict, size: int, resize: str, max_pixels: int, exif_tran
                     row["input_pixels"] = decode_image(bytes(batch["input_image"][i]), size, resize, max_pixels,
                                                        exif_transpose=exif_transpose)
             except RejectedImage as exc:  # the pair is unusable: neither image goes on
+                # "input image …" tells the commit to name the input's member (ShardLedger.expect)
                 row = {"shard": row["shard"], "key": row["key"], "index": row["index"], "kind": RowKind.REJECT,
                        "error": f"{which} image of key {row['key']!r} (shard {row['shard']!r}): {exc}"}
         rows.add(**row)

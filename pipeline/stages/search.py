@@ -56,7 +56,7 @@ class SearchStage(ModelStage):
         super().__init__(output)
         self.source_cfg, self.target_cfg, self.sampler, self.search = source, target, sampler, search
         # never compiled: walks differ in rows (skips, trial chunks, inputs stopped early), which would recompile
-        self.source = load_model(source, dtype, sampler.clip_x0)
+        self.source = load_model(source, dtype, sampler.clip_x0, key="source")
         self.search_grid = search_grid(search, sampler)
         self.full_grid = self.source.schedule.grid(sampler.steps)  # each winner's walk starts at full[skip]
         # CLIP and the texts' features (the official ranking: plain prompts, clean_clip.py:24-27), loaded once

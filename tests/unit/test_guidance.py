@@ -460,8 +460,11 @@ def test_the_paper_config_is_the_official_ldm_run_and_its_scheduler_walks_ldms_g
     assert cfg.clip.pretrained.startswith("s3://") and cfg.source.model.startswith("s3://")
     from pipeline.jobs.guide import check
 
-    monkeypatch.setattr("pipeline.stages.score.check_clip_checkpoint", lambda *a, **k: None)  # no s3 here
-    check(cfg)  # method ddim, eta 0 and chain_steps 10: a combination the job accepts
+    # no s3 here: the files are not read, the model is taken to be what the paper's LDM is (unconditional)
+    monkeypatch.setattr("pipeline.stages.score.check_clip_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr("pipeline.jobs.checks.source_folder", lambda cfg: None)
+    monkeypatch.setattr("pipeline.data.model_store.unet_conditioning", lambda folder: "none")
+    check(cfg)  # method ddim, eta 0, chain_steps 10 and no condition: a combination the job accepts
 
     sched = schedule_from_scheduler(DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0015, beta_end=0.0195,
                                                   steps_offset=1, set_alpha_to_one=False, clip_sample=False))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 from pipeline.data.ledger import CommitTracker, ShardLedger
 from pipeline.data.outputs import OutputStore
@@ -137,3 +138,73 @@ def test_a_shard_done_again_keeps_no_file_of_the_run_before(tmp_path):
     assert not store.exists(store.images("s")) and not store.exists(store.scores("s"))
     assert len(store.get(store.rejects("s")).decode().splitlines()) == 2
     assert store.get(store.latents("s")) == b"latents of a job that does not own them here"
+
+
+def test_a_reject_line_names_the_member_the_reader_said_its_row_is_about(tmp_path):
+    """Issue 24.4: the writer's line has shard, key, index and reason; the commit adds ``member`` from the
+    reader's record, the same fields in every job (the score job's input image: ``input_members``)."""
+    store = OutputStore(str(tmp_path / "out"), {})
+    ledger = ShardLedger(store, "run-8")
+    assert ledger.begin("s")
+    ledger.expect("s", 4, members={0: "../x.png", 1: "k.png", 2: "o.png", 3: "p.png"}, input_members={3: "p.jpg"})
+    p = ledger.stage_part("s", {}, {"indices": [0, 1, 2, 3], "samples": [], "rejects": [
+        {"shard": "s", "key": "../x", "index": 0, "reason": "unsafe key '../x': path traversal (has '../x.png')"},
+        {"shard": "s", "key": "k", "index": 1, "reason": "cannot decode image: …"},  # a decode reject of a sample
+        {"shard": "s", "key": "o", "index": 2, "reason": "output image of key 'o' (shard 's'): …"},
+        {"shard": "s", "key": "p", "index": 3, "reason": "input image of key 'p' (shard 's'): …"}]})
+    ledger.commit("s", "in/s.tar", [p], "score", "hash", 4, {})
+    lines = [json.loads(line) for line in store.get(store.rejects("s")).decode().splitlines()]
+    assert [sorted(line) for line in lines] == [["index", "key", "member", "reason", "shard"]] * 4
+    assert [(line["key"], line["member"]) for line in lines] == [
+        ("../x", "../x.png"), ("k", "k.png"), ("o", "o.png"), ("p", "p.jpg")]
+
+
+def test_a_finished_run_leaves_no_empty_control_folder_and_keeps_another_runs_lease(tmp_path):
+    """Issue 24.5, local disk: _staging/, _claims/ and _leases/ go once the run emptied them; another
+    live run's lease keeps _leases/ (rmdir refuses a folder with a file in it)."""
+    from pipeline.data.claims import keep_alive
+
+    store = OutputStore(str(tmp_path / "out"), {}, control="_score")
+    ledger = ShardLedger(store, "run-9")
+    with keep_alive(ledger.claims):
+        assert ledger.begin("s")
+        ledger.expect("s", 1)
+        ledger.commit("s", "in/s.tar", [part(ledger, "s", [(0, "a")])], "score", "hash", 1, {})
+        ledger.finish(["s"])
+    control = tmp_path / "out" / "_score"
+    assert sorted(p.name for p in control.iterdir()) == ["_ledger"]
+    assert not [d for d, subdirs, files in os.walk(tmp_path / "out") if not subdirs and not files]
+
+    other = ShardLedger(store, "live")
+    other.claims.renew()
+    with keep_alive(ShardLedger(store, "run-10").claims):
+        pass
+    assert [p.name for p in (control / "_leases").iterdir()] == ["live.json"]
+
+
+def test_a_write_into_a_folder_removed_meanwhile_makes_it_again(tmp_path, monkeypatch):
+    """The race of issue 24.5: another run removes an empty control folder between this run making it
+    and writing into it. The write is not lost."""
+    import pipeline.data.outputs as outputs
+    from pipeline.data.filesystems import create_exclusive, put_bytes
+
+    store = OutputStore(str(tmp_path / "out"), {})
+    raced = []
+
+    def racing(write):
+        def once(fs, path, data):
+            if not raced:  # the folder is made, then removed by the other run before the file lands
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                os.rmdir(os.path.dirname(path))
+                raced.append(path)
+                raise FileNotFoundError(path)
+            return write(fs, path, data)
+        return once
+
+    monkeypatch.setattr(outputs, "put_bytes", racing(put_bytes))
+    store.put(store.lease("a"), b"{}")
+    assert store.get(store.lease("a")) == b"{}"
+    raced.clear()
+    monkeypatch.setattr(outputs, "create_exclusive", racing(create_exclusive))
+    assert store.create(store.claims("s") + "/0.json", b"{}")
+    assert store.get(store.claims("s") + "/0.json") == b"{}" and len(raced) == 1

@@ -44,8 +44,9 @@ def test_a_member_without_an_extension_is_recorded(tmp_path):
     assert table(rows) == [
         ("REJECT", "k", "dropped member 'k': no extension"),
         ("SAMPLE", "k", ""),
-        ("REJECT", "", "dropped member 'abc': no extension"),  # belongs to no sample
+        ("REJECT", "abc", "dropped member 'abc': no extension"),  # belongs to no sample: its own key
     ]
+    assert [str(r["member"]) for r in rows] == ["k", "", "abc"]
 
 
 def test_a_symlink_or_directory_member_is_recorded_with_its_type(tmp_path):
@@ -53,9 +54,10 @@ def test_a_symlink_or_directory_member_is_recorded_with_its_type(tmp_path):
     assert table(rows) == [
         ("REJECT", "k", "dropped member 'k.json': symbolic link to '/etc/passwd', not a regular file"),
         ("SAMPLE", "k", ""),
-        ("REJECT", "", "dropped member 'k2.png': symbolic link to 'k.png', not a regular file"),
-        ("REJECT", "", "dropped member 'sub': directory, not a regular file"),
+        ("REJECT", "k2", "dropped member 'k2.png': symbolic link to 'k.png', not a regular file"),
+        ("REJECT", "sub", "dropped member 'sub': directory, not a regular file"),
     ]
+    assert [str(r["member"]) for r in rows] == ["k.json", "", "k2.png", "sub"]
 
 
 def test_a_repeated_member_name_keeps_the_first(tmp_path):
@@ -102,6 +104,7 @@ def test_a_tar_cut_inside_a_later_member_rejects_that_sample_naming_what_it_had(
         ("REJECT", "b", "corrupt or truncated tar after key 'a', while reading member 'b.json' of key 'b' "
                         "(has 'b.png'): ReadError: unexpected end of data"),
     ]
+    assert str(rows[1]["member"]) == "b.json"  # the member being read when the tar broke
 
 
 def test_a_tar_cut_inside_a_header_is_damage_not_a_quiet_end(tmp_path):
@@ -132,7 +135,9 @@ def test_a_tar_cut_inside_a_header_is_damage_not_a_quiet_end(tmp_path):
 ])
 def test_unsafe_keys_reject_the_sample(tmp_path, name, why):
     rows = read(tmp_path, raw_tar([(name, PNG), ("ok.png", PNG)]))
-    assert table(rows) == [("REJECT", "", f"{why} (has {name!r})"), ("SAMPLE", "ok", "")]
+    key = name[: -len(".png")]  # the raw key: the line joins to its input by it, and is never a path
+    assert table(rows) == [("REJECT", key, f"{why} (has {name!r})"), ("SAMPLE", "ok", "")]
+    assert str(rows[0]["member"]) == ""  # the whole sample is at fault, not one member
 
 
 def test_safe_nested_keys_are_kept(tmp_path):
@@ -179,6 +184,7 @@ def test_carry_config_errors_are_clear(carry, message):
 def test_an_empty_image_member_says_so(tmp_path):
     rows = read(tmp_path, raw_tar([("k.png", b""), ("k.json", b"{}")]))
     assert table(rows) == [("REJECT", "k", "empty image member 'k.png' (has 'k.png', 'k.json')")]
+    assert str(rows[0]["member"]) == "k.png"
 
 
 def test_whole_sample_rejects_name_their_members(tmp_path):

@@ -156,7 +156,6 @@ def test_preflight_names_the_clip_key_before_any_model(tmp_path):
         check_scoring(ClipConfig(), texts, ModelConfig(), ModelConfig())
     with pytest.raises(ConfigError, match=r"clip\.pretrained .*nope\.safetensors.*no such file"):
         check_scoring(ClipConfig(pretrained=str(tmp_path / "nope.safetensors")), texts, ModelConfig(), ModelConfig())
-    check_scoring(ClipConfig(pretrained="s3://bucket/clip.safetensors"), texts, ModelConfig(), ModelConfig())
 
     from pipeline.jobs import get
 
