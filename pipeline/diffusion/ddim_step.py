@@ -1,6 +1,6 @@
 """The three formulas of the DDIM family that every encoder and decoder here is built from.
 
-Notation of README "How the maths is implemented" (ᾱ = alphas_cumprod, step t → p). Plain functions on tensors so
+Notation of docs/maths.md, "Notation" (ᾱ = alphas_cumprod, step t → p). Plain functions on tensors so
 that each line can be checked against the paper.
 """
 

@@ -10,7 +10,7 @@ z ~ N(0, I) it is sampled in z, where the prior is a plain Gaussian:
 G is a decoder from pure noise (strength 1), in one of the two forms of the official guidance code
 (ChenWu98/unified-generative-zoo, cited as zoo FILE:LINE):
 - η > 0, a DPM latent: the generative stochastic DDIM walk driven by z = (x_T, ε_{τ_S}, …, ε_{τ_1})
-  (pipeline/diffusion/dpm.py, the DPM-Encoder), as the zoo's DDPM-latent runs (config/experiments/
+  (docs/maths.md, "DPM-Encoder"; dpm.py), as the zoo's DDPM-latent runs (config/experiments/
   class_*_celeba64_sn_dpm_ddpm_langevin.cfg: one grid, sample_steps, for the chain and the output);
 - η = 0, a DDIM latent: z = x_T alone and G the deterministic DDIM walk, as the zoo's LDM runs
   (model/gan_wrapper/latentdiff_wrapper.py: eta '0' at :24, x_T = z.view(…) at :212). There the chain's

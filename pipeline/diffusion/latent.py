@@ -10,7 +10,7 @@ import torch
 
 @dataclass
 class Latent:
-    """z = (x_{t0}, ε_{τ_k}, …, ε_{τ_1}) for a batch (the DPM-Encoder, pipeline/diffusion/dpm.py).
+    """z = (x_{t0}, ε_{τ_k}, …, ε_{τ_1}) for a batch (docs/maths.md, "DPM-Encoder").
 
     x_start:   (B, C, h, w)     state at timesteps[0], in the model's space (VAE latents for
                                 latent models, pixels for pixel models)

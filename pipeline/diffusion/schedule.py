@@ -1,6 +1,6 @@
 """The timestep grid and ᾱ table shared by every sampler and encoder.
 
-Notation (README "How the maths is implemented"): a grid τ_S > … > τ_1 from the model scheduler's own
+Notation (docs/maths.md, "The grid"): a grid τ_S > … > τ_1 from the model scheduler's own
 ``set_timesteps(S)``; ``strength`` keeps its last ⌊s·S⌋ steps (at least one), as
 diffusers' img2img pipelines do. A step leaves t for p, the next timestep on the grid;
 the last step ends at the scheduler's final ᾱ (1 with ``set_alpha_to_one``, else ᾱ_0).

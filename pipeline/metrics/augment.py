@@ -25,7 +25,7 @@ the batch: a shared generator hands a sample different augmentations depending o
 batch and on which other samples share it, so its gradient and its final image would change with
 ``runtime.batch_size`` or the actor count; with keys (derived from the sample's seed and the Langevin
 step) a sample's augmentations are its own, as its noise is (a pure function of its seed, never of its
-batch: README "How the maths is implemented", Noise). CPU generators also give the same numbers whatever device the
+batch: docs/maths.md, "Noise"). CPU generators also give the same numbers whatever device the
 images are on (CUDA generators do not). The cost is a few numbers per sample per step. The official
 resize draws ONE ratio per DiffAugment call (np.random.rand(), :56), and the CLIP energy calls
 DiffAugment once per image on its replicas (clip_guide.py:45-51): so ``draw_params`` gives all views of

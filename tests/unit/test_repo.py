@@ -39,3 +39,21 @@ def test_package_metadata():
                 "open_clip_torch", "safetensors", "pydantic", "pyyaml"):
         assert dep in deps, dep
     assert not re.search(r"==", deps), "pin lower bounds, not exact versions"
+
+
+def test_docs_the_code_cites_exist():
+    """Citations of docs/maths.md name one of its sections; README's and docs' relative links resolve;
+    nothing cites a file a user's clone does not have."""
+    headings = set(re.findall(r"^## (.+)$", (ROOT / "docs" / "maths.md").read_text(), re.M))
+    cited = 0
+    for path in sorted((ROOT / "pipeline").rglob("*.py")):
+        text = path.read_text()
+        assert "DESIGN.md" not in text, path
+        for section in re.findall(r'docs/maths\.md, "([^"]+)"', text):
+            assert section in headings, f"{path.relative_to(ROOT)} cites docs/maths.md \"{section}\""
+            cited += 1
+    assert cited
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target:
+                assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to {target}"
