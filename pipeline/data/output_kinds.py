@@ -205,7 +205,7 @@ class Latents(OutputKind):
                 if key_step not in seen:
                     seen.add(key_step)
                     keep.append(i)
-            tables.append(table.take(keep))
+            tables.append(take(table, keep))
         if not tables:
             return None, {"bytes_latents": 0}
         table = in_input_order(pa.concat_tables(tables).cast(LATENT_SCHEMA), "step", shard.key_order)
@@ -244,8 +244,8 @@ class Scores(OutputKind):
             data = part.file("scores")
             if data is not None:
                 table = pq.read_table(io.BytesIO(data))
-                tables.append(table.take([i for i, k in enumerate(table["key"].to_pylist())
-                                          if part.key_index.get(k) in part.fresh]))
+                tables.append(take(table, [i for i, k in enumerate(table["key"].to_pylist())
+                                           if part.key_index.get(k) in part.fresh]))
         if not tables:
             return None, {}
         # the parts' metadata (the run's settings, pipeline/data/scores.py) survives the cast
@@ -288,6 +288,14 @@ class Rejects(OutputKind):
 
 IMAGES, LATENTS, SCORES, REJECTS = Images(), Latents(), Scores(), Rejects()
 OUTPUT_KINDS: tuple[OutputKind, ...] = (IMAGES, LATENTS, SCORES, REJECTS)  # merged and written in this order
+
+
+def take(table: pa.Table, rows: list[int]) -> pa.Table:
+    """``table``'s ``rows``; none too (a retried part whose rows earlier parts hold: pyarrow cannot
+    take a plain empty list, whose type it does not know)."""
+    import pyarrow as pa
+
+    return table.take(pa.array(rows, pa.int64()))
 
 
 def in_input_order(table: pa.Table, then: str, key_order: dict[str, int]) -> pa.Table:
