@@ -209,9 +209,9 @@ def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str], o
         staged.append(StagedPart(part, manifest, indices - taken, key_index,
                                  read=lambda ext, part=part: store.get(f"{staging}/{part}.{ext}")))
         taken |= indices
-    counts = {}
+    merging, counts = ShardParts(shard, staged, key_order, read_record), {}
     for kind in OUTPUT_KINDS:
-        data, kind_counts = kind.merge(ShardParts(shard, staged, key_order, read_record))
+        data, kind_counts = kind.merge(merging)
         counts.update(kind_counts)
         if data is not None:
             store.put(kind.path(store, shard), data)
