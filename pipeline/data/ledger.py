@@ -20,14 +20,13 @@ once the killed run's lease has run out. A live run's staging is never touched b
 
 from __future__ import annotations
 
-import io
-import json
 import posixpath
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from pipeline.data.claims import Claims
+from pipeline.data.output_kinds import OUTPUT_KINDS, ShardParts, StagedPart
 from pipeline.data.outputs import OutputStore
 
 EXPECTED = "expected.json"
@@ -73,7 +72,8 @@ class ShardLedger:
         self.store.put_json(posixpath.join(self.store.staging(self.run_id, shard), EXPECTED), record)
 
     def stage_part(self, shard: str, files: dict[str, bytes], manifest: dict) -> str:
-        """Write a part's files (``tar``, ``parquet``), then its manifest (last). Returns the part name."""
+        """Write a part's files (by extension: ``tar``, ``parquet``, … as its output kinds stage them),
+        then its manifest (last). Returns the part name."""
         part = f"part-{uuid.uuid4().hex}"
         base = posixpath.join(self.store.staging(self.run_id, shard), part)
         for ext, data in files.items():
@@ -187,118 +187,34 @@ class CommitTracker:
         return [s for s, p in self.progress.items() if not p.committed]
 
 
-def reject_line(shard: str, staged: dict, read_record: dict) -> dict:
-    """One line of ``_rejects/<shard>.jsonl``, the same fields in every job:
-
-    - ``shard``: the shard's basename (the unit of the ledger; for the score job, the output shard);
-    - ``key``: the sample's ``__key__`` as the tar groups its members, raw, whatever it holds (an
-      unsafe key such as ``../x`` too: JSON escapes any string, and nothing uses it as a path), so
-      rejects join to inputs by key. ``""`` only for a line about no sample (an unreadable shard,
-      a tar broken between two samples) or a member whose name has no key part (``.png``: its key
-      *is* empty; ``member`` names it);
-    - ``member``: the tar member at fault, by its full name in the tar (a dropped member, an empty
-      or undecodable image, the member being read when the tar broke); ``""`` when the whole sample
-      is at fault (unsafe key, no image member, duplicate key) — the reason lists its members then;
-    - ``index``: the row's position in the shard (outputs keep input order);
-    - ``reason``: deterministic text saying what is wrong; one about a single member of a sample that
-      may live on starts with "dropped member", an empty image is "empty image member …" in every job.
-
-    ``staged``: the writer's line (shard, key, index, reason); ``read_record``: the reader's
-    ``expected.json``, which knows the member each row is about (``ShardLedger.expect``).
-    """
-    from pipeline.data.shards import INPUT_IMAGE
-
-    index = str(int(staged["index"]))
-    by_role = "input_members" if str(staged["reason"]).startswith(INPUT_IMAGE) else "members"
-    member = read_record.get(by_role, {}).get(index, "")
-    return {"shard": shard, "key": str(staged["key"]), "member": member, "index": int(staged["index"]),
-            "reason": str(staged["reason"])}
-
-
 def merge_parts(store: OutputStore, run_id: str, shard: str, parts: list[str], owns: tuple[str, ...] = ()) -> dict:
-    """Merge staged parts of one shard into its final outputs; return counts for the ledger.
+    """Merge staged parts of one shard into its final outputs, one file per output kind
+    (``OUTPUT_KINDS``); return their counts for the ledger.
 
-    Each sample index is taken once, from the first part that has it. Samples are written in
-    input order. Of the kinds in ``owns`` (images, latents, scores, rejects), a file this merge does
-    not write is removed: an earlier commit's (every sample rejected this time, no latents asked
-    for, no scores) would otherwise sit beside the new outputs as if it were theirs.
+    Each row index is taken once, from the first part (in name order) that has it; records are
+    written in input order. Of the kinds in ``owns`` (``Job.commits``), a file this merge does not
+    write is removed: an earlier commit's (every sample rejected this time, no latents asked for,
+    no scores) would otherwise sit beside the new outputs as if it were theirs.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.data.latents import LATENT_SCHEMA
-    from pipeline.data.shards import DROPPED_MEMBER, iter_tar_samples, write_samples
-
     staging = store.staging(run_id, shard)
     expected = posixpath.join(staging, EXPECTED)
     read_record = store.get_json(expected) if store.exists(expected) else {}
-    samples: dict[int, tuple[str, dict]] = {}
-    rejects: dict[int, dict] = {}
-    latent_tables, score_tables = [], []
-    key_order: dict[str, int] = {}  # key → its position in the shard
-    seen_latent: set[tuple[str, int]] = set()
+    staged, taken, key_order = [], set(), {}
     for part in sorted(parts):
         manifest = store.get_json(f"{staging}/{part}.json")
-        fresh = {int(i) for i in manifest["indices"]} - set(samples) - set(rejects)
+        indices = {int(i) for i in manifest["indices"]}
         # a key's position is that of its SAMPLE row: a REJECT row may share the key (a duplicate)
         key_index = {k: int(i) for i, k in manifest["samples"]}
         key_order.update(key_index)
-        if "tar" in manifest["files"]:
-            for item in iter_tar_samples(io.BytesIO(store.get(f"{staging}/{part}.tar"))):
-                if isinstance(item, Exception):
-                    raise RuntimeError(f"staged part {part} of {shard} is damaged: {item}")
-                idx = key_index[item.key]
-                if idx in fresh:
-                    samples[idx] = (item.key, item.members)
-        for line in manifest.get("rejects", []):
-            if int(line["index"]) in fresh:
-                rejects[int(line["index"])] = reject_line(shard, line, read_record)
-        if "parquet" in manifest["files"]:
-            table = pq.read_table(io.BytesIO(store.get(f"{staging}/{part}.parquet")))
-            keep = []
-            for i, (k, s) in enumerate(zip(table["key"].to_pylist(), table["step"].to_pylist(), strict=True)):
-                if (k, s) not in seen_latent:
-                    seen_latent.add((k, s))
-                    keep.append(i)
-            latent_tables.append(table.take(keep))
-        if "scores" in manifest["files"]:
-            table = pq.read_table(io.BytesIO(store.get(f"{staging}/{part}.scores")))
-            keep = [i for i, k in enumerate(table["key"].to_pylist()) if key_index.get(k) in fresh]
-            score_tables.append(table.take(keep))
-
-    dropped = sum(1 for r in rejects.values() if r["reason"].startswith(DROPPED_MEMBER))
-    out = {"images": 0, "rejected": len(rejects) - dropped, "dropped": dropped, "bytes_images": 0, "bytes_latents": 0}
-    if samples:
-        buf = io.BytesIO()
-        out["images"] = write_samples(buf, (samples[i] for i in sorted(samples)))
-        store.put(store.images(shard), buf.getvalue())
-        out["bytes_images"] = buf.tell()
-    if latent_tables:
-        table = pa.concat_tables(latent_tables).cast(LATENT_SCHEMA)
-        rank = [(key_order.get(k, 1 << 62), s) for k, s in zip(table["key"].to_pylist(), table["step"].to_pylist(), strict=True)]
-        table = table.take(sorted(range(len(rank)), key=rank.__getitem__))
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd", row_group_size=256)
-        store.put(store.latents(shard), buf.getvalue())
-        out["bytes_latents"] = buf.tell()
-        out["latent_samples"] = len(set(table["key"].to_pylist()))
-    if score_tables:
-        from pipeline.data.scores import SCORE_SCHEMA
-
-        # the parts' metadata (the run's settings, pipeline/data/scores.py) survives the cast
-        table = pa.concat_tables(score_tables).cast(SCORE_SCHEMA.with_metadata(score_tables[0].schema.metadata or {}))
-        rank = [(key_order.get(k, 1 << 62), r) for k, r in zip(table["key"].to_pylist(), table["rank"].to_pylist(), strict=True)]
-        table = table.take(sorted(range(len(rank)), key=rank.__getitem__))
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        store.put(store.scores(shard), buf.getvalue())
-        out["scored"] = len(set(table["key"].to_pylist()))
-    if rejects:
-        body = "".join(json.dumps(rejects[i], sort_keys=True) + "\n" for i in sorted(rejects))
-        store.put(store.rejects(shard), body.encode())
-    written = {"images": bool(samples), "latents": bool(latent_tables), "scores": bool(score_tables),
-               "rejects": bool(rejects)}
-    for kind in owns:
-        if kind in written and not written[kind]:
-            store.remove(getattr(store, kind)(shard))
-    return out
+        staged.append(StagedPart(part, manifest, indices - taken, key_index,
+                                 read=lambda ext, part=part: store.get(f"{staging}/{part}.{ext}")))
+        taken |= indices
+    merging, counts = ShardParts(shard, staged, key_order, read_record), {}
+    for kind in OUTPUT_KINDS:
+        data, kind_counts = kind.merge(merging)
+        counts.update(kind_counts)
+        if data is not None:
+            store.put(kind.path(store, shard), data)
+        elif kind.name in owns:
+            kind.remove(store, shard)
+    return counts

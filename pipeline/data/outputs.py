@@ -15,7 +15,8 @@ ledger, staging, claims, leases and rejects under ``<control>/`` (e.g. ``_score/
 two jobs' records of a shard never meet.
 
 How a shard gets there, exactly once, is the ledger's rule (``pipeline/data/ledger.py``);
-this module only names the paths and does the storage I/O.
+what each output file holds, and how a shard's parts become it, is its output kind's
+(``pipeline/data/output_kinds.py``); this module names the run-control paths and does the storage I/O.
 
 A finished run leaves no empty control folder (``_staging/``, ``_claims/``, ``_leases/``, the
 control root): on object storage a folder is a prefix, gone with its last object; on a local disk
@@ -40,6 +41,7 @@ from pipeline.data.filesystems import (
     url_to_fs,
     with_retries,
 )
+from pipeline.data.output_kinds import IMAGES, LATENTS, REJECTS, SCORES
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +69,18 @@ class OutputStore:
         """A run-control path: under ``control`` when the job keeps its records apart."""
         return self.path(self.control, *parts) if self.control else self.path(*parts)
 
+    # a shard's outputs: each kind names its own path (pipeline/data/output_kinds.py)
     def images(self, shard: str) -> str:
-        return self.path("images", f"{shard}.tar")
+        return IMAGES.path(self, shard)
 
     def latents(self, shard: str) -> str:
-        return self.path("latents", f"{shard}.parquet")
+        return LATENTS.path(self, shard)
 
     def scores(self, shard: str) -> str:
-        return self.path("scores", f"{shard}.parquet")
+        return SCORES.path(self, shard)
 
     def rejects(self, shard: str) -> str:
-        return self.ctl("_rejects", f"{shard}.jsonl")
+        return REJECTS.path(self, shard)
 
     def ledger(self, shard: str) -> str:
         return self.ctl("_ledger", f"{shard}.json")

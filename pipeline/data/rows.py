@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pipeline.data.run_metrics import METRIC_COLUMNS
+
 
 class RowKind(enum.IntEnum):
     SAMPLE = 0  # one sample: its input (image, pixels, latent) or its output (pixels, provenance)
@@ -73,13 +75,7 @@ COLUMNS: dict[str, tuple[str, object]] = {
     "latent_rows_expected": ("int64", 0),  # LATENT rows its samples announced
     "images": ("int64", 0),
     "rejected": ("int64", 0),
-    "psnr_sum": ("float64", 0.0),
-    "ssim_sum": ("float64", 0.0),
-    "metric_count": ("int64", 0),
-    "clip_score_sum": ("float64", 0.0),
-    "directional_sum": ("float64", 0.0),
-    "score_count": ("int64", 0),  # samples with a CLIP score
-    "directional_count": ("int64", 0),  # … with a directional CLIP (it needs the input)
+    **METRIC_COLUMNS,  # the part's quality and score sums (pipeline/data/run_metrics.py)
 }
 
 INPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "member", "image", "image_name", "member_names", "member_data")
@@ -94,8 +90,7 @@ OUTPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "pixels", "latent", 
                   "ssim", "source_model", "source_cond", "partial", "extra_names", "extra_pixels", "clip_score",
                   "directional", "ranked", "ranked_scores")
 MANIFEST_COLUMNS = ("shard", "part", "kind", "rows", "latent_rows", "latent_rows_expected", "images", "rejected",
-                    "psnr_sum", "ssim_sum", "metric_count", "clip_score_sum", "directional_sum", "score_count",
-                    "directional_count", "partial")
+                    *METRIC_COLUMNS, "partial")
 
 
 class RowBuffer:

@@ -12,6 +12,7 @@ from importlib.metadata import version
 
 from pipeline.data.ledger import CommitTracker
 from pipeline.data.rows import RowKind
+from pipeline.data.run_metrics import RunMetrics
 from pipeline.data.shards import ShardRef
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,9 @@ def versions() -> dict:
 def write_and_commit(run, built, shards: list[ShardRef]) -> dict:
     """Write ``built.dataset`` (CPU write tasks), commit each shard once all its rows are staged.
 
-    Returns the totals: shards_done, images, rejected (samples), dropped (members), latent_samples, bytes_latents, metric
-    sums, the shards left incomplete (rows missing), and those another run did ({shard: its run}).
+    Returns the totals: shards_done, images, rejected (samples), dropped (members), latent_samples, bytes_latents, the
+    quality and score sums (``metrics``: ``RunMetrics``), the shards left incomplete (rows missing), and those another
+    run did ({shard: its run}).
     """
     import ray
 
@@ -45,8 +47,7 @@ def write_and_commit(run, built, shards: list[ShardRef]) -> dict:
     uri = {s.name: s.uri for s in shards}
     commit = ray.remote(num_cpus=0.25, max_retries=3)(type(ledger).commit)
     pending = []
-    metrics = {"psnr_sum": 0.0, "ssim_sum": 0.0, "metric_count": 0, "clip_score_sum": 0.0, "directional_sum": 0.0,
-               "score_count": 0, "directional_count": 0}
+    metrics = RunMetrics()
     job, config_hash, pkg_versions = run.job.name, cfg.config_hash(), versions()
 
     def commit_if_complete(shard: str) -> None:
@@ -65,8 +66,7 @@ def write_and_commit(run, built, shards: list[ShardRef]) -> dict:
             shard = str(batch["shard"][i])
             tracker.add(shard, str(batch["part"][i]), int(batch["rows"][i]), int(batch["latent_rows"][i]),
                         int(batch["latent_rows_expected"][i]))
-            for k in metrics:
-                metrics[k] += batch[k][i].item()
+            metrics.merge(RunMetrics.from_columns(batch, i))
             touched.add(shard)
         for shard in touched:
             commit_if_complete(shard)
@@ -84,5 +84,5 @@ def write_and_commit(run, built, shards: list[ShardRef]) -> dict:
     return {"shards_done": len(records), "images": sum(r["images"] for r in records),
             "rejected": sum(r["rejected"] for r in records), "dropped": sum(r.get("dropped", 0) for r in records),
             "latent_samples": sum(r.get("latent_samples", 0) for r in records),
-            "bytes_latents": sum(r.get("bytes_latents", 0) for r in records), **metrics, "incomplete": incomplete,
-            "elsewhere": elsewhere}
+            "bytes_latents": sum(r.get("bytes_latents", 0) for r in records), "metrics": metrics,
+            "incomplete": incomplete, "elsewhere": elsewhere}

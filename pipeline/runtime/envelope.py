@@ -146,14 +146,7 @@ def _add_totals(s: dict, t: dict) -> None:
     s["bytes_latents"] = t["bytes_latents"]
     if s["latent_samples"]:
         s["latent_bytes_per_image"] = round(t["bytes_latents"] / s["latent_samples"])
-    if t["metric_count"]:
-        s["mean_psnr"] = round(t["psnr_sum"] / t["metric_count"], 3)
-        s["mean_ssim"] = round(t["ssim_sum"] / t["metric_count"], 4)
-    if t["score_count"]:
-        s["scored"] = t["score_count"]
-        s["mean_clip_score"] = round(t["clip_score_sum"] / t["score_count"], 4)
-    if t["directional_count"]:
-        s["mean_directional"] = round(t["directional_sum"] / t["directional_count"], 4)
+    s.update(t["metrics"].summary())  # mean PSNR, SSIM, CLIP score …: only those measured
     if t["incomplete"]:
         s["incomplete_shards"] = t["incomplete"]
     _note_elsewhere(s, t["elsewhere"])

@@ -18,7 +18,7 @@ Every REJECT row carries the key it is about, raw, even an unsafe one (it is dat
 line, never a path), and in ``member`` the member at fault, if one is (a dropped member, an empty
 image). The reader also tells the ledger each row's member (``ShardLedger.expect``), so a sample
 the decode stage rejects later is named by its image member; the reject line's fields are
-documented at ``pipeline.data.ledger.reject_line``.
+documented at ``pipeline.data.output_kinds.reject_line``.
 
 All reasons are deterministic (no object addresses), so two reads of one input give the same rows.
 """
