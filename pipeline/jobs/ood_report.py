@@ -35,7 +35,8 @@ def write_report(run, reference) -> dict:
               "ood_to_id_distance_mean": float(cross["distance"].mean()),
               "selection": selection_rates(fits["ood"]["latents"], fits["id"]["latents"], cfg.ood),
               "distinguishable": sep["mean_distance"] > sep["d_quarter"],
-              "input": cfg.input.uri, "reference": run.options["reference"], "model": cfg.source.model, "t0": state["timesteps"][0]}
+              "input": cfg.input.uri, "reference": run.options["reference"], "model": cfg.source.model,
+              "t0": state["timesteps"][0]}
     json_path, png_path = store.path("report", "ood_vs_id.json"), store.path("report", "ood_vs_id.png")
     store.put_json(json_path, report)
     store.put(png_path, _figure(raw, sep))

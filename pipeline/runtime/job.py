@@ -45,7 +45,8 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)  # the job adds its own figures here
     state: dict[str, Any] = field(default_factory=dict)  # the job's scratch space between its hooks
     out: TextIO = sys.stdout  # where the summary goes
-    finished: bool = False  # it ran to its end (finish, run record); False: it left its shards to another run
+    finished: bool = False  # it ran to its end (finish, run record); False: it stopped early (``prepare``,
+    # or another run doing its shards)
 
     @property
     def run_id(self) -> str:
@@ -76,8 +77,9 @@ class SubRun:
 
     folder: str  # under the parent's output.uri: "examples", "report/reference"
     # its config: gets a copy of the parent's with output.uri set to the folder, edits and returns it;
-    # None: this run needs no such sub-run (no --reference, a learned fit). The parent's ``check``
-    # reads the files the sub-run will, so that they fail in preflight, before the parent's own walk
+    # None: this run needs no such sub-run (no --reference, a learned fit). The files it reads are
+    # best checked by the parent's ``check`` (direction fit lists hspace.examples there), so that they
+    # fail before the parent's own walk; the sub-run's job has the preflight of any run besides
     config: Callable[[Run, JobConfig], JobConfig | None]
     hand_over: Callable[[Run, Run], None]  # (parent, the finished sub-run): the parent takes its result
     job: Job | None = None  # the job it runs; None: the parent's own
