@@ -1,8 +1,8 @@
 """direction fit: an h-space direction for `latentshift edit` (Asyrp, seed 001).
 
-mean-difference: invert input.uri (set A) and hspace.examples (set B, a run of its own whose
-outputs go under output.uri/examples/) to t0, walk back with DDIM recording h at each timestep,
-and write Δh_t = mean_B h_t − mean_A h_t. Per-batch sums merge on the driver (float64), so the
+mean-difference: invert input.uri (set A) and hspace.examples (set B, a sub-run whose outputs go
+under output.uri/examples/ and whose sums are handed to set A's run in memory) to t0, walk back
+with DDIM recording h at each timestep, and write Δh_t = mean_B h_t − mean_A h_t. Per-batch sums merge on the driver (float64), so the
 fit streams in bounded memory and any number of actors share it.
 learned: invert the first hspace.train.images of input.uri, then train a DeltaBlock f_t in one Ray
 task (a GPU when the actors get one) with the official loss and schedule.
@@ -13,15 +13,12 @@ file); the direction file records them with the model, grid and settings.
 
 from __future__ import annotations
 
-import posixpath
 import time
 
 import numpy as np
 
 from pipeline.errors import ConfigError, StorageError
-from pipeline.runtime.job import Built, Job, image_shards, provenance, source_latents
-
-MEANS_FILE = "h-means.safetensors"  # set B's run leaves its per-timestep means here, for set A's run
+from pipeline.runtime.job import Built, Job, SubRun, image_shards, provenance, source_latents
 
 
 def check(cfg) -> None:
@@ -132,27 +129,42 @@ def build(run, shards):
     return Built(ds, provenance(run, settings, source_latents(cfg, "ddim")), on_partial=sums.add)
 
 
-def _means_tensors(sums: Sums) -> dict[str, np.ndarray]:
-    out = {"count": np.array([sums.count], dtype=np.int64)}
-    out.update({name.removesuffix("_sum") + "_mean": sums.mean(name) for name in sums.sums})
-    return out
+def check_inverted(run) -> None:
+    """Some image of the run's input was inverted (set A's, or set B's in its own run): else nothing to fit."""
+    if run.state["sums"].count == 0:
+        raise StorageError(f"{run.cfg.input.uri}: no image could be inverted ({run.summary['rejected']} rejected, "
+                           f"see {run.store.path('_rejects')}); nothing to fit")
+
+
+def fitted_times(run) -> tuple[int, int, dict | None]:
+    """Set A checked and its t_edit / t_boost resolved, once: before set B is walked (``examples_config``)
+    and before any training, so that a fit that cannot finish stops at once."""
+    if "times" not in run.state:
+        check_inverted(run)
+        run.state["times"] = resolve_times(run.cfg, run.state["sums"])
+    return run.state["times"]
+
+
+def examples_config(run, cfg):
+    """Set B's run, for a mean difference: hspace.examples walked on set A's grid, no latents written,
+    no LPIPS curves. ``cfg`` is a copy of set A's, its output.uri already under examples/."""
+    if run.cfg.hspace.method != "mean-difference":
+        return None
+    fitted_times(run)
+    cfg.input.uri, cfg.output.latents = run.cfg.hspace.examples, "none"
+    cfg.hspace.t_edit = cfg.hspace.t_boost = cfg.hspace.lpips = None  # set B needs no LPIPS curves
+    return cfg
+
+
+def take_examples(run, examples) -> None:
+    run.state["examples"] = examples.state["sums"]
 
 
 def finish(run) -> None:
-    from pipeline.data.stats import write_tensor_file
-
+    """The direction file, from set A's sums (and, for a mean difference, set B's its sub-run handed over)."""
     cfg, sums, s = run.cfg, run.state["sums"], run.summary
-    if sums.count == 0:
-        raise StorageError(f"{cfg.input.uri}: no image could be inverted ({s['rejected']} rejected, "
-                           f"see {run.store.path('_rejects')}); nothing to fit")
-    if run.options.get("role") == "examples":  # set B: leave its means for set A's run
-        target = posixpath.join(cfg.output.uri.rstrip("/"), MEANS_FILE)
-        write_tensor_file(target, cfg.output.storage_options, _means_tensors(sums),
-                          {"timesteps": sums.timesteps, "count": sums.count})
-        s["means"] = target
-        return
     h = cfg.hspace
-    t_edit, t_boost, curves = resolve_times(cfg, sums)
+    t_edit, t_boost, curves = fitted_times(run)
     # grid: "schedule" snaps t0 onto the scheduler's grid, "linspace" keeps it (timesteps[0] is the t0 used)
     header = {"model": cfg.source.model, "condition": cfg.source.condition, "guidance_scale": cfg.source.guidance_scale,
               "timesteps": sums.timesteps, "t0": sums.timesteps[0], "t0_requested": h.t0, "steps": h.steps,
@@ -206,27 +218,15 @@ def text_cosine(cfg) -> float | None:
 
 
 def mean_difference(run, sums: Sums, header: dict) -> dict[str, np.ndarray]:
-    """Δh_t = mean over set B − mean over set A, per timestep of the grid."""
-    from pipeline.data.stats import read_tensor_file
-    from pipeline.runtime.envelope import run_job
-
-    cfg = run.cfg.model_copy(deep=True)
-    cfg.input.uri, cfg.output.latents = run.cfg.hspace.examples, "none"
-    cfg.output.uri = posixpath.join(run.cfg.output.uri.rstrip("/"), "examples")
-    cfg.hspace.t_edit = cfg.hspace.t_boost = cfg.hspace.lpips = None  # set B needs no LPIPS curves
-    means = run_job(JOB, cfg, overwrite=True, out=run.out, role="examples")["means"]
-    other, other_header = read_tensor_file(means, cfg.output.storage_options, ("h_mean", "count"), "means file",
-                                           "run `latentshift direction fit` again")
-    if other_header["timesteps"] != sums.timesteps:
-        raise StorageError(f"{means}: set B was walked on another grid; run `latentshift direction fit` again")
-    mean_a = sums.mean("h_sum")
-    deltas = (other["h_mean"] - mean_a).astype(np.float32)
+    """Δh_t = mean over set B − mean over set A, per timestep of the grid (set B's config keeps the grid)."""
+    other = run.state["examples"]
+    deltas = (other.mean("h_sum") - sums.mean("h_sum")).astype(np.float32)
     norms = np.sqrt((deltas.reshape(len(deltas), -1).astype(np.float64) ** 2).sum(1))
-    header.update(kind="table", examples=run.cfg.hspace.examples, count_b=int(other["count"][0]),
+    header.update(kind="table", examples=run.cfg.hspace.examples, count_b=other.count,
                   delta_norms=[round(float(v), 4) for v in norms],
                   h_norms_a=[round(float(v), 4) for v in sums.mean("h_norm_sum")],
-                  h_norms_b=[round(float(v), 4) for v in other["h_norm_mean"]])
-    run.summary["count_b"] = int(other["count"][0])
+                  h_norms_b=[round(float(v), 4) for v in other.mean("h_norm_sum")])
+    run.summary["count_b"] = other.count
     return {"deltas": deltas}
 
 
@@ -264,17 +264,23 @@ def summary_lines(s: dict) -> list[str]:
     return lines
 
 
-JOB = Job(
-    name="direction-fit",
-    command=("direction", "fit"),
-    help="fit an h-space direction (mean difference of two example sets, or a learned f_t) into hspace.direction",
-    requires=("input.uri", "output.uri", "source.model", "hspace.direction"),
-    units=lambda cfg: image_shards(cfg.input.uri, cfg.input.storage_options),
-    build=build,
-    models=("source",),
-    commits=("latents", "rejects", "examples"),
-    summary=summary_lines,
-    skip_committed=False,  # a fit covers every shard of its input, every time
-    check=check,
-    finish=finish,
-)
+def _job(**hooks) -> Job:
+    """The walk of both sets; set A's job adds its check, set B's sub-run and the direction file."""
+    return Job(
+        name="direction-fit",
+        command=("direction", "fit"),
+        help="fit an h-space direction (mean difference of two example sets, or a learned f_t) into hspace.direction",
+        requires=("input.uri", "output.uri", "source.model", "hspace.direction"),
+        units=lambda cfg: image_shards(cfg.input.uri, cfg.input.storage_options),
+        build=build,
+        models=("source",),
+        commits=("latents", "rejects", "examples"),
+        summary=summary_lines,
+        skip_committed=False,  # a fit covers every shard of its input, every time
+        **hooks,
+    )
+
+
+# set B: set A's check read its shards; its sums go to set A's run in memory, so it only checks them
+EXAMPLES = _job(finish=check_inverted)
+JOB = _job(check=check, finish=finish, subruns=(SubRun("examples", examples_config, take_examples, job=EXAMPLES),))

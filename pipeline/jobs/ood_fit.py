@@ -3,7 +3,8 @@
 
 read → decode → invert to t0 and fit (actor pool) → the driver merges partial fits (moments,
 and the latents that enter a bounded reservoir) → stats file; with ``--reference``, the
-in-domain shards are fitted the same way and an ID-vs-OOD report is written.
+in-domain shards are fitted the same way (a sub-run under report/reference/, handed over in
+memory) and an ID-vs-OOD report is written.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ import logging
 import posixpath
 
 from pipeline.errors import ConfigError, StorageError
-from pipeline.runtime.job import Built, Job, Option, image_shards, provenance, source_latents
+from pipeline.runtime.job import (
+    Built,
+    Job,
+    Option,
+    SubRun,
+    image_shards,
+    provenance,
+    source_latents,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,24 +114,23 @@ def finish(run) -> None:
         "mean": moments.mean.numpy(), "variance": moments.variance(cfg.ood.variance).numpy(),
         "reference": reservoir.latents.contiguous().numpy()}, header)
     s.update(stats=target, count=moments.count, t0=t0, t0_requested=cfg.ood.t0, geometry=geometry)
-    if run.options.get("reference"):
-        from pipeline.jobs.ood_report import write_report
-
-        s["report"] = write_report(run, run.options["reference"], reference_fit(run, run.options["reference"]))
 
 
-def reference_fit(run, reference: str) -> str:
-    """Fit the in-domain shards the same way, as a run of its own; returns its stats file.
+def reference_config(run, cfg):
+    """With ``--reference``: the in-domain shards, fitted the same way in a sub-run whose outputs (ledger,
+    rejects, stats) go under report/reference/ (``cfg``'s output.uri): its shard names may repeat the
+    OOD input's."""
+    if not run.options.get("reference"):
+        return None
+    cfg.input.uri, cfg.ood.stats, cfg.output.latents = run.options["reference"], None, "none"
+    return cfg
 
-    Its outputs (ledger, rejects, stats) go under report/reference/: its shard names may repeat
-    the OOD input's.
-    """
-    from pipeline.runtime.envelope import run_job
 
-    cfg = run.cfg.model_copy(deep=True)
-    cfg.input.uri, cfg.ood.stats, cfg.output.latents = reference, None, "none"
-    cfg.output.uri = posixpath.join(run.cfg.output.uri.rstrip("/"), "report", "reference")
-    return run_job(JOB, cfg, overwrite=True, out=run.out)["stats"]
+def report_against(run, reference) -> None:
+    """The ID-vs-OOD report, from this run's fit and the reference sub-run's, both in memory."""
+    from pipeline.jobs.ood_report import write_report
+
+    run.summary["report"] = write_report(run, reference)
 
 
 def summary_lines(s: dict) -> list[str]:
@@ -154,4 +162,6 @@ JOB = Job(
     prepare=prepare,
     finish=finish,
     options=(Option("--reference", "in-domain shards: also fit them and write an ID-vs-OOD report", "URI"),),
+    # after the finish: the OOD stats file is written whatever becomes of the reference fit
+    subruns=(SubRun("report/reference", reference_config, report_against, after="finish"),),
 )

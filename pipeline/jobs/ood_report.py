@@ -1,5 +1,6 @@
 """The ID-vs-OOD report of ``ood fit --reference``: compare the OOD fit of a run with the fit of
-the in-domain shards (made the same way, by ``ood_fit.reference_fit``): JSON + PNG under report/."""
+the in-domain shards (made the same way, by the sub-run ``ood_fit.reference_config`` declares,
+handed over in memory): JSON + PNG under report/."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import io
 import torch
 
 
-def write_report(run, reference: str, reference_stats: str) -> dict:
-    from pipeline.data.stats import read_stats
+def write_report(run, reference) -> dict:
+    """``run``: the OOD fit; ``reference``: the finished run that fitted the in-domain shards."""
     from pipeline.diffusion.ood import (
         measure_geometry,
         pairwise_distributions,
@@ -17,12 +18,13 @@ def write_report(run, reference: str, reference_stats: str) -> dict:
         separability,
     )
 
-    cfg, store, state = run.cfg, run.store, run.state
-    tensors, header = read_stats(reference_stats, cfg.output.storage_options)
+    cfg, store, state, id_state = run.cfg, run.store, run.state, reference.state
+    # the ID variance as its stats file holds it (ood.variance's kind), averaged in numpy as when read from it
+    id_variance = id_state["moments"].variance(reference.cfg.ood.variance).numpy().mean()
     fits = {"ood": {"count": state["moments"].count, "mean": state["moments"].mean,
                     "variance": float(state["moments"].variance("isotropic")), "latents": state["reservoir"].latents},
-            "id": {"count": header["count"], "mean": torch.tensor(tensors["mean"]),
-                   "variance": float(tensors["variance"].mean()), "latents": torch.tensor(tensors["reference"])}}
+            "id": {"count": id_state["moments"].count, "mean": id_state["moments"].mean,
+                   "variance": float(id_variance), "latents": id_state["reservoir"].latents}}
     sep = separability(fits["ood"]["mean"], fits["id"]["mean"])
     stats, raw = {}, {}
     for name, f in fits.items():
@@ -33,7 +35,8 @@ def write_report(run, reference: str, reference_stats: str) -> dict:
               "ood_to_id_distance_mean": float(cross["distance"].mean()),
               "selection": selection_rates(fits["ood"]["latents"], fits["id"]["latents"], cfg.ood),
               "distinguishable": sep["mean_distance"] > sep["d_quarter"],
-              "input": cfg.input.uri, "reference": reference, "model": cfg.source.model, "t0": state["timesteps"][0]}
+              "input": cfg.input.uri, "reference": run.options["reference"], "model": cfg.source.model,
+              "t0": state["timesteps"][0]}
     json_path, png_path = store.path("report", "ood_vs_id.json"), store.path("report", "ood_vs_id.png")
     store.put_json(json_path, report)
     store.put(png_path, _figure(raw, sep))

@@ -14,12 +14,16 @@
   clear        the staging of runs that are no longer alive: their uncommitted shards are redone
   run          the job builds its dataset; the driver writes and commits shard by shard
   end          whatever happened: claims still held are given up, this run's staging removed
+  sub-runs     the runs of their own the job declares (``Job.subruns``), each through this same
+               envelope under a folder of the output, its finished ``Run`` handed to the job in
+               memory: those ``after="commits"`` here, those ``after="finish"`` after the finish
   finish       the job's own outputs (e.g. the stats file)
   summary      printed, and kept as the run record ``_ledger/runs/<run id>.json``
 """
 
 from __future__ import annotations
 
+import posixpath
 import sys
 import time
 import uuid
@@ -29,8 +33,8 @@ from pipeline.data.claims import keep_alive
 from pipeline.data.ledger import ShardLedger
 from pipeline.data.outputs import OutputStore
 from pipeline.data.shards import ShardRef
-from pipeline.errors import LatentshiftError
-from pipeline.runtime.job import Job, Run
+from pipeline.errors import LatentshiftError, StorageError
+from pipeline.runtime.job import Job, Run, SubRun
 from pipeline.runtime.models import actor_failure, check_models
 
 
@@ -54,6 +58,11 @@ def open_output(uri: str, storage_options: dict, control: str = "") -> OutputSto
 
 def run_job(job: Job, cfg: JobConfig, overwrite: bool = False, out=sys.stdout, **options) -> dict:
     """Run ``job`` over every shard not yet committed; print and return the summary."""
+    return _run(job, cfg, overwrite, out, options).summary
+
+
+def _run(job: Job, cfg: JobConfig, overwrite: bool, out, options: dict) -> Run:
+    """The envelope, step by step (see the module's docstring); returns the run, its summary filled."""
     from pipeline.runtime.driver import write_and_commit
     from pipeline.runtime.ray_env import init_ray
 
@@ -69,7 +78,8 @@ def run_job(job: Job, cfg: JobConfig, overwrite: bool = False, out=sys.stdout, *
     if job.prepare is not None:
         early = job.prepare(run)
         if early is not None:
-            return early
+            run.summary = early
+            return run
     done = set() if overwrite or not job.skip_committed else run.ledger.committed()
     todo = [s for s in shards if s.name not in done]
     s = run.summary
@@ -84,7 +94,7 @@ def run_job(job: Job, cfg: JobConfig, overwrite: bool = False, out=sys.stdout, *
                 if not mine:
                     out.write(_elsewhere_line(run) + "\n")
                     out.flush()
-                    return s
+                    return run
                 check_models(job, cfg)  # only when there is model work: a run with nothing to do loads none
                 run.ledger.clear_dead_staging()
                 init_ray()
@@ -97,15 +107,40 @@ def run_job(job: Job, cfg: JobConfig, overwrite: bool = False, out=sys.stdout, *
                 raise failure from exc  # the CLI prints the one line; --verbose, the chain from the actor
             finally:
                 run.ledger.finish([t.name for t in todo])
+    _sub_runs(run, "commits")
     if job.finish is not None:
         job.finish(run)
+    _sub_runs(run, "finish")
     elapsed = time.time() - started
     s["seconds"] = round(elapsed, 3)
     s["images_per_second"] = round(s["images"] / elapsed, 3) if elapsed > 0 else 0.0
     run.ledger.record_run(s)
     out.write("\n".join(summary_lines(s) + job.summary(s)) + "\n")
     out.flush()
-    return s
+    run.finished = True
+    return run
+
+
+def _sub_runs(parent: Run, after: str) -> None:
+    for sub in parent.job.subruns:
+        if sub.after == after:
+            _sub_run(parent, sub)
+
+
+def _sub_run(parent: Run, sub: SubRun) -> None:
+    """One declared sub-run: its config derived from the parent's, run through the envelope under
+    ``sub.folder`` (its own ledger, claims, rejects, run record and summary lines) redoing every
+    shard, then handed to the parent in memory."""
+    cfg = parent.cfg.model_copy(deep=True)
+    cfg.output.uri = posixpath.join(parent.cfg.output.uri.rstrip("/"), sub.folder)
+    cfg = sub.config(parent, cfg)
+    if cfg is None:
+        return
+    run = _run(sub.job or parent.job, cfg, overwrite=True, out=parent.out, options={})
+    if not run.finished:  # another run walks the same input into the same folder now (its line said so)
+        raise StorageError(f"{cfg.output.uri}: another run of {parent.job.name} is doing this part now; "
+                           f"run `latentshift {' '.join(parent.job.command)}` again once it has ended")
+    sub.hand_over(parent, run)
 
 
 def _take_shards(run: Run, todo: list[ShardRef]) -> list[ShardRef]:

@@ -1,5 +1,6 @@
 """What a job is, to the runtime: a ``Job`` (what it needs, how its rows are built, what it
-commits, what it says) and the ``Run`` it gets handed (config, output store, ledger, run id).
+commits, what it says, the ``SubRun``s it needs) and the ``Run`` it gets handed (config, output
+store, ledger, run id).
 
 A job module in ``pipeline/jobs/`` defines one ``JOB = Job(...)``; the registry in
 ``pipeline/jobs/__init__.py`` lists them; ``runtime.envelope.run_job`` runs any of them.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 from pipeline.config import JobConfig
 from pipeline.data.ledger import ShardLedger
@@ -44,6 +45,8 @@ class Run:
     summary: dict[str, Any] = field(default_factory=dict)  # the job adds its own figures here
     state: dict[str, Any] = field(default_factory=dict)  # the job's scratch space between its hooks
     out: TextIO = sys.stdout  # where the summary goes
+    finished: bool = False  # it ran to its end (finish, run record); False: it stopped early (``prepare``,
+    # or another run doing its shards)
 
     @property
     def run_id(self) -> str:
@@ -61,6 +64,28 @@ class Built:
 
 def no_lines(summary: dict) -> list[str]:
     return []
+
+
+@dataclass(frozen=True)
+class SubRun:
+    """A run of its own that a job's run needs: set B of a direction fit, the in-domain fit of an
+    OOD report. The envelope (``runtime.envelope``) runs it under the parent's output, in
+    ``folder``, with its own ledger, claims and rejects, redoing every shard each time: its result
+    is handed over in memory (the ``Run`` its hooks filled, e.g. with the PARTIAL rows merged by
+    ``Built.on_partial``), so a shard it skipped as committed would hand over nothing.
+    """
+
+    folder: str  # under the parent's output.uri: "examples", "report/reference"
+    # its config: gets a copy of the parent's with output.uri set to the folder, edits and returns it;
+    # None: this run needs no such sub-run (no --reference, a learned fit). The files it reads are
+    # best checked by the parent's ``check`` (direction fit lists hspace.examples there), so that they
+    # fail before the parent's own walk; the sub-run's job has the preflight of any run besides
+    config: Callable[[Run, JobConfig], JobConfig | None]
+    hand_over: Callable[[Run, Run], None]  # (parent, the finished sub-run): the parent takes its result
+    job: Job | None = None  # the job it runs; None: the parent's own
+    # "commits": after the parent's commits, before its finish (the finish uses the result);
+    # "finish": after the parent's finish (the result adds to what the finish wrote)
+    after: Literal["commits", "finish"] = "commits"
 
 
 @dataclass(frozen=True)
@@ -85,6 +110,7 @@ class Job:
     options: tuple[Option, ...] = ()
     models: tuple[str, ...] = ()  # model sections it loads ("source", "target"): resolved in preflight
     control: str = ""  # a job adding to another's output keeps its ledger, claims and rejects under this folder
+    subruns: tuple[SubRun, ...] = ()  # runs of their own it needs, run by the envelope (see SubRun)
 
 
 # ---- helpers job modules share ------------------------------------------------------
