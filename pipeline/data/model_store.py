@@ -2,7 +2,8 @@
 
 ``resolve_model`` does everything about a model that can fail without torch: it turns a
 source (``bundled:<name>``, a local folder or ``file://``, an ``s3://`` / ``gs://`` folder,
-a hub id) into a local folder, reads its component layout, and applies the pickle policy
+a hub id) into a local folder, checks its component layout against its model family
+(``pipeline/model_layout.py``, the description the denoiser loads by), and applies the pickle policy
 (safetensors only unless ``allow_pickle``). It reads JSON, lists files and opens the headers of
 the safetensors files (no tensor is read), so a preflight can call it cheaply before Ray
 starts; ``pipeline.diffusion.load_denoiser`` then assembles the returned folder into a

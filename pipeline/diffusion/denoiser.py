@@ -28,6 +28,7 @@ from pipeline.model_layout import (
     CONFIG,
     FIRST_STAGES,
     SCHEDULER_CONFIG,
+    Family,
     check_needs,
     read_json,
     unet_family,
@@ -262,9 +263,8 @@ def check_weights_fit(folder, *, source: str | None = None) -> None:
         files = sorted((path / name).glob("*.safetensors"))
         if not files:
             continue  # pickle weights (allow_pickle) are checked when loaded
-        build = first_stage.build if name in FIRST_STAGES else families.adapter(family).build
         with torch.device("meta"):
-            model = build(name, read_json(path / name / CONFIG))
+            model = _empty_network(family, name, read_json(path / name / CONFIG))
         if model is None:
             continue  # an unsupported class is load_denoiser's message
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -277,3 +277,14 @@ def check_weights_fit(folder, *, source: str | None = None) -> None:
                             f"model {source!r}: {name}/{f.name} holds {key} of shape {list(shape)}, but "
                             f"{name}/config.json builds {list(expected[key])}: the weights do not fit this config"
                         )
+
+
+def _empty_network(family: Family, name: str, config: dict) -> torch.nn.Module | None:
+    """Component ``name`` of a ``family`` model built from its config, without weights."""
+    import diffusers
+
+    if name == "unet":
+        return getattr(diffusers, family.unet_class).from_config(config)
+    if name in FIRST_STAGES:
+        return first_stage.build(name, config)
+    return families.adapter(family).build(name, config)

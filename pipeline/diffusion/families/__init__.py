@@ -10,8 +10,8 @@ here holds the rest, as module-level names:
   as an object with ``conditioning`` ("none" | "class" | "text"), ``conditions(items)`` (one checked
   condition per sample), ``unconditional()`` (the condition of the guidance branch) and
   ``forward(unet, x, ts, conds)`` (the network's raw output for x_t at timesteps ts);
-- ``build(name, config)``: the network of one of its weight-bearing components from its config,
-  without weights (``check_weights_fit`` builds it on the meta device).
+- ``build(name, config)``, for a family with ``encoders``: the network of one of them from its
+  config, without weights (``check_weights_fit`` builds it on the meta device).
 
 The first stage of a latent model (``first_stage.py``) goes with any family. A new family is a
 module here, its ``Family`` entry, and a line below.

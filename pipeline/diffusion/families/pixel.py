@@ -65,9 +65,3 @@ def load(parts: Components, unet_config: dict, null_class: int | None) -> PixelF
         raise ModelLoadError(f"model {parts.source!r}: null_class {null_class} is not in 0..{n - 1}")
     return family
 
-
-def build(name: str, config: dict) -> torch.nn.Module:
-    """The unet from its config, without weights."""
-    import diffusers
-
-    return getattr(diffusers, FAMILY.unet_class).from_config(config)

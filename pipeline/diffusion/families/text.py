@@ -64,13 +64,9 @@ def load(parts: Components, unet_config: dict, null_class: int | None) -> TextFa
 
 
 def build(name: str, config: dict) -> torch.nn.Module:
-    """The unet or the text encoder from its config, without weights."""
-    if name == "text_encoder":
-        cls = _text_encoder_class(config)
-        return cls(cls.config_class.from_dict(config))
-    import diffusers
-
-    return getattr(diffusers, FAMILY.unet_class).from_config(config)
+    """The text encoder (``name`` is FAMILY.encoders' one) from its config, without weights."""
+    cls = _text_encoder_class(config)
+    return cls(cls.config_class.from_dict(config))
 
 
 def _text_encoder_class(config: dict):
