@@ -19,6 +19,8 @@ FAMILY = PIXEL
 
 @dataclass
 class PixelFamily:
+    """How a UNet2DModel is conditioned and called: class labels, or nothing."""
+
     source: str
     conditioning: str  # "class" (the unet has class embeddings) or "none"
     num_class_embeds: int | None = None
@@ -64,4 +66,3 @@ def load(parts: Components, unet_config: dict, null_class: int | None) -> PixelF
     if n and null_class is not None and not 0 <= null_class < n:
         raise ModelLoadError(f"model {parts.source!r}: null_class {null_class} is not in 0..{n - 1}")
     return family
-

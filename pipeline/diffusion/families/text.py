@@ -19,6 +19,8 @@ PROMPT_CACHE = 4096  # prompts whose hidden states are kept (batches repeat prom
 
 @dataclass
 class TextFamily:
+    """How a UNet2DConditionModel is conditioned and called: prompts through the text encoder."""
+
     source: str
     text_encoder: torch.nn.Module
     tokenizer: object
