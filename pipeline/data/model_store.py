@@ -2,7 +2,8 @@
 
 ``resolve_model`` does everything about a model that can fail without torch: it turns a
 source (``bundled:<name>``, a local folder or ``file://``, an ``s3://`` / ``gs://`` folder,
-a hub id) into a local folder, reads its component layout, and applies the pickle policy
+a hub id) into a local folder, checks its component layout against its model family
+(``pipeline/model_layout.py``, the description the denoiser loads by), and applies the pickle policy
 (safetensors only unless ``allow_pickle``). It reads JSON, lists files and opens the headers of
 the safetensors files (no tensor is read), so a preflight can call it cheaply before Ray
 starts; ``pipeline.diffusion.load_denoiser`` then assembles the returned folder into a
@@ -11,7 +12,6 @@ starts; ``pipeline.diffusion.load_denoiser`` then assembles the returned folder 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -20,13 +20,12 @@ from pathlib import Path
 
 from pipeline.data.filesystems import is_remote
 from pipeline.errors import ModelLoadError
+from pipeline.model_layout import COMPONENTS, check_needs, read_json, unet_family, weight_components
 
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-COMPONENTS = ("unet", "scheduler", "vae", "vqvae", "text_encoder", "tokenizer")  # vqvae/: LDMPipeline's VQModel
-UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 BUNDLED_DIR = Path(__file__).resolve().parents[1] / "assets"
 
 
@@ -50,14 +49,10 @@ def resolve_model(
     """Resolve ``source`` to a local folder and check it; raises ModelLoadError / StorageError."""
     folder = resolve_model_folder(source, storage_options, cache_dir)
     comps = _components(folder, source)
-    unet_cls = _unet_class(comps["unet"], source)
-    conditional = unet_cls == "UNet2DConditionModel"
-    if conditional and ("text_encoder" not in comps or "tokenizer" not in comps):
-        raise ModelLoadError(f"model {source!r}: a UNet2DConditionModel needs text_encoder/ and tokenizer/")
-    # the weight-bearing components load_denoiser loads (a text encoder only for a conditional unet)
-    for name in ("unet", "vae", "vqvae", "text_encoder"):
-        if name in comps and (name != "text_encoder" or conditional):
-            _check_weights(comps[name], name, source, allow_pickle)
+    family, _ = unet_family(comps["unet"], source)
+    check_needs(family, comps, source)
+    for name in weight_components(family, comps):  # the ones load_denoiser loads
+        _check_weights(comps[name], name, source, allow_pickle)
     return ModelFolder(source=source, path=folder, components=tuple(comps), allow_pickle=allow_pickle)
 
 
@@ -97,18 +92,11 @@ def _download_from_hub(repo_id: str) -> Path:
         raise ModelLoadError(f"{hint} ({type(exc).__name__}); pass a local folder or an s3:// copy of it") from None
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"cannot read {path}: {exc}") from None
-
-
 def _components(folder: Path, source: str) -> dict[str, Path]:
     """Component name → subfolder, from model_index.json or the unet/ + scheduler/ layout."""
     index = folder / "model_index.json"
     if index.exists():
-        spec = _read_json(index)
+        spec = read_json(index)
         comps = {k: folder / k for k in COMPONENTS if isinstance(spec.get(k), list) and spec[k][0] is not None}
     else:
         comps = {k: folder / k for k in COMPONENTS if (folder / k).is_dir()}
@@ -120,13 +108,6 @@ def _components(folder: Path, source: str) -> dict[str, Path]:
         if not p.is_dir():
             raise ModelLoadError(f"model {source!r}: component {k!r} is listed but {p.name}/ is missing")
     return comps
-
-
-def _unet_class(unet: Path, source: str) -> str:
-    name = _read_json(unet / "config.json").get("_class_name", "UNet2DModel")
-    if name not in UNET_CLASSES:
-        raise ModelLoadError(f"model {source!r}: unet class {name} is not supported (UNet2DModel, UNet2DConditionModel)")
-    return name
 
 
 def _check_safetensors(path: Path, name: str, source: str) -> None:
@@ -165,7 +146,5 @@ def _check_weights(component: Path, name: str, source: str, allow_pickle: bool) 
 def unet_conditioning(folder: ModelFolder) -> str:
     """What the model's UNet is conditioned on, from its config alone (no torch): "text" (a
     UNet2DConditionModel with its text encoder), "class" (class embeddings) or "none"."""
-    cfg = _read_json(folder.path / "unet" / "config.json")
-    if _unet_class(folder.path / "unet", folder.source) == "UNet2DConditionModel":
-        return "text"
-    return "class" if cfg.get("num_class_embeds") else "none"
+    family, config = unet_family(folder.path / "unet", folder.source)
+    return family.conditioning(config)

@@ -1,7 +1,7 @@
 """Pure torch diffusion maths: schedules, encoders, decoders. No Ray, no data I/O.
 
 ``denoiser.load_denoiser`` is the one entry that reads files: the weights and configs of a
-*local* diffusers folder. It resolves no model sources and imports nothing from
+*local* diffusers folder, through the adapter of its model family (``families/``). It resolves no model sources and imports nothing from
 ``pipeline.data``; ``pipeline.data.model_store.resolve_model`` turns ``bundled:``, ``s3://``,
 ``gs://`` and hub-id sources into a checked local folder (and applies the pickle policy) first.
 """

@@ -14,7 +14,8 @@ PKG = ROOT / "pipeline"
 
 # Imports point down this list only (a layer may use any layer below it; config and errors are
 # for everyone). diffusion, data and metrics are one level but must not use each other's code
-# except as stated in ALLOWED_SIDEWAYS.
+# except as stated in ALLOWED_SIDEWAYS. model_layout is shared because the model store (data)
+# checks a model folder against the same family description the denoiser (diffusion) loads it by.
 LAYERS = [
     {"cli"},
     {"cluster", "demo", "tools"},
@@ -23,7 +24,7 @@ LAYERS = [
     {"stages"},
     {"diffusion", "data", "metrics"},
 ]
-SHARED = {"config", "errors", "assets"}
+SHARED = {"config", "errors", "assets", "model_layout"}
 ALLOWED_SIDEWAYS: set[tuple[str, str]] = set()
 
 
