@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from pipeline.config import ClipConfig, ModelConfig, ScoreConfig
 from pipeline.errors import ConfigError
 
 log = logging.getLogger("latentshift.preflight")
@@ -62,3 +63,39 @@ def check_condition_fits(cfg, folder) -> None:
         raise ConfigError(f"config error: source.condition = {condition!r} is a prompt, but source.model "
                           f"{cfg.source.model!r} is class-conditional; give a class index (or null with "
                           "source.null_class)")
+
+
+def check_scoring(clip: ClipConfig, score: ScoreConfig, source: ModelConfig, target: ModelConfig,
+                  directional: bool = True) -> None:
+    """CLIP scores (score, translate's score.inline, the search's ranking): the texts resolve and the
+    checkpoint passes ``check_clip_checkpoint``."""
+    from pipeline.metrics.scorer import score_texts
+
+    score_texts(score, source, target, directional)  # the cheap check first: no file is read for a missing text
+    check_clip_checkpoint(clip, "CLIP scores need")
+
+
+def check_clip_checkpoint(clip: ClipConfig, who: str) -> None:
+    """The ``clip`` section, through the checks the actor's load applies: ``clip.pretrained`` is set
+    and readable (an s3:// one is fetched into the model cache now, which the actors then reuse),
+    safetensors (or a pickle with ``clip.allow_pickle``) whose header and tensor extents are sound, and
+    its shapes fit ``clip.model`` built on the meta device. No tensor is read. ``who`` says what needs
+    the checkpoint ("CLIP scores need")."""
+    from pipeline.data.model_cache import materialize_file
+    from pipeline.errors import StorageError
+    from pipeline.metrics.clip import check_clip_files
+
+    if not (clip.pretrained or "").strip():
+        raise ConfigError(f"config error: clip.pretrained is not set; {who} a local or s3:// open_clip "
+                          "checkpoint (.safetensors; latentshift never downloads one)")
+    try:
+        path = materialize_file(clip.pretrained, clip.storage_options)
+    except StorageError as exc:
+        raise ConfigError(f"config error: clip.pretrained {clip.pretrained!r}: {_without_uri(str(exc), clip.pretrained)}"
+                          ) from None
+    check_clip_files(clip.model, path, allow_pickle=clip.allow_pickle, shown=clip.pretrained)
+
+
+def _without_uri(message: str, uri: str) -> str:
+    """A storage error's text without its leading ``URI:`` (the caller names the URI with its key)."""
+    return message.removeprefix(f"{uri}:").strip() or message

@@ -54,7 +54,7 @@ def check_files(cfg) -> None:
     if h.lpips:
         check_lpips(h)
     if (h.method == "learned" and h.train.loss == "clip") or (h.source_text and h.target_text and cfg.clip.pretrained):
-        from pipeline.stages.score import check_clip_checkpoint
+        from pipeline.jobs.checks import check_clip_checkpoint
 
         check_clip_checkpoint(cfg.clip, "the CLIP loss and cos(source_text, target_text) need")
     if isinstance(h.t_edit, int):  # auto comes from curves on this very grid; null is the official 500

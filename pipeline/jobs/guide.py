@@ -21,7 +21,7 @@ def check(cfg) -> None:
     """What the energy and the decoder need, named by key, before any model loads."""
     g = cfg.guide
     if g.energy == "clip":
-        from pipeline.stages.score import check_clip_checkpoint
+        from pipeline.jobs.checks import check_clip_checkpoint
 
         if not g.text:
             raise ConfigError("config error: guide.text is not set; guide.energy clip needs the prompt c")

@@ -18,7 +18,7 @@ def directional(cfg) -> bool:
 
 
 def check(cfg) -> None:
-    from pipeline.stages.score import check_scoring
+    from pipeline.jobs.checks import check_scoring
 
     check_scoring(cfg.clip, cfg.score, cfg.source, cfg.target, directional(cfg))
 
@@ -49,8 +49,11 @@ def prepare(run) -> None:
 def build(run, shards):
     import ray.data
 
+    from pipeline.metrics.scorer import score_texts
     from pipeline.runtime.ray_env import model_stage
-    from pipeline.stages.score import ScoreStage, decode_pairs, read_pairs, score_texts
+    from pipeline.stages.images import decode_pairs
+    from pipeline.stages.read import read_pairs
+    from pipeline.stages.score import ScoreStage
 
     cfg = run.cfg
     ds = ray.data.from_items([{"uri": s.uri, "name": s.name} for s in shards], override_num_blocks=len(shards))

@@ -9,8 +9,7 @@ from pipeline.runtime.job import Built, Job, image_shards, provenance
 def check(cfg) -> None:
     """One text-conditional model, the dpm encoder, a grid that fits sampler.steps, a CLIP checkpoint that loads
     into clip.model: before any model loads."""
-    from pipeline.jobs.checks import require_text_model
-    from pipeline.stages.score import check_scoring
+    from pipeline.jobs.checks import check_scoring, require_text_model
     from pipeline.stages.search import search_grid
 
     if cfg.target.model not in (None, cfg.source.model):
@@ -35,8 +34,8 @@ def check(cfg) -> None:
 
 def build(run, shards):
     from pipeline.diffusion.noise import GENERATOR
+    from pipeline.metrics.scorer import score_texts
     from pipeline.runtime.ray_env import model_stage, read_images
-    from pipeline.stages.score import score_texts
     from pipeline.stages.search import SearchStage, search_grid
 
     cfg = run.cfg

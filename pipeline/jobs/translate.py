@@ -13,7 +13,7 @@ from pipeline.runtime.job import (
 def check(cfg) -> None:
     """score.inline: the CLIP checkpoint key and both texts, before any model loads."""
     if cfg.score.inline:
-        from pipeline.stages.score import check_scoring
+        from pipeline.jobs.checks import check_scoring
 
         check_scoring(cfg.clip, cfg.score, cfg.source, cfg.target)
 
@@ -29,7 +29,7 @@ def build(run, shards):
                 "source_guidance": cfg.source.guidance_scale, "target_model": cfg.target.model,
                 "target_condition": cfg.target.condition, "target_guidance": cfg.target.guidance_scale}
     if cfg.score.inline:  # what the clip_score / directional of each sample were measured with
-        from pipeline.stages.score import score_texts
+        from pipeline.metrics.scorer import score_texts
 
         source_text, target_text = score_texts(cfg.score, cfg.source, cfg.target)
         settings["score"] = {"clip_model": cfg.clip.model, "clip_pretrained": cfg.clip.pretrained,

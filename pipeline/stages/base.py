@@ -24,12 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.config import ModelConfig, OutputConfig
+from pipeline.config import ClipConfig, ModelConfig, OutputConfig, ScoreConfig
 from pipeline.data.model_store import resolve_model
 from pipeline.data.profile import StageProfile, now
 from pipeline.data.rows import RowBuffer, RowKind, rows_of
 from pipeline.diffusion import Denoiser, Latent, load_denoiser, sample_seed
 from pipeline.errors import ConfigError, DeviceMemoryError, FileLoadError
+from pipeline.metrics.scorer import Scorer, score_texts
 
 MODEL_FIX = "give a complete diffusers model folder whose weights match its configs (download or export it again)"
 CLIP_FIX = "give a complete open_clip checkpoint (safetensors) of the architecture clip.model names"
@@ -96,6 +97,16 @@ def load_clip_section(clip, device):
         path = materialize_file(clip.pretrained, clip.storage_options)
         return load_clip(clip.model, str(path), device=device, allow_pickle=clip.allow_pickle,
                          antialias=clip.antialias)
+
+
+def load_scorer(clip: ClipConfig, score: ScoreConfig, source: ModelConfig, target: ModelConfig, device=None,
+                directional: bool = True) -> Scorer:
+    """The ``clip`` section's CLIP and the texts ``score`` (or the model sections' prompts) name, as a
+    ``Scorer`` on ``device`` (``None``: cuda when there is one); without ``directional`` no source text."""
+    source_text, target_text = score_texts(score, source, target, directional)
+    # float32 whatever runtime.dtype says: scores are measurements, kept comparable across runs and devices
+    model = load_clip_section(clip, device if device is not None else "auto")
+    return Scorer(model, source_text, target_text, score.templates)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Read stage: one input shard (or latent file) → one row per sample, rejects included.
+"""Read stage: one input shard (or latent file, or output shard with its input) → one row per sample,
+rejects included.
 
 Each reader first claims its shard (none of its rows are read when another live run holds it),
 then tells the shard ledger how many rows the shard has, which is what lets the driver commit
@@ -21,20 +22,33 @@ the decode stage rejects later is named by its image member; the reject line's f
 documented at ``pipeline.data.output_kinds.reject_line``.
 
 All reasons are deterministic (no object addresses), so two reads of one input give the same rows.
+
+The score job reads pairs (``read_pairs``): each committed output shard (``images/<shard>.tar``)
+with the input shard of the same basename, paired by ``__key__``; both images are then decoded to
+``image.size`` (pipeline/stages/images.py: decode_pairs) as translate decoded its input, so
+re-scoring an output gives the numbers translate gave inline.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Sequence
 
 from pipeline.data.filesystems import get_bytes, url_to_fs
 from pipeline.data.images import IMAGE_EXTENSIONS
 from pipeline.data.ledger import ShardLedger
-from pipeline.data.rows import INPUT_COLUMNS, LATENT_INPUT_COLUMNS, RowBuffer, RowKind
+from pipeline.data.rows import (
+    INPUT_COLUMNS,
+    LATENT_INPUT_COLUMNS,
+    SCORE_READ_COLUMNS,
+    RowBuffer,
+    RowKind,
+)
 from pipeline.data.shards import (
     DROPPED_MEMBER,
     EMPTY_IMAGE,
+    INPUT_IMAGE,
     METADATA_EXTENSIONS,
     TarDamage,
     TarSample,
@@ -44,6 +58,14 @@ from pipeline.data.shards import (
 )
 
 MAX_REASON = 2000  # characters; a longer reason is cut, with "…" at the end
+
+
+def _reject(rows: RowBuffer, members: dict[int, str], shard: str, key: str, error: str, member: str = "") -> None:
+    """A REJECT row (its reason cut to MAX_REASON), and the member it is about for ShardLedger.expect."""
+    if member:
+        members[len(rows)] = member
+    error = error if len(error) <= MAX_REASON else error[: MAX_REASON - 1] + "…"
+    rows.add(shard=shard, key=key, index=len(rows), kind=RowKind.REJECT, error=error, member=member)
 
 
 def _listing(rows: RowBuffer) -> list[dict]:
@@ -84,12 +106,7 @@ def read_shard(item: dict, storage_options: dict, ledger: ShardLedger,
     rows = RowBuffer(INPUT_COLUMNS)
     members: dict[int, str] = {}  # row index → the member it is about (ShardLedger.expect)
 
-    def reject(key: str, error: str, member: str = "") -> None:
-        if len(error) > MAX_REASON:
-            error = error[: MAX_REASON - 1] + "…"
-        if member:
-            members[len(rows)] = member
-        rows.add(shard=shard, key=key, index=len(rows), kind=RowKind.REJECT, error=error, member=member)
+    reject = functools.partial(_reject, rows, members, shard)
 
     def drop(key: str, name: str, reason: str) -> None:
         reject(key, f"{DROPPED_MEMBER} {name!r}: {reason}", member=name)
@@ -173,4 +190,86 @@ def read_latent_file(item: dict, storage_options: dict, ledger: ShardLedger) -> 
         rows.add(shard=shard, index=len(rows), kind=RowKind.REJECT,
                  error=f"cannot read latents {uri}: {type(exc).__name__}: {clean_message(str(exc))}"[:500])
     ledger.expect(shard, len(rows))
+    return _listing(rows)
+
+
+def _input_images(uri: str | None, shard: str, storage_options: dict) -> tuple[dict[str, tuple[str, bytes]], str]:
+    """key → (member name, encoded image) of the input shard, and why a key may be missing from it.
+    An empty image member is in it with its empty bytes: the reject says "empty image member", as
+    read_shard's does, not that the key is missing."""
+    if uri is None:
+        return {}, f"no input shard {shard}.tar under input.uri"
+    data, failure = fetch_shard(uri, storage_options)
+    if data is None:  # every sample of the shard becomes a reject naming it
+        return {}, f"cannot read input shard {uri}: {failure}"
+    found: dict[str, tuple[str, bytes]] = {}
+    why = f"not in input shard {uri}"
+    for sample in iter_tar_samples(io.BytesIO(data)):
+        if isinstance(sample, Exception):
+            why = f"not in input shard {uri} (it is damaged: {clean_message(str(sample))})"
+            break
+        image = image_member(sample.members) if not sample.error else None
+        if image is not None and sample.key not in found:  # the first occurrence, as read_shard keeps
+            found[sample.key] = (sample.names[image[0]], image[1])
+    return found, why
+
+
+def read_pairs(item: dict, storage_options: dict, input_uris: dict[str, str] | None, input_storage_options: dict,
+               ledger: ShardLedger) -> list[dict]:
+    """One committed output shard (``item``: its images tar) → one row per sample: the output image,
+    and with ``input_uris`` (directional CLIP) the input image of the same key from the input shard
+    of the same basename. A sample without its input image is a REJECT naming the key and the shard."""
+    shard, uri = item["name"], item["uri"]
+    if not ledger.begin(shard):  # another live score run is doing it (or committed it meanwhile)
+        return []
+    rows = RowBuffer(SCORE_READ_COLUMNS)
+    members: dict[int, str] = {}  # row index → the member it is about (ShardLedger.expect) …
+    input_members: dict[int, str] = {}  # … and a pair's input image member, for a reject of that image
+
+    reject = functools.partial(_reject, rows, members, shard)
+
+    inputs, missing = (None, "") if input_uris is None else _input_images(input_uris.get(shard), shard,
+                                                                          input_storage_options)
+    data, failure = fetch_shard(uri, storage_options)
+    if data is None:
+        reject("", f"cannot read output shard {uri}: {failure}")
+    seen: set[str] = set()
+    for sample in iter_tar_samples(io.BytesIO(data)) if data is not None else ():
+        if isinstance(sample, Exception):
+            partial = sample.partial if isinstance(sample, TarDamage) else None
+            key, member = (partial.key, sample.member or "") if partial is not None else ("", "")
+            reject(key, f"corrupt or truncated output shard {uri}: {sample}", member=member)
+            continue
+        if sample.error or not sample.members:  # the raw key, even an unsafe one: the line is joined by it
+            lone = sample.dropped[0][0] if len(sample.dropped) == 1 and not sample.members else ""
+            reject(sample.key, f"output shard {uri}: {sample.error or 'a group with no usable member'}", member=lone)
+            continue
+        if sample.key in seen:
+            reject(sample.key, f"duplicate key in output shard {uri}, first occurrence scored")
+            continue
+        seen.add(sample.key)
+        found = image_member(sample.members)
+        if found is None:
+            reject(sample.key, f"no image member in output shard {uri} (key {sample.key!r})")
+            continue
+        name = sample.names[found[0]]
+        if not found[1]:
+            reject(sample.key, f"{EMPTY_IMAGE} {name!r} in output shard {uri} (key {sample.key!r})", member=name)
+            continue
+        row = {"shard": shard, "key": sample.key, "index": len(rows), "kind": RowKind.SAMPLE, "image": found[1],
+               "image_name": name}
+        if inputs is not None:
+            if sample.key not in inputs:
+                reject(sample.key, f"{INPUT_IMAGE} missing: key {sample.key!r} of shard {shard!r} is {missing}")
+                continue
+            input_name, input_image = inputs[sample.key]
+            if not input_image:
+                reject(sample.key, f"{EMPTY_IMAGE} {input_name!r} in input shard {input_uris[shard]} "
+                                   f"(key {sample.key!r})", member=input_name)
+                continue
+            row["input_image"] = input_image
+            input_members[len(rows)] = input_name
+        members[len(rows)] = name  # what a decode reject of the pair is about (the input's: input_members)
+        rows.add(**row)
+    ledger.expect(shard, len(rows), members, input_members)
     return _listing(rows)

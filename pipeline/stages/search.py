@@ -24,8 +24,7 @@ from pipeline.config import (
 from pipeline.data.rows import RowBuffer
 from pipeline.diffusion.search import SearchGrid, SearchResult, zero_shot_search
 from pipeline.metrics.clip import clip_score, directional_similarity
-from pipeline.stages.base import ModelStage, Work, load_model
-from pipeline.stages.score import Scorer
+from pipeline.stages.base import ModelStage, Work, load_model, load_scorer
 from pipeline.stages.tensors import to_model_range, to_uint8_tensor
 
 CLIP_CHUNK = 64  # images per CLIP forward: a walk may decode hundreds of candidates at once
@@ -60,7 +59,7 @@ class SearchStage(ModelStage):
         self.search_grid = search_grid(search, sampler)
         self.full_grid = self.source.schedule.grid(sampler.steps)  # each winner's walk starts at full[skip]
         # CLIP and the texts' features (the official ranking: plain prompts, clean_clip.py:24-27), loaded once
-        self.scorer = Scorer.load(clip, score, source, target, self.source.device)
+        self.scorer = load_scorer(clip, score, source, target, self.source.device)
         self.ready()
 
     def prepare(self, batch: dict) -> Work:

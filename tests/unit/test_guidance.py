@@ -461,7 +461,7 @@ def test_the_paper_config_is_the_official_ldm_run_and_its_scheduler_walks_ldms_g
     from pipeline.jobs.guide import check
 
     # no s3 here: the files are not read, the model is taken to be what the paper's LDM is (unconditional)
-    monkeypatch.setattr("pipeline.stages.score.check_clip_checkpoint", lambda *a, **k: None)
+    monkeypatch.setattr("pipeline.jobs.checks.check_clip_checkpoint", lambda *a, **k: None)
     monkeypatch.setattr("pipeline.jobs.checks.source_folder", lambda cfg: None)
     monkeypatch.setattr("pipeline.data.model_store.unet_conditioning", lambda folder: "none")
     check(cfg)  # method ddim, eta 0, chain_steps 10 and no condition: a combination the job accepts

@@ -15,9 +15,9 @@ from pipeline.data.directions import write_direction
 from pipeline.data.model_store import resolve_model, unet_conditioning
 from pipeline.errors import ConfigError, StorageError
 from pipeline.jobs import direction_fit, edit, guide, search
+from pipeline.jobs.checks import check_clip_checkpoint
 from pipeline.metrics.lpips_net import check_lpips_file
 from pipeline.stages.hspace import mid_block_sizes, preflight_grid
-from pipeline.stages.score import check_clip_checkpoint
 from pipeline.tools.random_clip import save_random_clip, save_random_lpips
 
 pytestmark = pytest.mark.usefixtures("no_network")

@@ -1,4 +1,4 @@
-"""CLIP scores (pipeline/stages/score.py) on a tiny random open_clip, with no network: the formulas
+"""CLIP scores (pipeline/metrics/scorer.py) on a tiny random open_clip, with no network: the formulas
 against a direct computation, the texts and their errors, the score job's pair reader, and the
 scores Parquet read back with plain pyarrow."""
 
@@ -21,15 +21,13 @@ from pipeline.data.outputs import OutputStore
 from pipeline.data.rows import SCORE_PIXEL_COLUMNS, Provenance, RowBuffer, RowKind
 from pipeline.data.scores import SCORE_SCHEMA
 from pipeline.errors import ConfigError
+from pipeline.jobs.checks import check_scoring
 from pipeline.metrics.clip import IMAGENET_TEMPLATES
-from pipeline.stages.score import (
-    Scorer,
-    ScoreStage,
-    check_scoring,
-    decode_pairs,
-    read_pairs,
-    score_texts,
-)
+from pipeline.metrics.scorer import score_texts
+from pipeline.stages.base import load_scorer
+from pipeline.stages.images import decode_pairs
+from pipeline.stages.read import read_pairs
+from pipeline.stages.score import ScoreStage
 from pipeline.tools.random_clip import save_random_clip
 
 pytestmark = [pytest.mark.unit, pytest.mark.usefixtures("no_network")]
@@ -49,7 +47,7 @@ def clip_cfg(clip_files):
 
 @pytest.fixture(scope="module")
 def scorer(clip_cfg):
-    return Scorer.load(clip_cfg, ScoreConfig(source_text="a photo of a cat", target_text="a photo of a dog"),
+    return load_scorer(clip_cfg, ScoreConfig(source_text="a photo of a cat", target_text="a photo of a dog"),
                        ModelConfig(), ModelConfig(), device="cpu")
 
 
@@ -111,7 +109,7 @@ def test_uint8_and_float_inputs_agree_and_samples_do_not_mix(scorer):
 def test_directional_is_nan_without_inputs_or_a_source_text(scorer, clip_cfg):
     clip_only, directional = scorer.score(_uint8(3))
     assert np.isfinite(clip_only).all() and np.isnan(directional).all()
-    no_source = Scorer.load(clip_cfg, ScoreConfig(target_text="a photo of a dog"), ModelConfig(), ModelConfig(),
+    no_source = load_scorer(clip_cfg, ScoreConfig(target_text="a photo of a dog"), ModelConfig(), ModelConfig(),
                             device="cpu", directional=False)
     c, d = no_source.score(_uint8(3), _uint8(3, seed=9))
     np.testing.assert_allclose(c, clip_only, atol=1e-6)
@@ -120,7 +118,7 @@ def test_directional_is_nan_without_inputs_or_a_source_text(scorer, clip_cfg):
 
 def test_templates_average_the_imagenet_prompts(scorer, clip_cfg):
     """score.templates: T is the mean of the normalised per-template features (Asyrp clip_loss.py:110-117)."""
-    templated = Scorer.load(clip_cfg, ScoreConfig(source_text="cat", target_text="dog", templates=True),
+    templated = load_scorer(clip_cfg, ScoreConfig(source_text="cat", target_text="dog", templates=True),
                             ModelConfig(), ModelConfig(), device="cpu")
     clip = templated.clip
     mean = _text_by_hand(clip, [t.format("dog") for t in IMAGENET_TEMPLATES]).mean(0)
@@ -130,7 +128,7 @@ def test_templates_average_the_imagenet_prompts(scorer, clip_cfg):
     want = (e_out @ mean) / mean.norm()
     got, _ = templated.score(out, inp)
     np.testing.assert_allclose(got, want.numpy(), atol=1e-5)
-    plain = Scorer.load(clip_cfg, ScoreConfig(source_text="cat", target_text="dog"), ModelConfig(), ModelConfig(),
+    plain = load_scorer(clip_cfg, ScoreConfig(source_text="cat", target_text="dog"), ModelConfig(), ModelConfig(),
                         device="cpu")
     assert not np.allclose(plain.score(out)[0], got, atol=1e-4)  # the templates change the text
 
