@@ -32,7 +32,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -41,7 +41,16 @@ from pipeline.data.rows import Provenance, RowKind, members, search_choice
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from pipeline.data.outputs import OutputStore
+class OutputStore(Protocol):
+    """What a kind needs of the output store (pipeline/data/outputs.py ``OutputStore``, which uses the kinds
+    for its path helpers: stated here, not imported, so the two modules do not import each other)."""
+
+    def path(self, *parts: str) -> str: ...
+
+    def ctl(self, *parts: str) -> str: ...
+
+    def remove(self, path: str) -> None: ...
+
 
 PROVENANCE_MEMBER = "latentshift.json"  # the input's own .json member is carried through unchanged
 LAST = 1 << 62  # the position of a key no SAMPLE row names: after every sample
