@@ -141,7 +141,8 @@ class DDPMArch:
 # The published checkpoints. All three: ch 128, ch_mult [1,1,2,2,4,4], 2 res blocks, attention at 16,
 # dropout 0.0, resamp_with_conv true, var_type fixedsmall, linear beta 1e-4..0.02 over 1000 steps.
 PRESETS: dict[str, DDPMArch] = {
-    # SDEdit's celeba_hq.ckpt as Asyrp and DiffusionCLIP load it: kwonminki/Asyrp_official
+    # SDEdit's celeba_hq.ckpt (a plain state dict: Asyrp diffusion_latent.py:85 (its URL), :104-124
+    # (torch.load, load_state_dict)) as Asyrp and DiffusionCLIP configure it: kwonminki/Asyrp_official
     # configs/celeba.yml:4 (image_size), :13-25 (model), :27-31 (diffusion); CycleDiffusion reads the
     # same file with the same celeba.yml (ChenWu98/cycle-diffusion model/gan_wrapper/ddpm_ddim_wrapper.py:26-33, :96).
     "celeba-hq-256": DDPMArch(resolution=256),
@@ -193,10 +194,13 @@ def unet_config(arch: DDPMArch) -> dict:
 
 
 def scheduler_config(arch: DDPMArch) -> dict:
-    """The DDPMScheduler / DDIMScheduler config of the paper's schedule: betas ``linspace(beta_start,
-    beta_end, T)`` (ddim runners/diffusion.py ``get_beta_schedule`` "linear"), ε-prediction, no clipping
-    of x0 inside DDIM (ddim functions/denoising.py), ᾱ at the step before 0 equal to 1 (ddim's
-    ``compute_alpha`` prepends a 1), and the fixed variance of ``var_type``."""
+    """The DDPMScheduler / DDIMScheduler config of the paper's schedule (ermongroup/ddim): betas
+    ``linspace(beta_start, beta_end, T)`` (runners/diffusion.py:42-45), ε-prediction, no clipping of
+    x0 (DDIM's ``generalized_steps``, functions/denoising.py:10-32, does not clip; only ``ddpm_steps``
+    clamps, :54), ᾱ before step 0 equal to 1 (``compute_alpha`` prepends a zero β,
+    functions/denoising.py:4-7), and the fixed variance of ``var_type`` (runners/diffusion.py:91-96:
+    fixedlarge β_t, fixedsmall the posterior variance clamped at 1e-20, as diffusers' fixed_large /
+    fixed_small)."""
     return {
         "num_train_timesteps": arch.num_diffusion_timesteps,
         "beta_schedule": arch.beta_schedule,
@@ -290,7 +294,7 @@ def normalise(obj, *, item: int = 0) -> dict[str, Tensor]:
 
     Accepts a plain state dict, ``{"state_dict": ...}``, a list/tuple whose ``item``-th entry (the
     first by default) is the state dict -- ermongroup/ddim's own training checkpoints are
-    ``[model, optimizer, epoch, step, ema]`` (runners/diffusion.py:184-188, read at :210-215), so their
+    ``[model, optimizer, epoch, step, ema]`` (runners/diffusion.py:175-182, read at :210-215), so their
     EMA weights are ``item=-1`` --, ``module.`` (DataParallel) prefixes and float16/bfloat16 tensors."""
     if isinstance(obj, (list, tuple)):
         if not obj:
