@@ -10,28 +10,29 @@ NOT run by the tests: it needs the upstream code. To remake the file::
     git clone https://github.com/ermongroup/ddim /tmp/ref-ddim   # then check out the commit above
     python tests/data/imports/make_ddpm_golden.py /tmp/ref-ddim
 
-It builds a tiny random instance with the architecture keys in ``ddpm-tiny.json`` (16x16 images,
-ch 32 (GroupNorm's 32 groups are the floor), ch_mult [1, 2]: two levels with a down- and an
-up-sampler, widths 32 and 64 so that ``nin_shortcut`` occurs on both paths, 1 res block per level
-(3 would not fit the file in about a megabyte; the up path still has 2 per level), attention at 16
-(the first level: attention blocks in ``down.0``/``up.0`` and none in ``down.1``/``up.1``; the middle
-block always has one), ``resamp_with_conv`` true as published, dropout 0.0, eval mode), perturbs
-every parameter (GroupNorm scales and biases included, so a mis-mapped norm shows), and stores, all
-under fixed seeds:
-
-Why not all widths 32 (a smaller file): with 32 channels GroupNorm(32) normalises each channel on its
-own, which cancels the per-channel time-embedding term a resnet adds before ``norm2``
-(diffusion.py:121-123): such a network ignores t entirely and the golden ε would not test the time
-embedding. The 64-wide level and middle block (2 channels a group) make ε and h depend on t.
+It builds a tiny random instance with the architecture keys in ``ddpm-tiny.json``: 16x16 images,
+ch 32 (GroupNorm's 32 groups are the floor), ch_mult [1, 2] (two levels, so one down- and one
+up-sampler; widths 32 and 64, so ``nin_shortcut`` occurs on both paths), 1 res block per level (the
+published 2 would take the file to 1.9 MB; the up path still has 2 per level, ``num_res_blocks + 1``),
+attention at 16 (the first level: attention blocks in ``down.0``/``up.0`` and none in
+``down.1``/``up.1``; the middle block always has one), ``resamp_with_conv`` true and dropout 0.0 as
+published, eval mode. It perturbs every parameter (GroupNorm scales and biases included, so a
+mis-mapped norm shows) and stores, all under fixed seeds:
 
 - ``model.<key>``: the state dict, keys exactly as the original names them, prefixed ``model.``.
-  The values are stored as float16 to keep the file near a megabyte (1.4 MB; 2.7 MB in float32); the generator rounds every weight
-  to float16 BEFORE running the original model, so the float16 values widened back to float32 are
-  exactly the float32 weights the expected outputs were computed with (the test widens them, which
-  also exercises the float16 path of ``normalise``);
-- ``x_t`` (2, 3, 16, 16) and ``t`` (2,) int64 = [17, 803]: the input;
+  The values are stored as float16 to keep the file small (1.4 MB; 2.7 MB in float32): the generator
+  rounds every weight to float16 BEFORE running the original model, so the float16 values widened
+  back to float32 are exactly the float32 weights the expected outputs were computed with (the test
+  widens them, which also exercises the float16 path of ``normalise``);
+- ``x_t`` (2, 3, 16, 16) and ``t`` (2,) int64 = [17, 803]: the input, float32;
 - ``eps`` (2, 3, 16, 16): the model's output (all output channels), float32;
 - ``h`` (2, 64, 8, 8): the output of ``mid.block_2`` (forward hook), float32.
+
+Why not all widths 32 (a file under 1 MB): with 32 channels GroupNorm(32) normalises each channel on
+its own, which cancels the per-channel time-embedding term a resnet adds before ``norm2``
+(diffusion.py:121-123): such a network ignores t entirely and its golden ε would not test the time
+embedding (a width-32 draft of this file did not). The 64-wide level and middle block (2 channels a
+group) make ε and h depend on t; ``test_the_golden_data_sees_the_time_embedding_and_the_padding`` holds it.
 """
 
 from __future__ import annotations
