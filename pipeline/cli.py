@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import traceback
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from pipeline.errors import ConfigError, LatentshiftError
 
@@ -204,6 +206,21 @@ def cmd_lpips_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from pipeline.tools.import_checkpoint import import_checkpoint
+
+    keys = None
+    if args.arch_keys:
+        try:
+            keys = json.loads(Path(args.arch_keys).read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"models import: --arch-keys {args.arch_keys}: not a readable JSON object ({exc})") from None
+    record = import_checkpoint(args.src, args.dst, preset=args.preset, arch=args.arch, arch_keys=keys, item=args.item)
+    print(f"{args.src} (sha256 {record['sha256'][:16]}…, {record['source_keys']} tensors) → {args.dst}: "
+          f"{record['family']} {record['preset'] or 'architecture from --arch-keys'}; use it as source.model")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="latentshift",
@@ -289,6 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--net", choices=("alex", "vgg", "squeeze"), default="alex")
     p.set_defaults(func=cmd_lpips_export)
+
+    models = sub.add_parser("models", help="import the papers' published checkpoints as model folders")
+    models_sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
+    p = models_sub.add_parser("import", help="a published DDPM checkpoint (.pt/.ckpt, local or s3://) → a diffusers model folder")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--preset", help="the published file's architecture (celeba-hq-256, lsun-church-256, lsun-bedroom-256)")
+    p.add_argument("--arch", help="instead of --preset: the family (ddpm), with --arch-keys")
+    p.add_argument("--arch-keys", metavar="FILE.json", help="the family's architecture keys (e.g. ch, ch_mult, resolution)")
+    p.add_argument("--item", type=int, default=0,
+                   help="which state dict of a list checkpoint (ermongroup/ddim training checkpoints: -1, the EMA)")
+    p.set_defaults(func=cmd_models_import)
 
     shards = sub.add_parser("shards", help="pack image folders into WebDataset shards; list shards")
     shard_sub = shards.add_subparsers(dest="shards_command", metavar="SUBCOMMAND", required=True)
