@@ -70,6 +70,10 @@ class Denoiser:
     dtype: torch.dtype = torch.float32
     first_stage: FirstStage | None = None
     compiled: bool = False  # the UNet is torch.compile'd: callers keep batch shapes fixed
+    # the UNet predicts a variance beside ε (learned σ, improved DDPM / ADM: 2C output channels, ε the
+    # first C, the interpolation v of log β̃_t … log β_t the rest); the DDIM-family formulas use ε only,
+    # as the official CycleDiffusion and Asyrp code do (``_forward`` keeps the first C channels)
+    learned_variance: bool = False
 
     # ---- what kind of model this is -------------------------------------------------
     @property
@@ -172,6 +176,8 @@ class Denoiser:
         x = x.to(self.device, self.dtype)
         ts = torch.full((x.shape[0],), int(t), device=self.device, dtype=torch.long)
         out = self.family.forward(self.unet, x, ts, conds)
+        if self.learned_variance:
+            out = out[:, : x.shape[1]]  # ε; the variance half is unused by every sampler here
         # a compiled UNet with CUDA graphs (reduce-overhead) reuses its output buffer on the next call
         return out.to(torch.float32, copy=self.compiled)
 
@@ -234,7 +240,13 @@ def load_denoiser(
             "model %s: scheduler %s x̂0 (%s); applied identically when encoding and decoding",
             source, "thresholds" if schedule.thresholding else "clips", "exact reconstruction is kept",
         )
+    learned_variance = unet_config.get("out_channels") == 2 * unet_config.get("in_channels", -1)
+    if learned_variance:
+        log.info("model %s predicts a learned variance (%d output channels): ε is the first %d; DDIM, DPM-Encoder, "
+                 "h-space, guidance and the search use ε only", source, unet_config["out_channels"],
+                 unet_config["in_channels"])
     return Denoiser(
+        learned_variance=learned_variance,
         unet=unet,
         schedule=schedule,
         family=families.adapter(family).load(parts, unet_config, null_class),
