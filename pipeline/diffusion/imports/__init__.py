@@ -1,0 +1,1 @@
+"""Importers of published checkpoints: pure state-dict mappings onto diffusers models."""
