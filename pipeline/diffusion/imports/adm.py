@@ -87,7 +87,7 @@ class ADMArch:
     """The architecture keys of guided-diffusion's ``create_model`` (script_util.py:130-147), as
     the published checkpoints' flags name them. ``attention_resolutions`` are image resolutions
     (``"32,16,8"``), not downsampling rates; ``channel_mult=()`` takes create_model's default for
-    ``image_size``; ``num_classes`` replaces ``class_cond`` (create_model uses 1000, script_util.py:8).
+    ``image_size`` (script_util.py:148-158); ``num_classes`` replaces ``class_cond`` (create_model uses 1000, script_util.py:8).
     ``dropout``, ``use_checkpoint`` and ``use_fp16`` change no weight and are not keys here."""
 
     image_size: int
@@ -105,6 +105,16 @@ class ADMArch:
     num_classes: int | None = None
     in_channels: int = 3
     source: str = field(default="", compare=False)  # where the keys come from, for the record
+
+    def __post_init__(self):
+        mult = tuple(self.channel_mult)
+        if not mult:
+            if self.image_size not in DEFAULT_CHANNEL_MULT:
+                raise ConfigError(f"ADM image_size {self.image_size} has no default channel_mult "
+                                  f"({', '.join(map(str, DEFAULT_CHANNEL_MULT))}); give channel_mult")
+            mult = DEFAULT_CHANNEL_MULT[self.image_size]
+        object.__setattr__(self, "channel_mult", mult)
+        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
 
     @classmethod
     def from_dict(cls, keys: Mapping) -> ADMArch:
@@ -133,12 +143,7 @@ class ADMArch:
     # what the original builds from these keys (unet.py:396-616)
     @property
     def mults(self) -> tuple[float, ...]:
-        if self.channel_mult:
-            return tuple(self.channel_mult)
-        if self.image_size not in DEFAULT_CHANNEL_MULT:
-            raise ConfigError(f"ADM image_size {self.image_size} has no default channel_mult "
-                              f"({', '.join(map(str, DEFAULT_CHANNEL_MULT))}); give channel_mult")
-        return DEFAULT_CHANNEL_MULT[self.image_size]
+        return self.channel_mult
 
     @property
     def widths(self) -> list[int]:
@@ -154,6 +159,10 @@ class ADMArch:
         rates = {self.image_size // int(r) for r in self.attention_resolutions}
         return [2**level in rates for level in range(len(self.mults))]
 
+    def attention_widths(self) -> list[int]:
+        """The widths of the levels with attention (down and up blocks alike)."""
+        return [w for w, a in zip(self.widths, self.attention_levels(), strict=True) if a]
+
     def head_width(self) -> int | None:
         """The one head width of every attention layer, ``None`` when each has a single head
         (``UNet2DModel``'s ``attention_head_dim=None``); raises where they differ."""
@@ -162,10 +171,9 @@ class ADMArch:
         up_heads = self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
         if self.num_heads == 1 and up_heads == 1:
             return None
-        widths = self.widths
-        layers = [(w, self.num_heads) for w, a in zip(widths, self.attention_levels()) if a]
-        layers += [(widths[-1], self.num_heads)]  # middle block
-        layers += [(w, up_heads) for w, a in zip(widths, self.attention_levels()) if a]
+        layers = [(w, self.num_heads) for w in self.attention_widths()]
+        layers += [(self.widths[-1], self.num_heads)]  # middle block
+        layers += [(w, up_heads) for w in self.attention_widths()]
         head = {w // h for w, h in layers}
         if len(head) != 1:
             raise ModelLoadError(
@@ -184,11 +192,10 @@ class ADMArch:
         bad = [w for w in [*self.widths, self.num_channels] if w % GROUPS]
         if bad:
             raise ModelLoadError(f"ADM widths must be multiples of {GROUPS} (GroupNorm32): {bad}")
-        if self.num_head_channels != -1 and any(
-            w % self.num_head_channels for w, a in zip(self.widths, self.attention_levels()) if a
-        ):
+        attention = [*self.attention_widths(), self.widths[-1]]
+        if self.num_head_channels != -1 and any(w % self.num_head_channels for w in attention):
             raise ModelLoadError(f"ADM num_head_channels {self.num_head_channels} does not divide "
-                                 f"the attention widths {self.widths}")
+                                 f"the attention widths {attention}")
         self.head_width()
 
 
