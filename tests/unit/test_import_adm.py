@@ -194,6 +194,23 @@ def test_the_presets_hold_the_issues_settings():
     assert adm.ADMArch.from_dict(flags) == imagenet
 
 
+@pytest.mark.parametrize("name", ["afhq-256", "ffhq-256", "imagenet-256"])
+def test_a_full_size_checkpoint_of_each_preset_fits_and_converts(name):
+    """The original model of each preset (its keys and shapes, recorded from create_model with the
+    upstream flags in adm-preset-shapes.json) is exactly what check() expects, and converts to a
+    UNet2DModel state dict with every key filled (meta tensors: no memory)."""
+    shapes = json.loads((DATA / "adm-preset-shapes.json").read_text())
+    original = shapes["afhq-256" if name == "ffhq-256" else name]
+    arch = adm.preset(name)
+    expected = adm._source_shapes(arch, adm.unet_config(arch))[0]
+    assert {k: list(v) for k, v in expected.items()} == original
+    source = {k: torch.empty(s, device="meta") for k, s in original.items()}
+    config, weights = adm.convert(source, arch)
+    with torch.device("meta"):
+        target = UNet2DModel(**config).state_dict()
+    assert set(weights) == set(target) and all(weights[k].shape == target[k].shape for k in target)
+
+
 @pytest.mark.parametrize("name,params", [("afhq-256", None), ("imagenet-256", (540e6, 560e6))])
 def test_each_preset_builds_a_unet2dmodel(name, params):
     config = adm.unet_config(adm.preset(name))

@@ -19,7 +19,7 @@ guided-diffusion's UNet (commit 22e0df8, the line numbers below are of that comm
 - **time embedding**: ``timestep_embedding`` (nn.py:103-121) is ``[cos | sin]`` of
   ``t * exp(-ln(10000) i / half)``: ``flip_sin_to_cos=True``, ``freq_shift=0``, over
   ``num_channels`` dimensions; then ``time_embed`` (linear, SiLU, linear; unet.py:470-475) =
-  ``TimestepEmbedding``; the class embedding is added to it (unet.py:650-652) as ``UNet2DModel``'s
+  ``TimestepEmbedding``; the class embedding is added to it (unet.py:649-652) as ``UNet2DModel``'s
   ``class_embedding`` is (``num_class_embeds``).
 - **ResBlock** (unet.py:143-256): GroupNorm(32, eps 1e-5), SiLU, [nearest ×2 / avg-pool ÷2 of both h
   and x for ``resblock_updown``], conv; ``emb_layers`` = SiLU + linear; scale-shift
@@ -36,12 +36,12 @@ guided-diffusion's UNet (commit 22e0df8, the line numbers below are of that comm
   resnet_time_scale_shift == "default" else None``), hence ``attn_norm_num_groups=32`` as the script
   sets (:30).
 - **skips**: ``input_blocks``' outputs (conv_in, each level's res blocks, its downsampler) are popped
-  by ``output_blocks`` (unet.py:556-610, ``num_res_blocks + 1`` per level, the upsampler last) in the
+  by ``output_blocks`` (unet.py:566-610, ``num_res_blocks + 1`` per level, the upsampler last) in the
   order ``UNet2DModel``'s up blocks consume ``down_block_res_samples``.
 - **out**: GroupNorm, SiLU, conv (unet.py:612-616) = ``conv_norm_out``, ``conv_act``, ``conv_out``,
   all ``6`` channels of a learned-σ model kept (ε is the first 3, the variance interpolation the
   last 3: improved DDPM's ``learn_sigma``).
-- **fp16**: ``use_fp16``/``convert_to_fp16`` (unet.py:619-633) only casts the torso at run time;
+- **fp16**: ``use_fp16``/``convert_to_fp16`` (unet.py:618-632) only casts the torso at run time;
   the weights are the same. ``normalise`` upcasts float16/bfloat16 checkpoints to float32.
 
 What ``UNet2DModel`` cannot express exactly, refused by ``ADMArch.check_expressible`` in one line:
@@ -73,7 +73,7 @@ from pipeline.errors import ConfigError, ModelLoadError
 GROUPS = 32  # guided_diffusion/nn.py:93-100 normalization(): GroupNorm32(32, channels), eps 1e-5
 
 # create_model's channel_mult for each image size when none is given (guided_diffusion/
-# script_util.py:148-158; the same in Asyrp models/improved_ddpm/script_util.py:62-73).
+# script_util.py:148-158; the same in Asyrp models/improved_ddpm/script_util.py:63-74).
 DEFAULT_CHANNEL_MULT = {
     512: (0.5, 1, 1, 2, 2, 4, 4),
     256: (1, 1, 2, 2, 4, 4),
@@ -204,7 +204,7 @@ class ADMArch:
 # models/improved_ddpm/script_util.py:5-22 (= ChenWu98/cycle-diffusion
 # model/lib/ddpm_ddim/models/improved_ddpm/script_util.py:5-22); i_DDPM builds FFHQ from it too
 # (:102-104). channel_mult "" → (1, 1, 2, 2, 4, 4) for 256 (:62-73). num_heads=4 is overridden by
-# num_head_channels=64 (guided_diffusion/unet.py:274-281).
+# num_head_channels=64 (guided_diffusion/unet.py:277-283).
 _AFHQ = dict(
     image_size=256, num_channels=128, num_res_blocks=1, channel_mult=(1, 1, 2, 2, 4, 4),
     attention_resolutions=(16,), num_heads=4, num_head_channels=64, num_heads_upsample=-1,
@@ -247,8 +247,8 @@ def unet_config(arch: ADMArch) -> dict:
         "out_channels": arch.out_channels,
         "center_input_sample": False,
         "time_embedding_type": "positional",
-        "flip_sin_to_cos": True,  # [cos | sin], nn.py:119
-        "freq_shift": 0,  # exponent / half, nn.py:114-116
+        "flip_sin_to_cos": True,  # [cos | sin], nn.py:118
+        "freq_shift": 0,  # exponent / half, nn.py:113-116
         "down_block_types": ["AttnDownBlock2D" if a else plain_down for a in attn],
         "up_block_types": ["AttnUpBlock2D" if a else plain_up for a in reversed(attn)],
         "block_out_channels": arch.widths,
@@ -338,7 +338,7 @@ def _resnet(src: str, dst: str, skip: bool) -> list[tuple[str, str]]:
 
 def _plan(arch: ADMArch) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """(resnet/plain pairs source key → target key, attention blocks source → target prefix), walking
-    the original's input_blocks / middle_block / output_blocks (unet.py:477-610) in the order of
+    the original's input_blocks / middle_block / output_blocks (unet.py:481-610) in the order of
     con_pt_to_diffuser (convert_consistency_to_diffusers.py:164-266)."""
     pairs = [("time_embed.0.weight", "time_embedding.linear_1.weight"),
              ("time_embed.0.bias", "time_embedding.linear_1.bias"),
@@ -439,8 +439,8 @@ def _check(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.
 
 def _split_qkv(weight: torch.Tensor, bias: torch.Tensor, heads: int, legacy: bool):
     """q, k, v weights (C, C) and biases (C,) of a 1×1 conv1d qkv (3C, C, 1). Legacy order
-    (QKVAttentionLegacy, unet.py:345-347): rows [q_h k_h v_h] per head h; new order (QKVAttention,
-    unet.py:378): [q | k | v] (what convert_consistency_to_diffusers.py:143-144 chunks)."""
+    (QKVAttentionLegacy, unet.py:347): rows [q_h k_h v_h] per head h; new order (QKVAttention,
+    unet.py:380): [q | k | v] (what convert_consistency_to_diffusers.py:143-144 chunks)."""
     width = weight.shape[1]
     w, b = weight.reshape(3 * width, width), bias
     if legacy and heads > 1:
