@@ -192,6 +192,13 @@ def test_the_presets_hold_the_issues_settings():
                  num_channels=256, num_head_channels=64, num_heads=4, num_res_blocks=2,
                  resblock_updown=True, use_scale_shift_norm=True, channel_mult="")
     assert adm.ADMArch.from_dict(flags) == imagenet
+    # AFHQ_DICT verbatim (Asyrp models/improved_ddpm/script_util.py:5-22)
+    afhq_dict = dict(attention_resolutions="16", class_cond=False, dropout=0.0, image_size=256,
+                     learn_sigma=True, num_channels=128, num_head_channels=64, num_res_blocks=1,
+                     resblock_updown=True, use_fp16=False, use_scale_shift_norm=True, num_heads=4,
+                     num_heads_upsample=-1, channel_mult="", use_checkpoint=False,
+                     use_new_attention_order=False)
+    assert adm.ADMArch.from_dict(afhq_dict) == afhq
 
 
 @pytest.mark.parametrize("name", ["afhq-256", "ffhq-256", "imagenet-256"])

@@ -87,8 +87,9 @@ class ADMArch:
     """The architecture keys of guided-diffusion's ``create_model`` (script_util.py:130-147), as
     the published checkpoints' flags name them. ``attention_resolutions`` are image resolutions
     (``"32,16,8"``), not downsampling rates; ``channel_mult=()`` takes create_model's default for
-    ``image_size`` (script_util.py:148-158); ``num_classes`` replaces ``class_cond`` (create_model uses 1000, script_util.py:8).
-    ``dropout``, ``use_checkpoint`` and ``use_fp16`` change no weight and are not keys here."""
+    ``image_size`` (script_util.py:148-158); ``num_classes`` replaces ``class_cond`` (create_model
+    uses 1000, script_util.py:8). ``dropout``, ``use_checkpoint`` and ``use_fp16`` change no weight:
+    not keys here (``from_dict`` skips them)."""
 
     image_size: int
     num_channels: int
@@ -119,9 +120,11 @@ class ADMArch:
     @classmethod
     def from_dict(cls, keys: Mapping) -> ADMArch:
         """From explicit keys (``--arch adm``): lists or upstream's comma strings for the tuples,
-        ``class_cond`` accepted for ``num_classes`` (1000, as create_model). One-line errors."""
+        ``class_cond`` accepted for ``num_classes`` (1000, as create_model), ``dropout``,
+        ``use_fp16``, ``use_checkpoint`` skipped: an upstream dict (AFHQ_DICT) is taken as it is.
+        One-line errors."""
         names = {f.name for f in dataclasses.fields(cls)}
-        keys = dict(keys)
+        keys = {k: v for k, v in keys.items() if k not in ("dropout", "use_fp16", "use_checkpoint")}
         if "class_cond" in keys:
             cond = keys.pop("class_cond")
             keys.setdefault("num_classes", 1000 if cond else None)
