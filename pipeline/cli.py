@@ -309,11 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="import the papers' published checkpoints as model folders")
     models_sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)
-    p = models_sub.add_parser("import", help="a published DDPM checkpoint (.pt/.ckpt, local or s3://) → a diffusers model folder")
+    p = models_sub.add_parser("import", help="a published DDPM or ADM checkpoint (.pt/.ckpt, local or s3://) → a diffusers model folder")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--preset", help="the published file's architecture (celeba-hq-256, lsun-church-256, lsun-bedroom-256)")
-    p.add_argument("--arch", help="instead of --preset: the family (ddpm), with --arch-keys")
+    p.add_argument("--preset", help="the published file's architecture: celeba-hq-256, lsun-church-256, lsun-bedroom-256 (DDPM); "
+                        "afhq-256, ffhq-256, imagenet-256 (ADM)")
+    p.add_argument("--arch", help="instead of --preset: the family (ddpm | adm), with --arch-keys")
     p.add_argument("--arch-keys", metavar="FILE.json", help="the family's architecture keys (e.g. ch, ch_mult, resolution)")
     p.add_argument("--item", type=int, default=0,
                    help="which state dict of a list checkpoint (ermongroup/ddim training checkpoints: -1, the EMA)")

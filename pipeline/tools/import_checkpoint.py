@@ -24,12 +24,13 @@ import pickle
 import tempfile
 from pathlib import Path
 
-from pipeline.diffusion.imports import ddpm
+from pipeline.diffusion.imports import adm, ddpm
+from pipeline.diffusion.imports.checkpoint import normalise
 from pipeline.errors import ConfigError, ModelLoadError
 
-# --arch NAME → its module (PRESETS, normalise, convert, scheduler_config, key_map) and architecture type
-FAMILIES = {"ddpm": ddpm}
-ARCHS = {"ddpm": ddpm.DDPMArch}
+# --arch NAME → its module (PRESETS, convert, scheduler_config, key_map) and architecture type
+FAMILIES = {"ddpm": ddpm, "adm": adm}
+ARCHS = {"ddpm": ddpm.DDPMArch, "adm": adm.ADMArch}
 RECORD = "latentshift-import.json"
 SCHEDULER = "DDIMScheduler"  # DDIM and DPM-Encoder walk it; its config is also a DDPMScheduler's
 
@@ -128,7 +129,7 @@ def import_checkpoint(src: str, dst: str, preset: str | None = None, arch: str |
         raise ConfigError(f"models import: {dst} already holds a model (model_index.json); give another DST or remove it")
     path = materialize_file(src, storage_options)
     try:
-        state = module.normalise(load_state(path, src), item=item)
+        state = normalise(load_state(path, src), item=item)
         source_keys = len(state)
         unet_config, weights = module.convert(state, spec)
     except ModelLoadError as exc:
@@ -137,7 +138,7 @@ def import_checkpoint(src: str, dst: str, preset: str | None = None, arch: str |
     del state
     record = {"source": src, "sha256": sha256_of(path), "bytes": path.stat().st_size, "family": family,
               "preset": preset, "arch": dataclasses.asdict(spec), "item": item, "source_keys": source_keys,
-              "mapped": {k: v[0] for k, v in module.key_map(spec).items()}}
+              "mapped": {k: v[0] if isinstance(v, tuple) else v for k, v in module.key_map(spec).items()}}
     with tempfile.TemporaryDirectory(prefix="latentshift-import-") as tmp:
         folder = Path(tmp) / "model"
         write_folder(folder, unet_config, weights, module.scheduler_config(spec), record)

@@ -124,3 +124,28 @@ def test_what_cannot_be_imported_is_one_line(tmp_path, capsys):
     err = _one_line_error(capsys, ["models", "import", str(good), str(tmp_path / "e"), "--arch", "ddpm",
                                    "--arch-keys", keys, "--item", "-1"])
     assert "already holds a model" in err
+
+
+def test_an_imported_class_conditional_adm_with_learned_sigma_runs_as_the_original(tmp_path, capsys):
+    """guided-diffusion's UNetModel (tests/data/imports/adm-tiny-cond.*, made by make_adm_golden.py): ε is
+    the first 3 of its 6 output channels, with the class label as the original took it."""
+    golden = load_file(str(DATA / "adm-tiny-cond.safetensors"))
+    src, dst = tmp_path / "ema_0.9999.pt", tmp_path / "adm"
+    torch.save({k.removeprefix("model."): v for k, v in golden.items() if k.startswith("model.")}, src)
+    keys = tmp_path / "adm.json"
+    keys.write_text((DATA / "adm-tiny-cond.json").read_text())
+    assert main(["models", "import", str(src), str(dst), "--arch", "adm", "--arch-keys", str(keys)]) == 0, \
+        capsys.readouterr().err
+    record = json.loads((dst / "latentshift-import.json").read_text())
+    assert record["family"] == "adm" and record["mapped"]["middle_block.1.qkv.weight"].endswith("to_q|to_k|to_v.weight")
+
+    den = load_denoiser(resolve_model(str(dst)), device="cpu", dtype="float32")
+    assert den.learned_variance and den.conditioning == "class" and den.unet.config.out_channels == 6
+    h = []
+    den.unet.mid_block.register_forward_hook(lambda m, i, o: h.append(o))
+    x, t, y = golden["input.x_t"], golden["input.t"], golden["input.y"]
+    eps = torch.cat([den.eps(x[j: j + 1], int(t[j]), condition=int(y[j])) for j in range(len(t))])
+    assert _rel(eps, golden["expected.out"][:, :3]) < 1e-4
+    assert _rel(torch.cat(h), golden["expected.h"]) < 1e-4
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    torch.testing.assert_close(den.schedule.alphas_cumprod, torch.cumprod(1 - betas, 0), rtol=1e-6, atol=0)

@@ -17,6 +17,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
 from pipeline.diffusion.imports import adm
+from pipeline.diffusion.imports.checkpoint import normalise
 from pipeline.errors import ConfigError, ModelLoadError
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "imports"
@@ -30,7 +31,7 @@ def golden(name: str) -> tuple[dict, adm.ADMArch]:
 
 
 def state(name: str) -> dict[str, torch.Tensor]:
-    return adm.normalise(golden(name)[0], prefix="model.")
+    return normalise(golden(name)[0], prefix="model.")
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -100,7 +101,7 @@ def test_normalise_accepts_the_shapes_published_files_come_in():
         half,
     ]
     for variant in variants:
-        got = adm.normalise(variant)
+        got = normalise(variant)
         assert set(got) == set(plain)
         assert all(got[k].dtype == torch.float32 and torch.equal(got[k], plain[k]) for k in plain)
     # the golden stores float16 weights behind "model.": what the original ran with, in float32
@@ -110,7 +111,7 @@ def test_normalise_accepts_the_shapes_published_files_come_in():
 @pytest.mark.parametrize("bad", [42, {"state_dict": {"a": torch.zeros(1), "epoch": 3}}, {}])
 def test_normalise_refuses_what_is_not_a_state_dict_in_one_line(bad):
     with pytest.raises(ModelLoadError, match="not a state dict") as err:
-        adm.normalise(bad)
+        normalise(bad)
     assert "\n" not in str(err.value)
 
 
@@ -149,7 +150,7 @@ def test_a_torch_save_pickle_loads_with_weights_only(tmp_path):
     """How the import command loads a published .pt: torch.load(weights_only=True)."""
     path = tmp_path / "ema_0.9999.pt"
     torch.save({"state_dict": {f"module.{k}": v.half() for k, v in state("adm-tiny-cond").items()}}, path)
-    source = adm.normalise(torch.load(path, map_location="cpu", weights_only=True))
+    source = normalise(torch.load(path, map_location="cpu", weights_only=True))
     data, arch = golden("adm-tiny-cond")
     out, _ = run(*adm.convert(source, arch), data)
     assert rel(out, data["expected.out"]) < 1e-4

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.diffusion.imports import ddpm
+from pipeline.diffusion.imports.checkpoint import normalise
 from pipeline.errors import ConfigError, ModelLoadError
 
 pytestmark = pytest.mark.unit
@@ -44,7 +45,7 @@ def arch() -> ddpm.DDPMArch:
 
 @pytest.fixture(scope="module")
 def converted(original, arch):
-    return ddpm.convert(ddpm.normalise(original), arch)
+    return ddpm.convert(normalise(original), arch)
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -136,14 +137,14 @@ def test_normalise_accepts_the_shapes_published_files_come_in(original, wrap):
         "module": {f"module.{k}": v for k, v in original.items()},
         "float32": plain,
     }[wrap]
-    got = ddpm.normalise(obj)
+    got = normalise(obj)
     assert list(got) == list(plain)
     assert all(v.dtype == torch.float32 and torch.equal(v, plain[k]) for k, v in got.items())
 
 
 def test_normalise_takes_ddims_ema_item_when_asked(original):
     ema = {k: v.float() + 1 for k, v in original.items()}
-    got = ddpm.normalise([{f"module.{k}": v for k, v in original.items()}, {}, 1, 2, ema], item=-1)
+    got = normalise([{f"module.{k}": v for k, v in original.items()}, {}, 1, 2, ema], item=-1)
     assert torch.equal(got["conv_in.weight"], ema["conv_in.weight"])
 
 
@@ -154,7 +155,7 @@ def test_normalise_takes_ddims_ema_item_when_asked(original):
 ])
 def test_normalise_refuses_what_is_not_a_state_dict(obj, words):
     with pytest.raises(ModelLoadError, match=words):
-        ddpm.normalise(obj)
+        normalise(obj)
 
 
 def _one_line(excinfo) -> str:
@@ -164,7 +165,7 @@ def _one_line(excinfo) -> str:
 
 
 def test_a_missing_key_is_named_in_one_line(original, arch):
-    broken = dict(ddpm.normalise(original))
+    broken = dict(normalise(original))
     del broken["mid.attn_1.q.weight"]
     with pytest.raises(ModelLoadError) as excinfo:
         ddpm.convert(broken, arch)
@@ -173,14 +174,14 @@ def test_a_missing_key_is_named_in_one_line(original, arch):
 
 
 def test_an_unexpected_key_is_named_in_one_line(original, arch):
-    bayesian = dict(ddpm.normalise(original), logvar=torch.zeros(1000))  # model.type "bayesian"
+    bayesian = dict(normalise(original), logvar=torch.zeros(1000))  # model.type "bayesian"
     with pytest.raises(ModelLoadError) as excinfo:
         ddpm.convert(bayesian, arch)
     assert "1 unexpected: logvar" in _one_line(excinfo)
 
 
 def test_a_wrong_shape_is_named_in_one_line(original, arch):
-    broken = dict(ddpm.normalise(original))
+    broken = dict(normalise(original))
     broken["up.0.block.1.conv2.weight"] = torch.zeros(32, 32, 1, 1)
     with pytest.raises(ModelLoadError) as excinfo:
         ddpm.convert(broken, arch)
@@ -189,7 +190,7 @@ def test_a_wrong_shape_is_named_in_one_line(original, arch):
 
 def test_a_checkpoint_of_another_preset_does_not_fit(original):
     with pytest.raises(ModelLoadError) as excinfo:
-        ddpm.check(ddpm.normalise(original), ddpm.preset("celeba-hq-256"))
+        ddpm.check(normalise(original), ddpm.preset("celeba-hq-256"))
     message = _one_line(excinfo)
     assert "missing" in message and "(+" in message  # the first few, then a count
 
@@ -198,7 +199,7 @@ def test_a_torch_save_pickle_loads_with_weights_only(tmp_path, original, arch, g
     path = tmp_path / "celeba_hq.ckpt"
     torch.save([{f"module.{k}": v for k, v in original.items()}, {"step": 1}, 3, 4], path)
     loaded = torch.load(path, weights_only=True, map_location="cpu")
-    config, state = ddpm.convert(ddpm.normalise(loaded), arch)
+    config, state = ddpm.convert(normalise(loaded), arch)
     assert torch.equal(state["conv_in.weight"], original["conv_in.weight"].float())
 
 

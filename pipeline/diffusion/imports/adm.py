@@ -1,7 +1,7 @@
 """ADM / improved DDPM checkpoints (openai/guided-diffusion ``guided_diffusion/unet.py``
 ``UNetModel``) onto diffusers' ``UNet2DModel``: the architecture keys, the presets of the published
 files, and a pure state-dict mapping (no file I/O: the caller loads the pickle with
-``torch.load(path, weights_only=True)`` and hands the object to ``normalise``).
+``torch.load(path, weights_only=True)`` and hands the object to ``checkpoint.normalise``).
 
 The mapping follows diffusers' ``scripts/convert_consistency_to_diffusers.py`` (the ADM-style UNet of
 consistency models: ``convert_resnet`` :123-139, ``convert_attention`` :142-161, the block walk of
@@ -42,7 +42,7 @@ guided-diffusion's UNet (commit 22e0df8, the line numbers below are of that comm
   all ``6`` channels of a learned-σ model kept (ε is the first 3, the variance interpolation the
   last 3: improved DDPM's ``learn_sigma``).
 - **fp16**: ``use_fp16``/``convert_to_fp16`` (unet.py:618-632) only casts the torso at run time;
-  the weights are the same. ``normalise`` upcasts float16/bfloat16 checkpoints to float32.
+  the weights are the same. ``checkpoint.normalise`` upcasts float16/bfloat16 checkpoints to float32.
 
 What ``UNet2DModel`` cannot express exactly, refused by ``ADMArch.check_expressible`` in one line:
 
@@ -286,43 +286,15 @@ def scheduler_config(arch: ADMArch, num_train_timesteps: int = 1000) -> dict:
         "beta_schedule": "linear",
         "prediction_type": "epsilon",
         "clip_sample": False,
-        "set_alpha_to_one": False,
+        # ᾱ after the last step is 1, as the official samplers step: guided-diffusion's alphas_cumprod_prev
+        # starts with 1.0 (gaussian_diffusion.py:142), Asyrp's denoising_step takes at_next = 1 at t_next = -1
+        # (utils/diffusion_utils.py:68-69)
+        "set_alpha_to_one": True,
         "steps_offset": 0,
         "variance_type": "learned_range" if arch.learn_sigma else "fixed_small",
     }
 
 
-def normalise(obj, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The state dict in what ``torch.load(path, weights_only=True)`` returned for a published file:
-    a plain state dict, ``{"state_dict": …}``, a list/tuple whose first item is one, keys behind
-    ``module.`` (DataParallel), float16/bfloat16/float64 tensors (→ float32). ``prefix`` keeps
-    only the keys behind it (e.g. ``"model."``), stripped."""
-    for _ in range(4):
-        if isinstance(obj, list | tuple) and obj:
-            obj = obj[0]
-        elif isinstance(obj, Mapping) and "state_dict" in obj and not isinstance(obj["state_dict"], torch.Tensor):
-            obj = obj["state_dict"]
-        else:
-            break
-    if not isinstance(obj, Mapping):
-        raise ModelLoadError(f"not a state dict: the checkpoint holds a {type(obj).__name__}")
-    out = {}
-    for key, value in obj.items():
-        key = str(key)
-        while key.startswith("module."):
-            key = key[len("module."):]
-        if prefix:
-            if not key.startswith(prefix):
-                continue
-            key = key[len(prefix):]
-        if not isinstance(value, torch.Tensor):
-            raise ModelLoadError(f"not a state dict: {key!r} holds a {type(value).__name__}, not a tensor")
-        if value.is_floating_point() and value.dtype != torch.float32:
-            value = value.float()
-        out[key] = value
-    if not out:
-        raise ModelLoadError("not a state dict: no tensors" + (f" behind {prefix!r}" if prefix else ""))
-    return out
 
 
 # -- the mapping ----------------------------------------------------------------------------------
@@ -386,6 +358,18 @@ def _plan(arch: ADMArch) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
         if level:  # the upsampler closes the level's last output block (unet.py:592-609)
             resample(f"output_blocks.{block - 1}.{2 if attn[level] else 1}", f"up_blocks.{i}.upsamplers.0")
     return pairs, attns
+
+
+def key_map(arch: ADMArch) -> dict[str, str]:
+    """Every key of the original state dict → the diffusers key it fills (an attention's qkv fills three:
+    ``to_q|to_k|to_v``); the record of an import."""
+    pairs, attns = _plan(arch)
+    mapped = dict(pairs)
+    for src, dst in attns:
+        mapped.update({f"{src}.norm.weight": f"{dst}.group_norm.weight", f"{src}.norm.bias": f"{dst}.group_norm.bias",
+                       f"{src}.qkv.weight": f"{dst}.to_q|to_k|to_v.weight", f"{src}.qkv.bias": f"{dst}.to_q|to_k|to_v.bias",
+                       f"{src}.proj_out.weight": f"{dst}.to_out.0.weight", f"{src}.proj_out.bias": f"{dst}.to_out.0.bias"})
+    return mapped
 
 
 def _target_shapes(config: dict) -> dict[str, torch.Size]:
@@ -454,7 +438,7 @@ def _split_qkv(weight: torch.Tensor, bias: torch.Tensor, heads: int, legacy: boo
 
 def convert(state_dict: Mapping[str, torch.Tensor], arch: ADMArch) -> tuple[dict, dict[str, torch.Tensor]]:
     """(``UNet2DModel`` config, its state dict) of a guided-diffusion ``UNetModel`` state dict
-    (``normalise`` it first). Exact: the converted model computes the original's output and middle
+    (``checkpoint.normalise`` it first). Exact: the converted model computes the original's output and middle
     block output (tests/unit/test_import_adm.py). Tensors are shared with ``state_dict`` where the
     mapping is a rename, so peak memory stays near one copy of the weights."""
     config = unet_config(arch)

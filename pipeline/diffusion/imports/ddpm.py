@@ -289,32 +289,6 @@ def key_map(arch: DDPMArch) -> dict[str, tuple[str, tuple[int, ...]]]:
     return m
 
 
-def normalise(obj, *, item: int = 0) -> dict[str, Tensor]:
-    """The state dict inside what a published file holds, as float32 tensors with plain keys.
-
-    Accepts a plain state dict, ``{"state_dict": ...}``, a list/tuple whose ``item``-th entry (the
-    first by default) is the state dict -- ermongroup/ddim's own training checkpoints are
-    ``[model, optimizer, epoch, step, ema]`` (runners/diffusion.py:175-182, read at :210-215), so their
-    EMA weights are ``item=-1`` --, ``module.`` (DataParallel) prefixes and float16/bfloat16 tensors."""
-    if isinstance(obj, (list, tuple)):
-        if not obj:
-            raise ModelLoadError("the checkpoint is an empty list: no state dict in it")
-        obj = obj[item]
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise ModelLoadError(f"the checkpoint holds a {type(obj).__name__}, not a state dict of tensors")
-    out: dict[str, Tensor] = {}
-    for key, value in obj.items():
-        if not isinstance(value, Tensor):
-            raise ModelLoadError(f"checkpoint entry {key!r} is a {type(value).__name__}, not a tensor")
-        name = str(key)
-        while name.startswith("module."):
-            name = name[len("module."):]
-        if name in out:
-            raise ModelLoadError(f"checkpoint key {name!r} occurs twice (with and without 'module.')")
-        out[name] = value.float() if value.is_floating_point() and value.dtype != torch.float32 else value
-    return out
 
 
 def _first(keys, k: int = 3) -> str:
