@@ -114,30 +114,46 @@ class TableDirection:
         return self.deltas[k].to(h.device, h.dtype).expand_as(h)
 
 
-def _group_norm(channels: int) -> nn.GroupNorm:
+def _group_norm(channels: int, eps: float = 1e-6) -> nn.GroupNorm:
     # official Normalize: GroupNorm(32, C, eps=1e-6, affine=True) (models/ddpm/diffusion.py); fewer
     # groups where C is not a multiple of 32 (small models)
-    return nn.GroupNorm(math.gcd(32, channels), channels, eps=1e-6, affine=True)
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=eps, affine=True)
+
+
+def uses_scale_shift_norm(unet: nn.Module) -> bool:
+    """An ADM / improved-DDPM U-Net (its resnets scale and shift their norm by the timestep embedding:
+    ``use_scale_shift_norm``, which every published ADM checkpoint has), as opposed to a DDPM one."""
+    module = getattr(unet, "_orig_mod", unet)
+    return getattr(getattr(module, "config", None), "resnet_time_scale_shift", "default") == "scale_shift"
 
 
 class DeltaBlock(nn.Module):
     """f_t(h, t): 1×1 conv, + a linear projection of SiLU(temb), GroupNorm, SiLU, 1×1 conv
-    (official DeltaBlock, models/ddpm/diffusion.py:228-263; the edit is h + 1.0·f_t, diffusion.py:513-516)."""
+    (official DeltaBlock, models/ddpm/diffusion.py:228-263; the edit is h + 1.0·f_t, diffusion.py:513-516).
 
-    def __init__(self, channels: int, temb_channels: int):
+    ``pre_norm`` (ADM / improved-DDPM U-Nets): Asyrp's DeltaBlock of models/improved_ddpm/unet.py:776-855,
+    built at :769-773 without scale-shift norm, puts GroupNorm and SiLU before the first conv (its
+    ``in_layers``), and its norms are guided-diffusion's ``normalization`` (GroupNorm32: eps 1e-5)."""
+
+    def __init__(self, channels: int, temb_channels: int, pre_norm: bool = False):
         super().__init__()
+        eps = 1e-5 if pre_norm else 1e-6
+        self.norm1 = _group_norm(channels, eps) if pre_norm else None
         self.conv1 = nn.Conv2d(channels, channels, kernel_size=1)
         self.temb_proj = nn.Linear(temb_channels, channels)
-        self.norm2 = _group_norm(channels)
+        self.norm2 = _group_norm(channels, eps)
         self.conv2 = nn.Conv2d(channels, channels, kernel_size=1)
 
     @classmethod
     def for_unet(cls, unet: nn.Module) -> DeltaBlock:
-        return cls(h_channels(unet), temb_channels(unet))
+        return cls(h_channels(unet), temb_channels(unet), pre_norm=uses_scale_shift_norm(unet))
 
     def forward(self, h: torch.Tensor, temb: torch.Tensor, t: int | None = None) -> torch.Tensor:
         w = self.conv1.weight
-        x = self.conv1(h.to(w.dtype)) + self.temb_proj(nn.functional.silu(temb.to(w.dtype)))[:, :, None, None]
+        x = h.to(w.dtype)
+        if self.norm1 is not None:
+            x = nn.functional.silu(self.norm1(x))
+        x = self.conv1(x) + self.temb_proj(nn.functional.silu(temb.to(w.dtype)))[:, :, None, None]
         return self.conv2(nn.functional.silu(self.norm2(x)))
 
 

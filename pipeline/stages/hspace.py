@@ -198,7 +198,7 @@ def direction_from_file(tensors: dict[str, np.ndarray], header: dict, den):
     if header["kind"] == "table":
         deltas = torch.from_numpy(np.asarray(tensors["deltas"], dtype=np.float32)).to(den.device)
         return TableDirection(list(header["timesteps"]), deltas)
-    block = DeltaBlock(channels, temb)
+    block = DeltaBlock(channels, temb, pre_norm="norm1.weight" in tensors)  # the ADM variant has a first norm
     block.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in tensors.items()})
     return block.to(den.device).eval().requires_grad_(False)
 
