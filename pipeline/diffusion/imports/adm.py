@@ -360,6 +360,11 @@ def _plan(arch: ADMArch) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     return pairs, attns
 
 
+def source_shapes(arch: ADMArch) -> dict[str, tuple[int, ...]]:
+    """Every key of the original state dict → its shape (what a published file of ``arch`` holds)."""
+    return {k: tuple(v) for k, v in _source_shapes(arch, unet_config(arch))[0].items()}
+
+
 def key_map(arch: ADMArch) -> dict[str, str]:
     """Every key of the original state dict → the diffusers key it fills (an attention's qkv fills three:
     ``to_q|to_k|to_v``); the record of an import."""
