@@ -210,7 +210,7 @@ def test_a_full_size_checkpoint_of_each_preset_fits_and_converts(name):
     shapes = json.loads((DATA / "adm-preset-shapes.json").read_text())
     original = shapes["afhq-256" if name == "ffhq-256" else name]
     arch = adm.preset(name)
-    expected = adm._source_shapes(arch, adm.unet_config(arch))[0]
+    expected = adm.source_shapes(arch)
     assert {k: list(v) for k, v in expected.items()} == original
     source = {k: torch.empty(s, device="meta") for k, s in original.items()}
     config, weights = adm.convert(source, arch)
@@ -273,7 +273,7 @@ def test_other_switches_map_every_key(keys):
     """Not golden-checked (the golden files cover the published switches): the mapping of these
     switches fills every key of the UNet2DModel with the shape it needs."""
     arch = adm.ADMArch(**{"image_size": 16, "num_channels": 32, "num_res_blocks": 1, **keys})
-    expected = adm._source_shapes(arch, adm.unet_config(arch))[0]
+    expected = adm.source_shapes(arch)
     gen = torch.Generator().manual_seed(0)
     source = {k: torch.randn(s, generator=gen) for k, s in expected.items()}
     config, weights = adm.convert(source, arch)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.diffusion.imports import ddpm
-from pipeline.diffusion.imports.checkpoint import normalise
+from pipeline.diffusion.imports.checkpoint import normalise, target_shapes
 from pipeline.errors import ConfigError, ModelLoadError
 
 pytestmark = pytest.mark.unit
@@ -102,7 +102,7 @@ def test_every_source_key_consumed_and_every_target_key_filled(original, arch, c
     assert set(mapping) == set(original)
     assert {dst for dst, _ in mapping.values()} == set(state)
     assert len(state) == len(original)
-    targets = ddpm.target_shapes(config)
+    targets = target_shapes(config)
     assert set(targets) == set(state)
     assert all(tuple(state[k].shape) == targets[k] for k in targets)
     for src, (dst, _) in mapping.items():  # values moved, never altered
@@ -230,7 +230,7 @@ def test_presets_are_the_published_settings(name):
     # attention at 16: the fifth level (256 / 2**4), in both paths
     assert config["down_block_types"] == ["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"]
     assert config["up_block_types"] == ["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4
-    shapes = ddpm.target_shapes(config)
+    shapes = target_shapes(config)
     mapping = ddpm.key_map(arch)
     assert {dst for dst, _ in mapping.values()} == set(shapes)
     # ~114 M parameters (Asyrp / SDEdit's 256² DDPM)

@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pipeline.diffusion.imports.checkpoint import target_shapes
 from pipeline.errors import ConfigError, ModelLoadError
 
 GROUPS = 32  # guided_diffusion/nn.py:93-100 normalization(): GroupNorm32(32, channels), eps 1e-5
@@ -362,7 +363,7 @@ def _plan(arch: ADMArch) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
 
 def source_shapes(arch: ADMArch) -> dict[str, tuple[int, ...]]:
     """Every key of the original state dict → its shape (what a published file of ``arch`` holds)."""
-    return {k: tuple(v) for k, v in _source_shapes(arch, unet_config(arch))[0].items()}
+    return _source_shapes(arch, target_shapes(unet_config(arch)))[0]
 
 
 def key_map(arch: ADMArch) -> dict[str, str]:
@@ -377,21 +378,13 @@ def key_map(arch: ADMArch) -> dict[str, str]:
     return mapped
 
 
-def _target_shapes(config: dict) -> dict[str, torch.Size]:
-    from diffusers import UNet2DModel
-
-    with torch.device("meta"):
-        model = UNet2DModel(**config)
-    return {k: v.shape for k, v in model.state_dict().items()}
-
 
 def _fmt(shape) -> str:
     return "(" + ", ".join(map(str, shape)) + ")"
 
 
-def _source_shapes(arch: ADMArch, config: dict) -> tuple[dict, list, list]:
-    """What the original's state dict must hold (key → shape), derived from the target model."""
-    target = _target_shapes(config)
+def _source_shapes(arch: ADMArch, target: Mapping[str, tuple[int, ...]]) -> tuple[dict, list, list]:
+    """What the original's state dict must hold (key → shape), derived from the target model's shapes."""
     pairs, attns = _plan(arch)
     expected = {src: target[dst] for src, dst in pairs}
     for src, dst in attns:
@@ -399,10 +392,10 @@ def _source_shapes(arch: ADMArch, config: dict) -> tuple[dict, list, list]:
         expected.update({
             f"{src}.norm.weight": target[f"{dst}.group_norm.weight"],
             f"{src}.norm.bias": target[f"{dst}.group_norm.bias"],
-            f"{src}.qkv.weight": torch.Size([3 * width, width, 1]),
-            f"{src}.qkv.bias": torch.Size([3 * width]),
-            f"{src}.proj_out.weight": torch.Size([width, width, 1]),
-            f"{src}.proj_out.bias": torch.Size([width]),
+            f"{src}.qkv.weight": (3 * width, width, 1),
+            f"{src}.qkv.bias": (3 * width,),
+            f"{src}.proj_out.weight": (width, width, 1),
+            f"{src}.proj_out.bias": (width,),
         })
     return expected, pairs, attns
 
@@ -410,10 +403,10 @@ def _source_shapes(arch: ADMArch, config: dict) -> tuple[dict, list, list]:
 def check(state_dict: Mapping[str, torch.Tensor], arch: ADMArch) -> None:
     """Every key the original model of ``arch`` has is in ``state_dict`` with its shape, and no other:
     raises ModelLoadError in one line naming the first missing / unexpected keys or the shape."""
-    _check(state_dict, _source_shapes(arch, unet_config(arch))[0])
+    _check(state_dict, _source_shapes(arch, target_shapes(unet_config(arch)))[0])
 
 
-def _check(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]) -> None:
+def _check(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> None:
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     if missing or unexpected:
@@ -447,7 +440,8 @@ def convert(state_dict: Mapping[str, torch.Tensor], arch: ADMArch) -> tuple[dict
     block output (tests/unit/test_import_adm.py). Tensors are shared with ``state_dict`` where the
     mapping is a rename, so peak memory stays near one copy of the weights."""
     config = unet_config(arch)
-    expected, pairs, attns = _source_shapes(arch, config)
+    target = target_shapes(config)  # built once: the source's shapes and the result's check both read it
+    expected, pairs, attns = _source_shapes(arch, target)
     _check(state_dict, expected)
     out: dict[str, torch.Tensor] = {dst: state_dict[src] for src, dst in pairs}
     head_width = config["attention_head_dim"]
@@ -465,7 +459,6 @@ def convert(state_dict: Mapping[str, torch.Tensor], arch: ADMArch) -> tuple[dict
             f"{dst}.to_out.0.weight": state_dict[f"{src}.proj_out.weight"].squeeze(-1),
             f"{dst}.to_out.0.bias": state_dict[f"{src}.proj_out.bias"],
         })
-    target = _target_shapes(config)
     unfilled = [k for k in target if k not in out]
     extra = [k for k in out if k not in target]
     wrong = [k for k in target if k in out and tuple(out[k].shape) != tuple(target[k])]

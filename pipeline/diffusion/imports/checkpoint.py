@@ -1,5 +1,5 @@
-"""The state dict inside what a published checkpoint holds, whatever the family: one function, since
-DDPM and ADM files come in the same wrappers."""
+"""What every family's conversion shares: the state dict inside what a published checkpoint holds (DDPM
+and ADM files come in the same wrappers), and the shapes the diffusers model it becomes must have."""
 
 from __future__ import annotations
 
@@ -44,3 +44,12 @@ def normalise(obj, *, item: int = 0, prefix: str = "") -> dict[str, torch.Tensor
     if not out:
         raise ModelLoadError("not a state dict: no tensors" + (f" behind {prefix!r}" if prefix else ""))
     return out
+
+
+def target_shapes(config: dict) -> dict[str, tuple[int, ...]]:
+    """The state dict shapes of ``UNet2DModel(**config)``, built on the meta device (no memory)."""
+    from diffusers import UNet2DModel
+
+    with torch.device("meta"):
+        model = UNet2DModel(**config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -66,9 +66,9 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
+from pipeline.diffusion.imports.checkpoint import target_shapes
 from pipeline.errors import ConfigError, ModelLoadError
 
 NORM_GROUPS = 32  # Normalize(): GroupNorm(num_groups=32, ..., eps=1e-6), ddim models/diffusion.py:32-33
@@ -328,14 +328,6 @@ def _describe(arch: DDPMArch) -> str:
     return (f"(resolution {arch.resolution}, ch {arch.ch}, ch_mult {list(arch.ch_mult)}, "
             f"{arch.num_res_blocks} res blocks, attention at {list(arch.attn_resolutions)})")
 
-
-def target_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """The state dict shapes of ``UNet2DModel(**config)``, built on the meta device (no memory)."""
-    from diffusers import UNet2DModel
-
-    with torch.device("meta"):
-        model = UNet2DModel(**config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def convert(state_dict: Mapping[str, Tensor], arch: DDPMArch) -> tuple[dict, dict[str, Tensor]]:
