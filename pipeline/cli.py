@@ -206,6 +206,17 @@ def cmd_lpips_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fid_export(args: argparse.Namespace) -> int:
+    from pipeline.tools.fid_export import export
+
+    info = export(args.path, source=args.source, file=args.from_file)
+    probe = (f"; features equal to the source network's to {info['probe_difference']:.1e} of their scale"
+             if info["probe_difference"] is not None else "")
+    print(f"FID Inception ({info['source']}, sha256 {info['source_sha256'][:12]}…) written to {info['path']}{probe}; "
+          "use it as eval.inception")
+    return 0
+
+
 def cmd_models_import(args: argparse.Namespace) -> int:
     from pipeline.tools.import_checkpoint import import_checkpoint
 
@@ -306,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("--net", choices=("alex", "vgg", "squeeze"), default="alex")
     p.set_defaults(func=cmd_lpips_export)
+
+    p = sub.add_parser("fid-export", help="(online, once) write the FID Inception network to a safetensors file for eval.inception")
+    p.add_argument("path")
+    p.add_argument("--source", choices=("clean-fid", "pytorch-fid"), default="clean-fid",
+                   help="whose weights: clean-fid's TorchScript (default, what clean-fid's clean mode uses) or pytorch-fid's")
+    p.add_argument("--from", dest="from_file", metavar="FILE",
+                   help="the source's file fetched by other means (no download)")
+    p.set_defaults(func=cmd_fid_export)
 
     models = sub.add_parser("models", help="import the papers' published checkpoints as model folders")
     models_sub = models.add_subparsers(dest="models_command", metavar="SUBCOMMAND", required=True)

@@ -383,6 +383,33 @@ class GuideConfig(Section):
         return v if v is not None else info.data.get("energy", "clip") != "clip"
 
 
+class EvalConfig(Section):
+    """FID and KID of a run's images against a reference set (`latentshift eval`), as clean-fid computes
+    them in its default clean mode, the mode of the official evaluation (cycle-diffusion
+    evaluation/translate_to_dog.py:81-88 calls ``compute_kid`` / ``compute_fid`` with their defaults)."""
+
+    reference: str | list[str] | None = None  # image shards, or a folder/prefix of image files (local, s3://, gs://)
+    reference_storage_options: dict[str, Any] = Field(default_factory=dict)
+    # the reference images resized (short side, centre crop) before their features, as the official
+    # evaluation resizes AFHQ's 512² validation dogs to 256 with bilinear filtering (translate_to_dog.py:20-23,
+    # 51-57; preprocess/afhqwild256.py:13); null: as stored
+    reference_size: int | None = Field(None, ge=8, le=4096)
+    reference_filter: Literal["bilinear", "bicubic"] = "bilinear"
+    images: str | list[str] | None = None  # the images judged: image shards or files (null: output.uri's committed images/)
+    inception: str | None = None  # the feature network file (`latentshift fid-export PATH`): local, s3://, gs://
+    inception_storage_options: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field("fid", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # the result file: <output>/eval/<name>.json
+    kid_subsets: int = Field(100, ge=1)  # cleanfid/fid.py kernel_distance(num_subsets=100)
+    kid_subset_size: int = Field(1000, ge=2)  # … max_subset_size=1000
+    seed: int = Field(0, ge=0)  # the KID subsets' draws (numpy RandomState, as clean-fid's global np.random)
+    files_per_unit: int = Field(1000, ge=1)  # a folder of image files is read in units of this many files
+
+    @field_validator("reference_storage_options", "inception_storage_options")
+    @classmethod
+    def _no_secrets(cls, v: dict) -> dict:
+        return StorageOptions._no_secrets(v)
+
+
 class JobConfig(Section):
     input: InputConfig = Field(default_factory=InputConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -397,6 +424,7 @@ class JobConfig(Section):
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     search: SearchConfig = Field(default_factory=SearchConfig)
     guide: GuideConfig = Field(default_factory=GuideConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     def require(self, *keys: str) -> None:
         """Fail with one line if a key a command needs is unset, e.g. ``require("target.model")``."""

@@ -115,9 +115,10 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
     return np.asarray(im, dtype=np.uint8)
 
 
-def decode_image(data: bytes, size: int, resize: str = "center_crop", max_pixels: int = 50_000_000, *,
-                 exif_transpose: bool = True) -> np.ndarray:
-    """Encoded image → (size, size, 3) uint8, from the first frame. Raises RejectedImage with a reason."""
+def decode_image(data: bytes, size: int | None, resize: str = "center_crop", max_pixels: int = 50_000_000, *,
+                 exif_transpose: bool = True, filter: str = "bicubic") -> np.ndarray:
+    """Encoded image → (size, size, 3) uint8 (``size`` None: (H, W, 3) as stored), from the first frame,
+    resized with ``filter`` (bicubic, or bilinear). Raises RejectedImage with a reason."""
     if not data:
         raise RejectedImage("no image member")
     fmt = None
@@ -144,15 +145,18 @@ def decode_image(data: bytes, size: int, resize: str = "center_crop", max_pixels
                             f"image.max_pixels = {max_pixels}; raise image.max_pixels to accept it") from None
     except Exception as exc:  # noqa: BLE001 — any failure on untrusted bytes is a reject, never a crash
         raise _undecodable(exc, data, fmt) from None
+    if size is None:
+        return _to_rgb8(im)
     rgb = Image.fromarray(_to_rgb8(im))
+    resample = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR}[filter]
     if resize == "stretch":
-        out = rgb.resize((size, size), Image.BICUBIC)
+        out = rgb.resize((size, size), resample)
     else:
         w, h = rgb.size
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
         if (nw, nh) != (w, h):
-            rgb = rgb.resize((nw, nh), Image.BICUBIC)
+            rgb = rgb.resize((nw, nh), resample)
         left, top = (nw - size) // 2, (nh - size) // 2
         out = rgb.crop((left, top, left + size, top + size))
     return np.asarray(out, dtype=np.uint8)

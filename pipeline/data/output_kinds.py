@@ -3,6 +3,7 @@
   images    images/<shard>.tar         the output samples (image, further images, provenance, carried members)
   latents   latents/<shard>.parquet    one row per (sample, step) (pipeline/data/latents.py)
   scores    scores/<shard>.parquet     one row per (sample, rank) (pipeline/data/scores.py)
+  features  <control>/features/<shard>.parquet   the eval job's: one row per image (pipeline/data/features.py)
   rejects   _rejects/<shard>.jsonl     one line per row that could not be used (``reject_line``)
 
 A kind knows, for one shard, everything between a model batch and its final file:
@@ -265,6 +266,46 @@ class Scores(OutputKind):
         return buf.getvalue(), {"scored": len(set(table["key"].to_pylist()))}
 
 
+class Features(OutputKind):
+    name = "features"
+
+    def path(self, store, shard):
+        return store.ctl("features", f"{shard}.parquet")  # beside the eval job's ledger: its own record
+
+    def rows(self, batch, i, shard, settings):
+        if int(batch["kind"][i]) != RowKind.SAMPLE or batch["features"][i].size == 0:
+            return []
+        return [(str(batch["key"][i]), np.asarray(batch["features"][i], dtype=np.float32), float(batch["psnr"][i]),
+                 float(batch["ssim"][i]))]
+
+    def stage(self, records, settings, part):
+        from pipeline.data.features import features_table, table_to_bytes
+
+        keys, vectors, psnr, ssim = zip(*records, strict=True)
+        part.files["features"] = table_to_bytes(features_table(list(keys), np.stack(vectors), psnr, ssim,
+                                                               settings.provenance.settings))
+
+    def merge(self, shard):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        tables = []
+        for part in shard.parts:
+            data = part.file("features")
+            if data is not None:
+                table = pq.read_table(io.BytesIO(data))
+                tables.append(take(table, [i for i, k in enumerate(table["key"].to_pylist())
+                                           if part.key_index.get(k) in part.fresh]))
+        if not tables:
+            return None, {}
+        table = pa.concat_tables(tables)  # the parts' schemas (and metadata) are the run's: one network
+        order = [shard.key_order.get(k, LAST) for k in table["key"].to_pylist()]
+        table = table.take(sorted(range(len(order)), key=order.__getitem__))
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        return buf.getvalue(), {"featured": len(table)}
+
+
 class Rejects(OutputKind):
     name = "rejects"
 
@@ -295,8 +336,8 @@ class Rejects(OutputKind):
         return "".join(json.dumps(lines[i], sort_keys=True) + "\n" for i in sorted(lines)).encode(), counts
 
 
-IMAGES, LATENTS, SCORES, REJECTS = Images(), Latents(), Scores(), Rejects()
-OUTPUT_KINDS: tuple[OutputKind, ...] = (IMAGES, LATENTS, SCORES, REJECTS)  # merged and written in this order
+IMAGES, LATENTS, SCORES, FEATURES, REJECTS = Images(), Latents(), Scores(), Features(), Rejects()
+OUTPUT_KINDS: tuple[OutputKind, ...] = (IMAGES, LATENTS, SCORES, FEATURES, REJECTS)  # merged and written in this order
 
 
 def take(table: pa.Table, rows: list[int]) -> pa.Table:
@@ -327,6 +368,19 @@ def score_rows(batch: dict, i: int, shard: str, provenance: Provenance) -> list[
                               clip_score=batch["clip_score"][i] if rank == 0 else math.nan,
                               choice=search_choice(grid, int(c))))
     return rows
+
+
+def recorded_quality(provenance: bytes) -> tuple[float, float]:
+    """(PSNR, SSIM) a sample's ``latentshift.json`` records against its input: NaN, NaN where it records
+    none (or cannot be read); a null PSNR (identical images: JSON has no inf) is +inf."""
+    try:
+        record = json.loads(provenance)
+    except (ValueError, UnicodeDecodeError):
+        return math.nan, math.nan
+    if not isinstance(record, dict) or record.get("ssim") is None:
+        return math.nan, math.nan
+    psnr = record.get("psnr")
+    return (math.inf if psnr is None else float(psnr)), float(record["ssim"])
 
 
 def reject_line(shard: str, staged: dict, read_record: dict) -> dict:

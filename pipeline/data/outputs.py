@@ -41,7 +41,7 @@ from pipeline.data.filesystems import (
     url_to_fs,
     with_retries,
 )
-from pipeline.data.output_kinds import IMAGES, LATENTS, REJECTS, SCORES
+from pipeline.data.output_kinds import FEATURES, IMAGES, LATENTS, REJECTS, SCORES
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,9 @@ class OutputStore:
 
     def scores(self, shard: str) -> str:
         return SCORES.path(self, shard)
+
+    def features(self, shard: str) -> str:
+        return FEATURES.path(self, shard)
 
     def rejects(self, shard: str) -> str:
         return REJECTS.path(self, shard)

@@ -69,6 +69,7 @@ COLUMNS: dict[str, tuple[str, object]] = {
     "input_image": ("object", b""),  # score: the encoded input image of the same key (b"": not paired)
     # … decoded, uint8 (H, W, 3); unpaired: empty, not None, so the tensor column keeps one ndim (as ``pixels``)
     "input_pixels": ("object", np.zeros((0, 0, 3), np.uint8)),
+    "features": ("object", None),  # eval: the image's float32 (D,) feature vector (empty: none)
     # manifest rows: what one staged part of a shard holds (pipeline.data.ledger counts them)
     "part": ("object", ""),
     "rows": ("int64", 0),  # SAMPLE + REJECT rows staged
@@ -88,7 +89,7 @@ SCORE_PIXEL_COLUMNS = ("shard", "key", "index", "kind", "error", "pixels", "inpu
 OUTPUT_COLUMNS = ("shard", "key", "index", "kind", "error", "pixels", "latent", "step", "latent_rows",
                   "member_names", "member_data", "timesteps", "method", "eta", "seed", "candidate", "psnr",
                   "ssim", "source_model", "source_cond", "partial", "extra_names", "extra_pixels", "clip_score",
-                  "directional", "ranked", "ranked_scores")
+                  "directional", "ranked", "ranked_scores", "features")
 MANIFEST_COLUMNS = ("shard", "part", "kind", "rows", "latent_rows", "latent_rows_expected", "images", "rejected",
                     *METRIC_COLUMNS, "partial")
 
@@ -138,7 +139,7 @@ def column(name: str, values: list) -> np.ndarray:
         return np.asarray(values, dtype=dtype)
     out = np.empty(len(values), dtype=object)
     for i, v in enumerate(values):
-        if name in ("pixels", "latent", "extra_pixels"):
+        if name in ("pixels", "latent", "extra_pixels", "features"):
             v = _EMPTY[name] if v is None else v
         elif name in ("member_names", "member_data", "timesteps", "extra_names", "ranked", "ranked_scores"):
             v = list(v)
@@ -147,7 +148,7 @@ def column(name: str, values: list) -> np.ndarray:
 
 
 _EMPTY = {"pixels": np.zeros((0, 0, 3), np.uint8), "latent": np.zeros((0, 0, 0), np.float16),
-          "extra_pixels": np.zeros((0, 0, 0, 3), np.uint8)}
+          "extra_pixels": np.zeros((0, 0, 0, 3), np.uint8), "features": np.zeros((0,), np.float32)}
 
 
 def rows_of(batch: dict, kind: RowKind) -> np.ndarray:

@@ -35,6 +35,7 @@ METADATA_EXTENSIONS = ("json", "txt", "cls")
 class ShardRef:
     uri: str  # full URI as given to fsspec (protocol kept)
     name: str  # basename without .tar: the unit of output naming and of the ledger
+    files: tuple[str, ...] = ()  # a unit of loose image files (``list_image_units``): their URIs; () for a tar
 
 
 def _protocol_prefix(uri: str) -> str:
@@ -73,6 +74,61 @@ def list_shards(uri: str | list[str], storage_options: dict | None = None) -> li
                     )
                 found[name] = ShardRef(full, name)
     return sorted(found.values(), key=lambda s: s.name)
+
+
+def list_image_units(uri: str | list[str], storage_options: dict | None = None,
+                     per_unit: int = 1000) -> list[ShardRef]:
+    """The units of a set of images: its tar shards if it has any, else its image files (any depth,
+    sorted) in units of ``per_unit``, named ``files-00000`` …: a folder of photographs is read as it is.
+    None of either: one line naming the URI."""
+    shards = list_shards(uri, storage_options)
+    if shards:
+        return shards
+    files = list_image_files(uri, storage_options)
+    if not files:
+        shown = uri if isinstance(uri, str) else ", ".join(uri)
+        raise StorageError(f"{shown}: no .tar shards and no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+    root = uri if isinstance(uri, str) else uri[0]
+    return [ShardRef(root, f"files-{i // per_unit:05d}", tuple(files[i:i + per_unit]))
+            for i in range(0, len(files), per_unit)]
+
+
+def list_image_files(uri: str | list[str], storage_options: dict | None = None) -> list[str]:
+    """Image files under a prefix (or listed), sorted, as full URIs."""
+    out: list[str] = []
+    for pattern in uri if isinstance(uri, list) else [uri]:
+        for one in braceexpand(pattern):
+            fs, path = url_to_fs(one, storage_options)
+            prefix = _protocol_prefix(one) if "://" in one and not one.startswith("file://") else ""
+            try:
+                found = [path] if fs.isfile(path) else fs.find(path)
+            except Exception as exc:  # noqa: BLE001 - one clear line
+                raise explain_storage_error(one, exc) from None
+            out += [prefix + p for p in found if posixpath.splitext(p)[1].lower().lstrip(".") in IMAGE_EXTENSIONS]
+    return sorted(set(out))
+
+
+def listing_signature(uri: str | list[str], storage_options: dict | None = None) -> str:
+    """A digest of what is under ``uri`` (every tar and image file: path, size, version tag): equal while
+    nothing was added, removed or rewritten."""
+    import hashlib
+    import json
+
+    entries = []
+    for pattern in uri if isinstance(uri, list) else [uri]:
+        for one in braceexpand(pattern):
+            fs, path = url_to_fs(one, storage_options)
+            try:
+                found = {path: fs.info(path)} if fs.isfile(path) else fs.find(path, detail=True)
+            except Exception as exc:  # noqa: BLE001
+                raise explain_storage_error(one, exc) from None
+            for p, info in found.items():
+                ext = posixpath.splitext(p)[1].lower().lstrip(".")
+                if ext == "tar" or ext in IMAGE_EXTENSIONS:
+                    version = next((str(info[k]) for k in ("ETag", "etag", "VersionId", "mtime", "LastModified")
+                                    if info.get(k) not in (None, "")), "")
+                    entries.append([p, int(info.get("size") or 0), version])
+    return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -15,6 +15,7 @@ from pipeline.jobs import (
     direction_fit,
     edit,
     encode,
+    evaluate,
     guide,
     ood_fit,
     ood_sample,
@@ -25,7 +26,8 @@ from pipeline.jobs import (
 from pipeline.runtime.job import Job
 
 JOBS: dict[str, Job] = {j.name: j for j in (translate.JOB, encode.JOB, decode.JOB, ood_fit.JOB, ood_sample.JOB,
-                                           direction_fit.JOB, edit.JOB, search.JOB, score.JOB, guide.JOB)}
+                                           direction_fit.JOB, edit.JOB, search.JOB, score.JOB, guide.JOB,
+                                           evaluate.JOB)}
 
 
 def get(name: str) -> Job:

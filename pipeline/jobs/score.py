@@ -7,7 +7,7 @@ no image: its ledger, claims, staging and rejects live under ``<output>/_score/`
 the records of the job that made the images, and a re-run skips the shards it scored.
 """
 
-from pipeline.runtime.job import Built, Job, image_shards, provenance
+from pipeline.runtime.job import Built, Job, committed_image_shards, image_shards, provenance
 
 CONTROL = "_score"
 
@@ -21,22 +21,6 @@ def check(cfg) -> None:
     from pipeline.jobs.checks import check_scoring
 
     check_scoring(cfg.clip, cfg.score, cfg.source, cfg.target, directional(cfg))
-
-
-def units(cfg):
-    """The output's committed image shards (a shard without its ledger record is not finished)."""
-    from pipeline.data.outputs import OutputStore
-    from pipeline.data.shards import list_shards
-    from pipeline.errors import StorageError
-
-    images = cfg.output.uri.rstrip("/") + "/images/"
-    listed = list_shards(images, cfg.output.storage_options)  # a bad bucket or credentials: one clear line
-    committed = OutputStore(cfg.output.uri, cfg.output.storage_options).committed() if listed else set()
-    shards = [s for s in listed if s.name in committed]
-    if not shards:
-        raise StorageError(f"{cfg.output.uri}: no committed image shards (images/<shard>.tar with a "
-                           "_ledger/<shard>.json record); run translate (or another job that writes images) first")
-    return shards
 
 
 def prepare(run) -> None:
@@ -77,7 +61,7 @@ JOB = Job(
     command=("score",),
     help="CLIP score and directional CLIP of an existing output (clip.pretrained, score.*): scores/<shard>.parquet",
     requires=("output.uri", "clip.pretrained"),
-    units=units,
+    units=committed_image_shards,
     build=build,
     commits=("scores", "rejects"),
     check=check,

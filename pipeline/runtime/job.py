@@ -127,6 +127,22 @@ def image_shards(uri, storage_options: dict) -> list[ShardRef]:
     return shards
 
 
+def committed_image_shards(cfg: JobConfig) -> list[ShardRef]:
+    """The output's committed image shards (``images/<shard>.tar`` with a ``_ledger/<shard>.json`` record; a
+    shard without its record is not finished): what score and eval judge. None is an error naming the fix."""
+    from pipeline.data.shards import list_shards
+    from pipeline.errors import StorageError
+
+    images = cfg.output.uri.rstrip("/") + "/images/"
+    listed = list_shards(images, cfg.output.storage_options)  # a bad bucket or credentials: one clear line
+    committed = OutputStore(cfg.output.uri, cfg.output.storage_options).committed() if listed else set()
+    shards = [s for s in listed if s.name in committed]
+    if not shards:
+        raise StorageError(f"{cfg.output.uri}: no committed image shards (images/<shard>.tar with a "
+                           "_ledger/<shard>.json record); run translate (or another job that writes images) first")
+    return shards
+
+
 def provenance(run: Run, settings: dict, latents: LatentMeta | None = None) -> Provenance:
     """The run's constants every output sample records, with the settings the job names."""
     from importlib.metadata import version

@@ -90,7 +90,7 @@ def fetch_shard(uri: str, storage_options: dict) -> tuple[bytes | None, str]:
 
 
 def read_shard(item: dict, storage_options: dict, ledger: ShardLedger,
-               carry: Sequence[str] = METADATA_EXTENSIONS) -> list[dict]:
+               carry: Sequence[str] | None = METADATA_EXTENSIONS) -> list[dict]:
     """All samples of one tar shard, in order. Damage becomes reject rows, never an exception.
 
     ``carry`` (``input.carry``) lists the metadata extensions carried through; other non-image
@@ -102,7 +102,6 @@ def read_shard(item: dict, storage_options: dict, ledger: ShardLedger,
     shard, uri = item["name"], item["uri"]
     if not ledger.begin(shard):  # another live run is doing it (or committed it meanwhile): its rows are not ours
         return []
-    carry = tuple(carry)
     rows = RowBuffer(INPUT_COLUMNS)
     members: dict[int, str] = {}  # row index → the member it is about (ShardLedger.expect)
 
@@ -155,7 +154,7 @@ def read_shard(item: dict, storage_options: dict, ledger: ShardLedger,
                 continue
             if e in IMAGE_EXTENSIONS:
                 drop(sample.key, sample.names[e], f"second image member; the sample uses {sample.names[ext]!r}")
-            elif e in carry:
+            elif carry is None or e in carry:
                 carried[e] = b
             else:
                 drop(sample.key, sample.names[e], f"extension {e!r} not in input.carry ({', '.join(carry)})")
@@ -272,4 +271,31 @@ def read_pairs(item: dict, storage_options: dict, input_uris: dict[str, str] | N
         members[len(rows)] = name  # what a decode reject of the pair is about (the input's: input_members)
         rows.add(**row)
     ledger.expect(shard, len(rows), members, input_members)
+    return _listing(rows)
+
+
+def read_image_files(item: dict, storage_options: dict, ledger: ShardLedger) -> list[dict]:
+    """One unit of loose image files (``pipeline.data.shards.list_image_units``) → a SAMPLE row per file,
+    keyed by its path under the unit's folder less the extension; a file that cannot be read or is empty
+    → a REJECT row naming it. Claimed and counted for the ledger as ``read_shard`` does."""
+    import posixpath
+
+    shard = item["name"]
+    if not ledger.begin(shard):
+        return []
+    rows = RowBuffer(INPUT_COLUMNS)
+    members: dict[int, str] = {}
+    root = item["uri"].rstrip("/") + "/"
+    for uri in item["files"]:
+        name = uri[len(root):] if uri.startswith(root) else posixpath.basename(uri)
+        key = posixpath.splitext(name)[0]
+        data, failure = fetch_shard(uri, storage_options)
+        if data is None:
+            _reject(rows, members, shard, key, f"cannot read image file {uri}: {failure}", member=name)
+        elif not data:
+            _reject(rows, members, shard, key, f"{EMPTY_IMAGE} {name!r}", member=name)
+        else:
+            members[len(rows)] = name
+            rows.add(shard=shard, key=key, index=len(rows), kind=RowKind.SAMPLE, image=data, image_name=name)
+    ledger.expect(shard, len(rows), members)
     return _listing(rows)

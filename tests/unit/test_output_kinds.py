@@ -111,7 +111,7 @@ def test_a_new_output_kind_is_one_class_staged_merged_and_removed_through_the_sa
 
 def test_the_registry_names_each_kind_once_and_the_store_paths_are_the_kinds_own(tmp_path):
     store = OutputStore(str(tmp_path), {}, control="_score")
-    assert [k.name for k in OUTPUT_KINDS] == ["images", "latents", "scores", "rejects"]
+    assert [k.name for k in OUTPUT_KINDS] == ["images", "latents", "scores", "features", "rejects"]
     for kind in OUTPUT_KINDS:
         assert getattr(store, kind.name)("s") == kind.path(store, "s")
     assert store.rejects("s").endswith("_score/_rejects/s.jsonl") and store.images("s").endswith("/images/s.tar")
