@@ -154,6 +154,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     if args.random and args.config:
         raise ConfigError("bench takes --config or --random, not both")
+    if args.fid:
+        from pipeline.tools.fid_bench import run_fid_bench
+
+        if args.config or args.random:
+            raise ConfigError("bench --fid takes neither --config nor --random (it times the FID feature network alone)")
+        run_fid_bench(images=args.images or 512)
+        return 0
     if args.search:
         from pipeline.tools.search_bench import run_search_bench
 
@@ -311,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", action="store_true",
                    help="the zero-shot search's candidates/s against the official loop (see README Performance)")
     p.add_argument("--trials", type=int, default=1, help="--search: trials timed (the official grid's 15 are scaled)")
+    p.add_argument("--fid", action="store_true",
+                   help="the eval job's feature cost: FID Inception images/s and seconds per 1000 images (docs/eval.md)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("lpips-export", help="(online, once) write the LPIPS network to a safetensors file for hspace.lpips")

@@ -2,7 +2,9 @@
 
 1. generate 256 discs, and 64 triangles for each OOD domain of ``OOD_DOMAINS`` (aligned: the
    paper's setting; unaligned: the documented limit), as shards (DIR/inputs/…)
-2. translate the discs with the discs model → squares model (CycleDiffusion; DIR/translated)
+2. translate the discs with the discs model → squares model (CycleDiffusion; DIR/translated), and judge
+   it with `eval`: FID/KID against 256 real squares (DIR/inputs/squares) and against the discs (the
+   control), with 8 edge-orientation features standing in for Inception (DIR/translated/eval/)
 3. per OOD domain: fit OOD statistics of the triangles through the discs model
    (DIR/unseen/<domain>/fit) and synthesize 64 images with every mode of ``SAMPLING_MODES``
    (DIR/unseen/<domain>/<mode>)
@@ -38,7 +40,12 @@ from pipeline.demo.common import (
 )
 from pipeline.demo.edit import EDIT_SETS, edit_lines, hspace_edit, measure_edit
 from pipeline.demo.guide import guide_lines, guide_runs, measure_guide
-from pipeline.demo.translation import translation_metrics
+from pipeline.demo.translation import (
+    edge_network,
+    fid_lines,
+    judge_translation,
+    translation_metrics,
+)
 from pipeline.demo.unseen import (
     MAIN_DOMAIN,
     OOD_DOMAINS,
@@ -94,6 +101,9 @@ def run_demo(out_dir: str | Path, discs: int = 256, triangles: int = 64, unseen:
                                                      f"source.model={models['discs']}", f"target.model={models['squares']}",
                                                      *common])
     t_summary = run_job(tcfg, "translate", overwrite=True, out=out)
+    step("2/6 judging the translation: FID and KID against real squares, and against the discs (control)")
+    net = edge_network(out_dir / "fid-edges.safetensors")
+    fid_row = judge_translation(base, opts, net, discs, {"batch_size": tcfg.runtime.batch_size}, out)
 
     ood_overrides = [f"source.model={models['discs']}", f"ood.count={unseen}", f"ood.shard_size={unseen}", *so,
                      *([f"ood.inversion_steps={steps}"] if steps else [])]
@@ -141,7 +151,7 @@ def run_demo(out_dir: str | Path, discs: int = 256, triangles: int = 64, unseen:
     plain_labels = label_counts(measure_shapes(plain)["label"])
     report = {
         "translation": {**tm, "mean_psnr": t_summary.get("mean_psnr"), "mean_ssim": t_summary.get("mean_ssim"),
-                        "images": t_summary["images"], "rejected": t_summary["rejected"]},
+                        "images": t_summary["images"], "rejected": t_summary["rejected"], "fid": fid_row},
         "unseen": {
             "count": unseen, "main_domain": MAIN_DOMAIN, "modes": [[n, list(o)] for n, o in SAMPLING_MODES],
             "plain_discs_model": {"count": len(plain), "steps": steps or 50, "triangle_rate": shape_rate(plain, "triangles"),
@@ -185,6 +195,7 @@ def format_table(r: dict) -> str:
         f"    median hue error       {fmt(t.get('median_hue_error_deg'), unit='°'):>8}   (target ≤ 15°)",
         f"    median centroid shift  {fmt(t.get('median_centroid_shift_px'), unit=' px'):>8}   (target ≤ 2 px)",
         f"    PSNR / SSIM vs source  {fmt(t.get('mean_psnr'), unit=' dB')} / {fmt(t.get('mean_ssim'))}",
+        *(fid_lines(t["fid"]) if t.get("fid") else []),
         f"  unseen-domain synthesis through the discs-only model ({u['count']} images per mode)",
         f"    plain discs-model samples: triangles {fmt(plain['triangle_rate'], pct=True)}, "
         f"discs {fmt(plain['disc_rate'], pct=True)}",

@@ -173,11 +173,12 @@ class FIDInception(nn.Module):
 
 class TinyFeatures(nn.Module):
     """float (N, 3, H, W) in [0, 255] → (N, widths[-1]): strided 3×3 convolutions with ReLU, then the mean
-    over the image. Not a perceptual network: a stand-in whose figures compare runs measured with the
-    same file, nothing else."""
+    over the image (``unit``: scaled to unit length, so that only the features' proportions count). Not a
+    perceptual network: a stand-in whose figures compare runs measured with the same file, nothing else."""
 
-    def __init__(self, widths: list[int]):
+    def __init__(self, widths: list[int], unit: bool = False):
         super().__init__()
+        self.unit = unit
         layers, cin = [], 3
         for i, w in enumerate(widths):
             layers += [(f"conv{i}", nn.Conv2d(cin, w, 3, stride=2, padding=1)), (f"relu{i}", nn.ReLU())]
@@ -186,7 +187,8 @@ class TinyFeatures(nn.Module):
         self.dims = cin
 
     def forward(self, x):
-        return self.layers(normalise(x.float())).mean(dim=(2, 3))
+        f = self.layers(normalise(x.float())).mean(dim=(2, 3))
+        return F.normalize(f, dim=1, eps=1e-12) if self.unit else f
 
 
 def build(arch: str, config: dict | None = None) -> nn.Module:
@@ -199,7 +201,7 @@ def build(arch: str, config: dict | None = None) -> nn.Module:
         widths = config.get("widths")
         if not (isinstance(widths, list) and widths and all(isinstance(w, int) and w > 0 for w in widths)):
             raise ConfigError(f"a {TINY} feature network needs its widths (a list of positive integers), got {widths!r}")
-        return TinyFeatures(widths)
+        return TinyFeatures(widths, unit=bool(config.get("unit", False)))
     raise ConfigError(f"unknown feature network {arch!r}; one of {', '.join(ARCHITECTURES)}")
 
 

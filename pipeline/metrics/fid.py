@@ -64,12 +64,13 @@ def sqrtm(a: np.ndarray) -> np.ndarray:
 
     from scipy import linalg
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # a singular product: disp=False's silence
+        try:
             return linalg.sqrtm(a, disp=False)[0]
-    except TypeError:
-        return linalg.sqrtm(a)
+        except TypeError:
+            return linalg.sqrtm(a)
 
 
 def kid_subsets(feats1: np.ndarray, feats2: np.ndarray, num_subsets: int = 100, max_subset_size: int = 1000,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -95,6 +96,12 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path, stand_in_models):
     assert report["translation"]["images"] == 8 and report["translation"]["pairs"] == 8
     for key in ("target_shape_rate", "median_hue_error_deg", "median_centroid_shift_px"):
         assert key in report["translation"]
+    refs = report["translation"]["fid"]["references"]  # `eval` against real squares and the discs (control)
+    assert refs.keys() == {"squares", "discs"}
+    assert all(np.isfinite(r["fid"]) and r["images"] == 8 and r["reference_images"] == 8 for r in refs.values())
+    for name in refs:
+        table = json.loads((tmp_path / "demo" / "translated" / "eval" / f"{name}.json").read_text())
+        assert table["fid"] == refs[name]["fid"] and table["reference"].endswith(f"inputs/{name}")
     check_unseen(report["unseen"], images=4, inputs=8, domains=[MAIN_DOMAIN])
     saved = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert saved["unseen"]["domains"].keys() == report["unseen"]["domains"].keys()
@@ -104,6 +111,7 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path, stand_in_models):
     rows += 2  # guide: unguided, guided
     assert sheet.size[0] > 16 * 96 and sheet.size[1] > rows * 96
     table = format_table(report)
+    assert "FID / KID" in table and "vs squares" in table and "vs discs" in table
     assert "target-shape rate" in table and "invert→decode gate" in table and "(target ≥ 50%)" in table
     assert all(mode in table for mode, _ in SAMPLING_MODES)
     assert "h-space edit (Asyrp)" in table and "the size grows with the scale" in table

@@ -202,3 +202,38 @@ def test_pil_weights_rows_sum_to_one_and_widen_when_shrinking():
     assert np.allclose(up.sum(1), 1) and np.allclose(down.sum(1), 1)
     assert (up[150] != 0).sum() == 4  # the cubic's 4 taps when enlarging
     assert (down[150] != 0).sum() > 4 * (1000 / 299) - 2  # antialiased: the support grows with the scale
+
+
+def test_the_demos_edge_network_tells_squares_from_discs(tmp_path):
+    """The demo's stand-in (fixed Sobel filters, pipeline/demo/translation.py): two sets of squares are
+    closer to each other than to discs of the same colours, boxes and sizes, by FID and by KID."""
+    from pipeline.demo.shapes import render
+    from pipeline.demo.translation import edge_network
+    from pipeline.metrics.fid import frechet_distance, gaussian_statistics, kernel_distance
+
+    net = feature_net.load(edge_network(tmp_path / "edges.safetensors"))
+    resize = DeviceResize()
+
+    def features(domain, seed):
+        images, _ = render(domain, 48, seed=seed)
+        with torch.no_grad():
+            return net(resize(torch.from_numpy(images))).numpy().astype(np.float64)
+
+    squares, other_squares, discs = features("squares", 1), features("squares", 2), features("discs", 1)
+    fid = {name: frechet_distance(*gaussian_statistics(squares), *gaussian_statistics(f))
+           for name, f in (("squares", other_squares), ("discs", discs))}
+    assert fid["squares"] * 3 < fid["discs"]
+    kid = {name: kernel_distance(squares, f, rng=np.random.RandomState(0))
+           for name, f in (("squares", other_squares), ("discs", discs))}
+    assert kid["squares"] < kid["discs"]
+
+
+def test_fid_bench_prints_its_figures():
+    import io
+
+    from pipeline.tools.fid_bench import run_fid_bench
+
+    out = io.StringIO()
+    r = run_fid_bench(images=2, batch_size=2, size=32, out=out)
+    assert r["images"] == 2 and r["images_per_second"] > 0 and 0 < r["resize_share"] < 1
+    assert "s per 1000 images" in out.getvalue()

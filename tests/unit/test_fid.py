@@ -114,3 +114,25 @@ def test_kernel_distance_is_clean_fids_on_the_same_draws():
     xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
     everything = kid_subsets(f1[:50], f2[:50], 1, 50, rng=np.random.default_rng(1))[0]
     assert everything == pytest.approx(xx + yy - 2 * xy, rel=1e-4)
+
+
+# ---- against the clean-fid package itself (a dev dependency) ----------------------------------------
+
+
+def test_the_three_functions_equal_the_clean_fid_packages():
+    from cleanfid import fid as cf
+    from cleanfid.resize import build_resizer
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (57, 83, 3), dtype=np.uint8)
+    assert np.array_equal(clean_resize(image), build_resizer("clean")(image))
+    f1, f2 = rng.normal(size=(300, 24)), rng.normal(0.2, 1.1, size=(250, 24))
+    mu1, s1 = gaussian_statistics(f1)
+    mu2, s2 = gaussian_statistics(f2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # clean-fid's disp=False on SciPy 1.17
+        theirs = cf.frechet_distance(mu1, s1, mu2, s2)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(theirs, rel=1e-6)
+    np.random.seed(11)
+    theirs = cf.kernel_distance(f1, f2, num_subsets=20, max_subset_size=100)
+    assert kernel_distance(f1, f2, 20, 100, rng=np.random.RandomState(11)) == pytest.approx(theirs, rel=1e-6)
