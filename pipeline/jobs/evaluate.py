@@ -101,6 +101,28 @@ def prepare(run) -> None:
     run.store.put_json(record, net)
     if cfg.eval.reference:
         state["reference_key"] = reference_key(cfg, net)
+    state["remeasured"] = forget_stale(run)
+
+
+def forget_stale(run) -> list[str]:
+    """Shards whose images were committed again (``translate --overwrite``) after their features were
+    measured: their eval records are removed, so this run measures them again. Returns their names."""
+    from pipeline.data.outputs import OutputStore
+
+    if run.cfg.eval.images:  # images of no ledger: a changed file is a new listing, measured by --overwrite
+        return []
+    images = OutputStore(run.cfg.output.uri, run.cfg.output.storage_options)
+    stale = []
+    for name in sorted(run.store.committed()):
+        try:
+            made = images.get_json(images.ledger(name)).get("committed_at", 0)
+            measured = run.store.get_json(run.store.ledger(name)).get("committed_at", 0)
+        except Exception:  # noqa: BLE001 - a record gone meanwhile: nothing to compare, leave it
+            continue
+        if made > measured:
+            run.store.remove(run.store.ledger(name))
+            stale.append(name)
+    return stale
 
 
 # ---- the rows ------------------------------------------------------------------------------------
@@ -279,7 +301,7 @@ def finish(run) -> None:
     run.store.put_json(target, result)
     s.update({k: result[k] for k in ("fid", "kid", "kid_std", "reference_count", "rank_deficient", "mean_psnr",
                                      "mean_ssim", "mean_clip_score", "mean_directional", "scored") if k in result},
-             evaluated=n, eval_json=target, eval_missing=got["missing"])
+             evaluated=n, eval_json=target, eval_missing=got["missing"], remeasured=run.state.get("remeasured", []))
 
 
 def quality(got: dict) -> dict:
@@ -327,6 +349,8 @@ def summary_lines(s: dict) -> list[str]:
         note = " (fewer images than feature dimensions: the covariance is rank-deficient)" if s["rank_deficient"] else ""
         lines.append(f"  FID        {s['fid']:.4f}   KID {s['kid']:.6f} ± {s['kid_std']:.6f}   "
                      f"{s['evaluated']} images vs {s['reference_count']} reference{note}")
+    if s.get("remeasured"):
+        lines.append(f"  remeasured {len(s['remeasured'])} shard(s) whose images were written again since")
     if s.get("eval_missing"):
         lines.append(f"  NOT YET    {len(s['eval_missing'])} shard(s) without features ({', '.join(s['eval_missing'][:5])}"
                      f"{' …' if len(s['eval_missing']) > 5 else ''}): re-run to measure them")

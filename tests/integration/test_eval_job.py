@@ -140,8 +140,11 @@ def test_a_set_against_itself_is_the_control(ray_cluster, s3, s3_server, bucket,
     put_sets(s3, bucket, tmp_path, {"a": images}, images)
     for i in range(20):
         s3.pipe(f"{bucket}/squares/q{i:03d}.png", png(picture(300 + i, 32, "square")))
-    same = run_job(validate(config(bucket, s3_server, tiny_net, name="control")), "eval")
-    other = run_job(validate(config(bucket, s3_server, tiny_net, reference=f"s3://{bucket}/squares/")), "eval")
+    s3.pipe(f"{bucket}/models/tiny.safetensors", open(tiny_net, "rb").read())  # the network from object storage
+    net = f"s3://{bucket}/models/tiny.safetensors"
+    opts = {"inception_storage_options": {"endpoint_url": s3_server}}
+    same = run_job(validate(config(bucket, s3_server, net, name="control", **opts)), "eval")
+    other = run_job(validate(config(bucket, s3_server, net, reference=f"s3://{bucket}/squares/", **opts)), "eval")
     assert other["shards_done"] == 0 and other["shards_skipped"] == 1  # the judged features are kept
     assert abs(same["fid"]) < 1e-6 < other["fid"]
     assert same["kid"] <= 0 < other["kid"]
@@ -172,3 +175,40 @@ def test_bad_input_is_one_line(ray_cluster, s3, s3_server, bucket, tiny_net, tmp
     cfg["eval"]["images"] = None
     line = refused(tmp_path, capsys, cfg)
     assert "no committed image shards" in line
+
+
+def test_a_runs_own_output_quality_scores_and_a_shard_written_again(ray_cluster, s3, s3_server, bucket, tiny_net,
+                                                                    tmp_path):
+    """eval of a run's output (output.uri, no eval.images): its committed shards, the PSNR/SSIM its
+    samples recorded, the CLIP means of scores/; a shard committed again after its features were measured
+    (translate --overwrite) is measured again."""
+    import time
+
+    from pipeline.data.scores import score_row, scores_to_bytes
+
+    def commit(name, images, at):
+        records = [{"psnr": 20.0, "ssim": 0.5}, {"psnr": None, "ssim": 1.0}, {"job": "ood-sample"}]
+        samples = [(f"{name}-{i}", {"png": png(im), "latentshift.json": json.dumps(records[i % 3]).encode(),
+                                    "txt": b"carried"}) for i, im in enumerate(images)]
+        s3.pipe(f"{bucket}/out/images/{name}.tar", tar_bytes(samples))
+        s3.pipe(f"{bucket}/out/_ledger/{name}.json", json.dumps({"shard": name, "committed_at": at}).encode())
+
+    commit("a", [picture(i, 32, "disc") for i in range(6)], 1000.0)
+    commit("b", [picture(50 + i, 32, "disc") for i in range(6)], 1000.0)
+    s3.pipe(f"{bucket}/out/scores/a.parquet", scores_to_bytes(
+        [score_row(key=f"a-{i}", shard="a", clip_score=0.2 + 0.1 * i, directional=0.1) for i in range(3)]))
+    put_sets(s3, bucket, tmp_path, {}, [picture(500 + i, 32, "square") for i in range(8)])
+    cfg = config(bucket, s3_server, tiny_net)
+    cfg["eval"]["images"] = None
+    first = run_job(validate(cfg), "eval")
+    assert first["shards_done"] == 2 and first["evaluated"] == 12 and first["rejected"] == first["dropped"] == 0
+    table = json.loads(s3.cat_file(f"{bucket}/out/eval/fid.json"))
+    assert table["quality_count"] == 8 and table["mean_psnr"] == pytest.approx((4 * 20 + 4 * 100) / 8)
+    assert table["mean_ssim"] == pytest.approx(0.75, abs=1e-6)
+    assert table["mean_clip_score"] == pytest.approx(0.3) and table["scored"] == 3
+    assert table["mean_directional"] == pytest.approx(0.1)
+
+    commit("b", [picture(80 + i, 32, "disc") for i in range(6)], time.time() + 60)
+    second = run_job(validate(cfg), "eval")
+    assert second["remeasured"] == ["b"] and second["shards_done"] == 1 and second["shards_skipped"] == 1
+    assert json.loads(s3.cat_file(f"{bucket}/out/eval/fid.json"))["fid"] != table["fid"]
