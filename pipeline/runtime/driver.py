@@ -37,6 +37,7 @@ def write_and_commit(run, built, shards: list[ShardRef]) -> dict:
     """
     import ray
 
+    from pipeline.runtime.progress import Progress
     from pipeline.stages.write import write_parts
 
     ledger, cfg = run.ledger, run.cfg
@@ -49,10 +50,12 @@ def write_and_commit(run, built, shards: list[ShardRef]) -> dict:
     pending = []
     metrics = RunMetrics()
     job, config_hash, pkg_versions = run.job.name, cfg.config_hash(), versions()
+    progress = Progress(job, len(shards), run.out)
 
     def commit_if_complete(shard: str) -> None:
         if tracker.complete(shard):
             p = tracker.take(shard)
+            progress.add(shards=1)
             pending.append(commit.remote(ledger, shard, uri[shard], p.parts, job, config_hash, p.expected_rows,
                                          pkg_versions, run.job.commits))
 
@@ -67,6 +70,8 @@ def write_and_commit(run, built, shards: list[ShardRef]) -> dict:
             tracker.add(shard, str(batch["part"][i]), int(batch["rows"][i]), int(batch["latent_rows"][i]),
                         int(batch["latent_rows_expected"][i]))
             metrics.merge(RunMetrics.from_columns(batch, i))
+            rejected = int(batch["rejected"][i])
+            progress.add(samples=int(batch["rows"][i]) - rejected, rejected=rejected)
             touched.add(shard)
         for shard in touched:
             commit_if_complete(shard)

@@ -35,7 +35,9 @@ def init_ray() -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    # Ray's progress bars in a terminal; elsewhere (a pod, CI, nohup) they become hundreds of log lines,
+    # so they are off and the driver prints its own progress line (runtime/progress.py); --verbose: Ray's
+    ctx.enable_progress_bars = _show_traces or interactive()
     # A model stage's actor that raises in __init__ (a model that passed preflight and still does
     # not load) fails the run at once: no in-actor retries, no replacement actors. Ray Data then
     # raises the actor's ActorDiedError, which run_job turns into one line (runtime/models.py: actor_failure).
@@ -94,12 +96,31 @@ class _ForwardedTraceFilter:
         return kept
 
 
+def interactive() -> bool:
+    """A person at a terminal: stderr is a TTY."""
+    import sys
+
+    return sys.stderr.isatty()
+
+
+class _RayDataConsoleQuiet(logging.Filter):
+    """On Ray Data's console handler: its INFO lines (each dataset's start, plan and end) stay in its log
+    file unless ``--verbose`` or a terminal; its warnings and errors still reach the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _show_traces or interactive() or record.levelno >= logging.WARNING
+
+
 def _keep_traces_in_log_files() -> None:
     """Unless ``--verbose``: no traceback from Ray on the console; Ray's log files keep them all
     (``/tmp/ray/session_*/logs``: the workers' output, Ray Data's ``ray-data`` log)."""
     logger = logging.getLogger("ray.data.exceptions")
     if not any(isinstance(f, _HideRayDataErrorLog) for f in logger.filters):
         logger.addFilter(_HideRayDataErrorLog())
+    for handler in logging.getLogger("ray.data").handlers:
+        if "File" not in type(handler).__name__ and not any(  # Ray Data's SessionFileHandler keeps them all
+                isinstance(f, _RayDataConsoleQuiet) for f in handler.filters):
+            handler.addFilter(_RayDataConsoleQuiet())
     try:
         # Ray prints worker output and raylet error messages through this one function; it is
         # private, so a Ray without it prints them unfiltered rather than failing the run.
