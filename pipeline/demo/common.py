@@ -106,3 +106,20 @@ def fmt(v, pct=False, unit=""):
 
 def met_word(ok: bool) -> str:
     return "met" if ok else "NOT met"
+
+
+def run_quietly(cfg, job: str, out, **options) -> dict:
+    """One of the demo's jobs, its summary in one line on ``out`` (the whole summary stays in its run record,
+    ``_ledger/runs/<run id>.json``): the demo's console is its own step lines, these, and its table."""
+    import io
+
+    from pipeline.jobs import run_job
+
+    s = run_job(cfg, job, out=io.StringIO(), **options)
+    if out is not None:
+        made = s.get("images") or s.get("evaluated") or s.get("count") or 0
+        extra = f", FID {s['fid']:.3g}" if "fid" in s else ""
+        out.write(f"    {job:<14}{s.get('shards_done', 0)} shard(s), {made} images, {s.get('rejected', 0)} rejected"
+                  f"{extra}, {s.get('seconds', 0):.0f} s\n")
+        out.flush()
+    return s

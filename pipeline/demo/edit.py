@@ -33,8 +33,8 @@ def hspace_edit(base: str, cfg_dir: Path, overrides: list[str], examples: int, e
     `direction fit` (set A = input.uri, set B = hspace.examples) into DIR/edit/direction.safetensors,
     then `edit` the held-out set A images at every scale of configs/demo/edit.yaml (DIR/edit/edited)."""
     from pipeline.config import load_config
+    from pipeline.demo.common import run_quietly
     from pipeline.demo.shapes import write_shapes
-    from pipeline.jobs import run_job
 
     started = time.time()
     folders, (a, b) = edit_folders(), EDIT_SETS.values()
@@ -45,10 +45,10 @@ def hspace_edit(base: str, cfg_dir: Path, overrides: list[str], examples: int, e
               f"hspace.direction_storage_options={json.dumps(opts)}", *overrides]
     fit_cfg = load_config(cfg_dir / "edit.yaml", [f"input.uri={base}/inputs/{folders['a']}", f"output.uri={base}/edit/fit",
                                                   f"hspace.examples={base}/inputs/{folders['b']}", *common])
-    fit = run_job(fit_cfg, "direction-fit", overwrite=True, out=out)
+    fit = run_quietly(fit_cfg, "direction-fit", overwrite=True, out=out)
     cfg = load_config(cfg_dir / "edit.yaml", [f"input.uri={base}/inputs/{folders['held_out']}",
                                               f"output.uri={base}/edit/edited", *common])
-    edit = run_job(cfg, "edit", overwrite=True, out=out)
+    edit = run_quietly(cfg, "edit", overwrite=True, out=out)
     return {"cfg": cfg, "fit": fit, "edit": edit, "seconds": round(time.time() - started, 1)}
 
 

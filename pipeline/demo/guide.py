@@ -19,14 +19,14 @@ def guide_runs(base: str, cfg_dir: Path, overrides: list[str], count: int, out) 
     initial latent; DIR/guide/unguided) and guided (DIR/guide/guided). Whatever differs between the
     two rows, column by column, is the Langevin walk's doing."""
     from pipeline.config import load_config
-    from pipeline.jobs import run_job
+    from pipeline.demo.common import run_quietly
 
     started = time.time()
     runs = {}
     for name, extra in (("unguided", ["guide.langevin_steps=0"]), ("guided", [])):
         cfg = load_config(cfg_dir / "guide.yaml", [f"output.uri={base}/guide/{name}", f"guide.count={count}",
                                                    *overrides, *extra])
-        runs[name] = {"cfg": cfg, "summary": run_job(cfg, "guide", overwrite=True, out=out)}
+        runs[name] = {"cfg": cfg, "summary": run_quietly(cfg, "guide", overwrite=True, out=out)}
     return {**runs, "seconds": round(time.time() - started, 1)}
 
 

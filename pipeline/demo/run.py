@@ -65,8 +65,8 @@ def run_demo(out_dir: str | Path, discs: int = 256, triangles: int = 64, unseen:
     ``edit_examples`` discs in each of the edit part's sets A and B, ``edits`` held-out ones edited
     (0: no edit part); ``guides`` seeds of the guide part, each unguided and guided (0: no guide part)."""
     from pipeline.config import load_config
+    from pipeline.demo.common import run_quietly
     from pipeline.demo.shapes import write_shapes
-    from pipeline.jobs import run_job
     from pipeline.metrics.shapes import measure_shapes, shape_rate
     from pipeline.runtime.ray_env import init_ray
 
@@ -100,7 +100,7 @@ def run_demo(out_dir: str | Path, discs: int = 256, triangles: int = 64, unseen:
     tcfg = load_config(cfg_dir / "translate.yaml", [f"input.uri={base}/inputs/discs", f"output.uri={base}/translated",
                                                      f"source.model={models['discs']}", f"target.model={models['squares']}",
                                                      *common])
-    t_summary = run_job(tcfg, "translate", overwrite=True, out=out)
+    t_summary = run_quietly(tcfg, "translate", overwrite=True, out=out)
     step("2/6 judging the translation: FID and KID against real squares, and against the discs (control)")
     net = edge_network(out_dir / "fid-edges.safetensors")
     fid_row = judge_translation(base, opts, net, discs, {"batch_size": tcfg.runtime.batch_size}, out)

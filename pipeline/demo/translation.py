@@ -67,8 +67,8 @@ def judge_translation(base: str, opts: dict, net_path: str, count: int, runtime:
     (hundreds of 64² images, 8 features) the figures say which reference the translation is closer to; they
     are not on the scale of the papers' Inception FIDs."""
     from pipeline.config import validate
+    from pipeline.demo.common import run_quietly
     from pipeline.demo.shapes import write_shapes
-    from pipeline.jobs import run_job
 
     write_shapes("squares", count, f"{base}/inputs/squares", seed=2, per_shard=64, storage_options=opts)
     rows = {}
@@ -76,7 +76,7 @@ def judge_translation(base: str, opts: dict, net_path: str, count: int, runtime:
         cfg = validate({"output": {"uri": f"{base}/translated", "storage_options": opts}, "runtime": runtime,
                         "eval": {"reference": f"{base}/inputs/{name}", "reference_storage_options": opts,
                                  "inception": net_path, "name": name}})
-        s = run_job(cfg, "eval", out=out)
+        s = run_quietly(cfg, "eval", out=out)
         rows[name] = {"fid": s["fid"], "kid": s["kid"], "kid_std": s["kid_std"], "images": s["evaluated"],
                       "reference_images": s["reference_count"]}
     return {"network": "edge orientation (tiny-conv, fixed Sobel filters): a stand-in, pipeline/demo/translation.py",

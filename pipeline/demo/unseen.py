@@ -54,7 +54,7 @@ def synthesize(domain: str, base: str, cfg_dir: Path, overrides: list[str], out)
     that needs another fit gets unseen/<domain>/fit-<fit hash>; samples go to unseen/<domain>/<mode>.
     """
     from pipeline.config import load_config
-    from pipeline.jobs import run_job
+    from pipeline.demo.common import run_quietly
     from pipeline.jobs.ood_fit import fit_hash
 
     folders = [slug(name) for name, _ in SAMPLING_MODES]
@@ -69,7 +69,7 @@ def synthesize(domain: str, base: str, cfg_dir: Path, overrides: list[str], out)
         if key not in fits:
             fit_cfg = cfg.model_copy(deep=True)
             fit_cfg.output.uri = f"{root}/fit" if not fits else f"{root}/fit-{key}"
-            fits[key] = {"cfg": fit_cfg, "summary": run_job(fit_cfg, "ood-fit", overwrite=True, out=out)}
+            fits[key] = {"cfg": fit_cfg, "summary": run_quietly(fit_cfg, "ood-fit", overwrite=True, out=out)}
         return key
 
     main_fit = fit_for(load_config(cfg_dir / "unseen.yaml", domain_overrides))
@@ -80,7 +80,7 @@ def synthesize(domain: str, base: str, cfg_dir: Path, overrides: list[str], out)
         cfg.ood.stats = fits[key]["summary"]["stats"]
         cfg.output.uri = f"{root}/{slug(name)}"
         modes[name] = {"fit": key, "overrides": list(mode_overrides), "folder": f"unseen/{domain}/{slug(name)}",
-                       "summary": run_job(cfg, "ood-sample", overwrite=True, out=out)}
+                       "summary": run_quietly(cfg, "ood-sample", overwrite=True, out=out)}
     return {"main_fit": main_fit, "fits": fits, "modes": modes}
 
 

@@ -108,7 +108,10 @@ class _RayDataConsoleQuiet(logging.Filter):
     file unless ``--verbose`` or a terminal; its warnings and errors still reach the console."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return _show_traces or interactive() or record.levelno >= logging.WARNING
+        if _show_traces or interactive():
+            return True
+        # the bars are off on purpose here (init_ray): its warning about it says nothing to the reader
+        return record.levelno >= logging.WARNING and not str(record.msg).startswith("Progress bars disabled")
 
 
 def _keep_traces_in_log_files() -> None:

@@ -59,6 +59,8 @@ def test_ray_data_info_stays_off_the_console_but_warnings_pass(monkeypatch):
     info = logging.LogRecord("ray.data._internal.execution", logging.INFO, "x", 1, "Starting execution", None, None)
     warning = logging.LogRecord("ray.data", logging.WARNING, "x", 1, "slow", None, None)
     assert not quiet.filter(info) and quiet.filter(warning)
+    bars = logging.LogRecord("ray.data", logging.WARNING, "x", 1, "Progress bars disabled. To enable, …", None, None)
+    assert not quiet.filter(bars)  # turned off on purpose: its warning says nothing
     ray_env.show_traces(True)
     try:
         assert quiet.filter(info)  # --verbose: Ray's lines as Ray prints them
