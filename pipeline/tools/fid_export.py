@@ -127,7 +127,9 @@ def export(path, source: str = "clean-fid", file=None) -> dict:
     module = FIDInception()
     problems = feature_net.mismatch(module.state_dict(), state)
     if problems:
-        raise ConfigError(f"{file}: {problems} against the FID Inception network; not a {source} Inception file")
+        other = " (or try --source pytorch-fid)" if source == "clean-fid" else ""
+        raise ConfigError(f"{file}: {problems} against the FID Inception network; not a {source} Inception "
+                          f"file{other}")
     module.load_state_dict(state, strict=True)
     module.eval()
     difference = None
