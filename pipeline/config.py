@@ -67,7 +67,7 @@ class StorageOptions(Section):
 
 class InputConfig(StorageOptions):
     uri: str | list[str] | None = None  # prefix, brace pattern or list; s3://, gs://, file://, path
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: dict[str, Any] = Field(default_factory=dict)  # non-secret fsspec options, e.g. endpoint_url
     # metadata member extensions carried through unchanged (exact, lowercase; "seg.json" for
     # k.seg.json); every other non-image member is dropped with a "dropped member" reject row
     carry: list[str] = Field(default_factory=lambda: ["json", "txt", "cls"])
@@ -92,11 +92,11 @@ class InputConfig(StorageOptions):
 
 
 class OutputConfig(StorageOptions):
-    uri: str | None = None
-    storage_options: dict[str, Any] = Field(default_factory=dict)
-    latents: Literal["full", "start", "none"] = "full"
-    image_format: Literal["png", "jpg", "webp"] = "png"
-    latent_dtype: Literal["float16", "float32"] = "float16"
+    uri: str | None = None  # prefix for images/, latents/, scores/, _ledger/, _rejects/, stats/, report/, eval/
+    storage_options: dict[str, Any] = Field(default_factory=dict)  # non-secret fsspec options, e.g. endpoint_url
+    latents: Literal["full", "start", "none"] = "full"  # full: x_start and every noise; start: x_start only; none
+    image_format: Literal["png", "jpg", "webp"] = "png"  # the output images' format (jpg and webp at quality 95)
+    latent_dtype: Literal["float16", "float32"] = "float16"  # the stored latents' dtype
     # how long a run's shard claims outlive its last heartbeat (renewed every quarter of this):
     # a run killed on another machine frees its shards after this long (pipeline/data/claims.py)
     lease_seconds: float = Field(300.0, ge=4, le=86400)
@@ -105,19 +105,21 @@ class OutputConfig(StorageOptions):
 class ModelConfig(StorageOptions):
     model: str | None = None  # diffusers folder (local, s3://, gs://) or hub id
     condition: int | str | None = None  # class index or prompt
+    # classifier-free guidance w: ε_u + w(ε_c − ε_u); 1 = the conditional ε alone
     guidance_scale: float = Field(1.0, ge=0)
     null_class: int | None = Field(None, ge=0)  # class models: the unconditional class for CFG
     allow_pickle: bool = False  # load pickle-based weights (.bin/.ckpt): only for files you trust
+    # non-secret fsspec options for an s3:// or gs:// model
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
 class SamplerConfig(Section):
-    method: Literal["dpm", "ddim"] = "dpm"
-    steps: int = Field(100, ge=1, le=10000)
-    eta: float = Field(0.1, ge=0)
-    strength: float = Field(0.8, gt=0, le=1)
+    method: Literal["dpm", "ddim"] = "dpm"  # dpm: the stochastic DPM-Encoder; ddim: deterministic inversion
+    steps: int = Field(100, ge=1, le=10000)  # size of the scheduler's set_timesteps grid
+    eta: float = Field(0.1, ge=0)  # η of the DPM-Encoder and its decoder (> 0 for dpm)
+    strength: float = Field(0.8, gt=0, le=1)  # keeps the last ⌊strength·steps⌋ steps of the grid (at least one)
     refine_steps: int = Field(0, ge=0, le=10000)  # re-noise to t = refine_steps − 1, denoise every t below (η = 1)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0)  # a sample's noise depends only on (seed, shard/key)
     # x̂0 clipping: auto = as the model's scheduler config says (clip_sample / thresholding),
     # off = never (the official CycleDiffusion and DiscoveryDiff code), on = clamp to ±1
     clip_x0: Literal["auto", "on", "off"] = "auto"
@@ -131,17 +133,18 @@ class SamplerConfig(Section):
 
 
 class ImageConfig(Section):
-    size: int = Field(256, ge=8, le=4096)
+    size: int = Field(256, ge=8, le=4096)  # inputs are decoded to size × size (see resize)
     resize: Literal["center_crop", "stretch"] = "center_crop"  # short side to size, then crop
     max_pixels: int = Field(50_000_000, ge=1)  # larger images are rejected, not decoded
     exif_transpose: bool = True  # apply the EXIF orientation tag (false: pixels as stored)
 
 
 class RuntimeConfig(Section):
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1)  # rows per Ray batch; on a GPU a batch that does not fit runs in halves
     actors: int | list[int] = 1  # n, or [min, max] for an autoscaling pool
+    # auto: $LATENTSHIFT_GPUS_PER_ACTOR if set, else 1 when the cluster has GPUs at job start, else 0
     gpus_per_actor: Literal["auto"] | float = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float16 on GPU, float32 on CPU
     # torch.compile of the UNet on GPU actors (ignored on CPU): "default", or "reduce-overhead" (CUDA
     # graphs too). Compiling takes about a minute per actor, repaid on long runs; see README Performance.
     compile: Literal["off", "default", "reduce-overhead"] = "off"
@@ -166,31 +169,34 @@ class RuntimeConfig(Section):
 
 
 class OODConfig(Section):
+    # the timestep the OOD images are inverted to and the Gaussian is fitted at (snapped to the grid)
     t0: int = Field(500, ge=1)
-    inversion_steps: int = Field(40, ge=1)
+    inversion_steps: int = Field(40, ge=1)  # DDIM steps of the inversion to t0
     # isotropic: the mean of per-dimension variances; scalar: np.var over every entry, the official
     # estimator (DiscoveryDiff discovery.py:509), which adds the spread of the per-dimension means,
     # so Gaussian draws land further out than the data (tolerance selection then keeps none:
     # use it with slerp candidates, as the official code); diagonal: one per dimension
     variance: Literal["isotropic", "scalar", "diagonal"] = "isotropic"
-    stats: str | None = None
-    count: int = Field(1000, ge=1)
+    stats: str | None = None  # the statistics file (null: <output.uri>/stats/ood.safetensors)
+    count: int = Field(1000, ge=1)  # ood sample: images to make
     # candidates: gaussian = μ + σ·n; slerp = the official slerp of a real inverted latent toward
     # such a draw, at slerp_weight (None: the largest k/21 whose probe candidates pass the
     # selection at slerp_target_rate)
     candidates: Literal["gaussian", "slerp"] = "gaussian"
+    # the Gaussian draw's share in slerp candidates; null: the largest official k/21 passing at slerp_target_rate
     slerp_weight: float | None = Field(None, gt=0, le=1)
-    slerp_target_rate: float = Field(0.5, gt=0, le=1)
+    slerp_target_rate: float = Field(0.5, gt=0, le=1)  # the acceptance rate slerp_weight = null aims for
     optimise_steps: int = Field(0, ge=0, le=1000)  # gradient steps toward the measured geometry, before selection
-    optimise_lr: float = Field(0.25, gt=0)
+    optimise_lr: float = Field(0.25, gt=0)  # step size of optimise_steps, on latents scaled by the measured distance
     geometric: bool = True  # select candidates by their geometry against the reservoir
     # tolerance: within tolerance × the data's spread of its mean geometry; window: the official
     # windows on the mean distance and angles to 10 random references
     selection: Literal["tolerance", "window"] = "tolerance"
-    tolerance: float = Field(2.0, gt=0)
+    tolerance: float = Field(2.0, gt=0)  # selection tolerance: each statistic within this × the data's spread
     # official: 0.05 % on distance, 0.1° on angles (sized for 3·256² latents); calibrated: as wide
     # as lets window_coverage of the reservoir's own latents pass each statistic
     window: Literal["official", "calibrated"] = "calibrated"
+    # window calibrated: the share of the reservoir's own latents each window lets pass
     window_coverage: float = Field(0.9, gt=0, le=1)
     reservoir: int = Field(256, ge=3, le=65536)  # inverted latents kept for geometry (bounded)
     shard_size: int = Field(256, ge=1)  # synthesized samples per output shard
@@ -206,6 +212,7 @@ class ClipConfig(StorageOptions):
     # came from torchvision < 0.17, whose Resize did not antialias tensors (cycle-diffusion
     # model/energy/clean_clip.py:14-17 keeps CLIP's Resize for tensors): false reproduces them
     antialias: bool = True
+    # non-secret fsspec options for an s3:// or gs:// checkpoint
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -230,6 +237,7 @@ class HSpaceConfig(Section):
     """h-space editing (Asyrp): `direction fit` writes ``direction``, `edit` reads it."""
 
     direction: str | None = None  # direction file (safetensors + JSON header): local path or s3://…
+    # non-secret fsspec options for the direction file
     direction_storage_options: dict[str, Any] = Field(default_factory=dict)
     # mean-difference: Δh_t = mean h_t over `examples` (set B) − over input.uri (set A), no training;
     # learned: a DeltaBlock f_t(h, t) trained on input.uri with `train`
@@ -248,9 +256,9 @@ class HSpaceConfig(Section):
     # (500, 200 in script_train.sh); edit: an int overrides, "auto" = from the direction file's LPIPS curves
     # with this config's thresholds, null = the direction file's own
     t_edit: int | Literal["auto"] | None = None
-    t_boost: int | Literal["auto"] | None = None
+    t_boost: int | Literal["auto"] | None = None  # as t_edit, for the boost (quality) interval's start
     lpips: str | None = None  # LPIPS network file (written by `latentshift lpips-export`): a fit with it records the curves
-    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"  # the LPIPS backbone of hspace.lpips
     lpips_edit_threshold: float = Field(0.33, gt=0)  # t_edit: LPIPS(x0, x̂0_t) ≥ this · cos(texts) (main.py:21)
     # t_boost's curve: x_t = LPIPS(x0, x_t) (official --add_noise_from_xt, script_inference.sh:34), or
     # x0_hat = LPIPS(x0, x̂0_t) (main.py without the flag, diffusion_latent.py:1386-1405)
@@ -259,7 +267,7 @@ class HSpaceConfig(Section):
     # (script_inference.sh:35 --lpips_addnoise_th 1.2), 0.1 on x0_hat (main.py:22's default)
     lpips_boost_threshold: float | None = Field(None, gt=0)
     source_text: str | None = None  # learned with CLIP, and the cosine that scales the t_edit threshold
-    target_text: str | None = None
+    target_text: str | None = None  # … and the target's
     scales: list[float] = Field(default_factory=lambda: [1.0])  # edit strengths: one output image per scale
     train: HSpaceTrainConfig = Field(default_factory=HSpaceTrainConfig)
 
@@ -350,7 +358,7 @@ class GuideConfig(Section):
     clip_a_baby_ffhq256_latentdiff_10step_langevin_300.cfg, model/energy/clip_guide.py)."""
 
     count: int = Field(64, ge=1)  # images to make (output shards guided-NNNNN)
-    shard_size: int = Field(256, ge=1)
+    shard_size: int = Field(256, ge=1)  # images per output shard guided-NNNNN
     energy: Literal["clip", "color", "hue"] = "clip"  # clip: needs clip.pretrained and text; color/hue: offline
     text: str | None = None  # energy clip: the prompt c
     target_color: list[float] = Field(default_factory=lambda: [1.0, 0.0, 0.0])  # energy color: RGB in [0, 1]
@@ -389,14 +397,16 @@ class EvalConfig(Section):
     evaluation/translate_to_dog.py:81-88 calls ``compute_kid`` / ``compute_fid`` with their defaults)."""
 
     reference: str | list[str] | None = None  # image shards, or a folder/prefix of image files (local, s3://, gs://)
+    # non-secret fsspec options for eval.reference
     reference_storage_options: dict[str, Any] = Field(default_factory=dict)
     # the reference images resized (short side, centre crop) before their features, as the official
     # evaluation resizes AFHQ's 512² validation dogs to 256 with bilinear filtering (translate_to_dog.py:20-23,
     # 51-57; preprocess/afhqwild256.py:13); null: as stored
     reference_size: int | None = Field(None, ge=8, le=4096)
-    reference_filter: Literal["bilinear", "bicubic"] = "bilinear"
+    reference_filter: Literal["bilinear", "bicubic"] = "bilinear"  # the filter of reference_size's resize
     images: str | list[str] | None = None  # the images judged: image shards or files (null: output.uri's committed images/)
     inception: str | None = None  # the feature network file (`latentshift fid-export PATH`): local, s3://, gs://
+    # non-secret fsspec options for eval.inception
     inception_storage_options: dict[str, Any] = Field(default_factory=dict)
     name: str = Field("fid", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # the result file: <output>/eval/<name>.json
     kid_subsets: int = Field(100, ge=1)  # cleanfid/fid.py kernel_distance(num_subsets=100)
