@@ -377,7 +377,7 @@ JOB = Job(
     command=("eval",),
     help="FID and KID of output.uri's images against eval.reference (clean-fid's clean mode), with PSNR/SSIM "
          "and CLIP means: eval/<name>.json",
-    requires=("output.uri", "eval.inception"),
+    requires=("output.uri", "eval.reference", "eval.inception"),
     units=units,
     build=build,
     commits=("features", "rejects"),

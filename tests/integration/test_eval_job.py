@@ -164,6 +164,10 @@ def refused(tmp_path, capsys, cfg: dict) -> str:
 
 def test_bad_input_is_one_line(ray_cluster, s3, s3_server, bucket, tiny_net, tmp_path, capsys):
     put_sets(s3, bucket, tmp_path, {"a": [picture(i, 32, "disc") for i in range(5)]}, [picture(9, 32, "square")])
+    # no reference: refused, not a table without FID
+    cfg = config(bucket, s3_server, tiny_net)
+    cfg["eval"]["reference"] = None
+    assert "eval.reference is not set" in refused(tmp_path, capsys, cfg)
     # a missing weights file: before anything runs
     line = refused(tmp_path, capsys, config(bucket, s3_server, tmp_path / "nope.safetensors"))
     assert "eval.inception" in line and "no such file" in line and "fid-export" in line
