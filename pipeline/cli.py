@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-shard", type=int, default=16)
     p.add_argument("--no-peer", action="store_true", help="skip diffusers' CycleDiffusionPipeline (zero-shot configs)")
     p.add_argument("--search", action="store_true",
-                   help="the zero-shot search's candidates/s against the official loop (see README Performance)")
+                   help="the zero-shot search's candidates/s against the official loop (see docs/performance.md)")
     p.add_argument("--trials", type=int, default=1, help="--search: trials timed (the official grid's 15 are scaled)")
     p.add_argument("--fid", action="store_true",
                    help="the eval job's feature cost: FID Inception images/s and seconds per 1000 images (docs/eval.md)")

@@ -146,7 +146,7 @@ class RuntimeConfig(Section):
     gpus_per_actor: Literal["auto"] | float = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"  # auto: float16 on GPU, float32 on CPU
     # torch.compile of the UNet on GPU actors (ignored on CPU): "default", or "reduce-overhead" (CUDA
-    # graphs too). Compiling takes about a minute per actor, repaid on long runs; see README Performance.
+    # graphs too). Compiling takes about a minute per actor, repaid on long runs; see docs/performance.md.
     compile: Literal["off", "default", "reduce-overhead"] = "off"
 
     @field_validator("actors")

@@ -1,6 +1,6 @@
 """Image bytes ↔ uint8 RGB arrays, with the odd cases handled and huge images refused.
 
-Policy (documented in README): every mode becomes 8-bit RGB — grayscale is replicated,
+Policy (documented in docs/guarantees.md, "Images"): every mode becomes 8-bit RGB — grayscale is replicated,
 16-bit is scaled by 1/257, palette is expanded, alpha is composited over black (the demo
 domains' background); then the short side is resized to ``size`` (bicubic) and the centre
 cropped (``center_crop``), or the image is stretched to size × size (``stretch``).

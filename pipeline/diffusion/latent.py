@@ -106,7 +106,7 @@ class Latent:
     def to_rows(self, dtype=np.float16, start_only: bool = False) -> tuple[np.ndarray, tuple[int, ...]]:
         """(B, N) array, each row x_start then every noise flattened; and the per-sample shape.
 
-        float16 by default (README "Latents on disk"): a latent row of 1+K maps at 64×64×4 is a few hundred KB.
+        float16 by default (docs/guarantees.md, "Latents on disk"): a latent row of 1+K maps at 64×64×4 is a few hundred KB.
         ``start_only`` keeps x_start alone (``output.latents: start``).
         """
         stacked = self.x_start.unsqueeze(1) if start_only else torch.cat([self.x_start.unsqueeze(1), self.noise], 1)

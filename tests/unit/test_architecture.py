@@ -1,4 +1,4 @@
-"""The architecture README states, held against the code: layers, the row schema, the registry."""
+"""The architecture docs/development.md states, held against the code: layers, the row schema, the registry."""
 
 from __future__ import annotations
 
