@@ -121,9 +121,9 @@ def reference() -> str:
     lines = [HEADER]
     for name, info in config_module.JobConfig.model_fields.items():
         model = info.annotation
-        doc = inspect.getdoc(model) or ""
+        doc = inspect.cleandoc(model.__dict__.get("__doc__") or "")  # its own, not one inherited from pydantic
         lines += [f"## `{name}`", ""]
-        if doc and not doc.startswith(("Mixin", "A base")):
+        if doc:
             lines += [" ".join(doc.split()), ""]
         lines += ["| key | type | default | notes |", "| --- | --- | --- | --- |", *section_rows(f"{name}.", model), ""]
     return "\n".join(lines)
