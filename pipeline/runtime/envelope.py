@@ -17,6 +17,7 @@
   sub-runs     the runs of their own the job declares (``Job.subruns``), each through this same
                envelope under a folder of the output, its finished ``Run`` handed to the job in
                memory: those ``after="commits"`` here, those ``after="finish"`` after the finish
+               (``output.gallery``: the gallery job over the output itself, a run like any other)
   finish       the job's own outputs (e.g. the stats file)
   summary      printed, and kept as the run record ``_ledger/runs/<run id>.json``
 """
@@ -130,13 +131,17 @@ def _sub_runs(parent: Run, after: str) -> None:
 def _sub_run(parent: Run, sub: SubRun) -> None:
     """One declared sub-run: its config derived from the parent's, run through the envelope under
     ``sub.folder`` (its own ledger, claims, rejects, run record and summary lines) redoing every
-    shard, then handed to the parent in memory."""
+    shard, then handed to the parent in memory. With ``redo=False``: a run of its job like any other
+    (committed shards skipped, shards another run does left to it), nothing handed over."""
     cfg = parent.cfg.model_copy(deep=True)
-    cfg.output.uri = posixpath.join(parent.cfg.output.uri.rstrip("/"), sub.folder)
+    if sub.folder:
+        cfg.output.uri = posixpath.join(parent.cfg.output.uri.rstrip("/"), sub.folder)
     cfg = sub.config(parent, cfg)
     if cfg is None:
         return
-    run = _run(sub.job or parent.job, cfg, overwrite=True, out=parent.out, options={})
+    run = _run(sub.job or parent.job, cfg, overwrite=sub.redo, out=parent.out, options={})
+    if not sub.redo:  # its shards are done, by it or by the run its line named
+        return
     if not run.finished:  # another run walks the same input into the same folder now (its line said so)
         raise StorageError(f"{cfg.output.uri}: another run of {parent.job.name} is doing this part now; "
                            f"run `latentshift {' '.join(parent.job.command)}` again once it has ended")
