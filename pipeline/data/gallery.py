@@ -50,6 +50,7 @@ MAX_TEXT = 2000  # characters of a text member shown; a longer one is cut, with 
 # what a sample's provenance records of itself, not of the run: left out of the run's settings
 PER_SAMPLE = frozenset({"key", "source_shard", "timesteps", "sample_seed", "latent_rows", "candidate", "chosen",
                         "ranked", "psnr", "ssim", "clip_score", "directional"})
+_ABSENT = object()
 WRITERS = 8  # thumbnails and pages written at once (object stores: one PUT each)
 
 
@@ -134,6 +135,16 @@ def _natural(name: str) -> list:
 def further_images(members: dict[str, bytes]) -> list[str]:
     """The sample's image members besides its image (``scale1.png``, ``top2.png``), in natural order."""
     return sorted((e for e in members if "." in e and e.rsplit(".", 1)[1] in IMAGE_EXTENSIONS), key=_natural)
+
+
+def shared_settings(shard: str, samples: list[tuple[str, dict[str, bytes]]]) -> tuple[dict | None, str]:
+    """The run's settings as the shard's first sample with a provenance record records them (its record
+    less what it records of itself, ``PER_SAMPLE``), and ``<shard>/<key>`` of that sample."""
+    for key, members in samples:
+        prov = provenance_of(members)
+        if isinstance(prov, dict):
+            return {k: v for k, v in prov.items() if k not in PER_SAMPLE}, f"{shard}/{key}"
+    return None, ""
 
 
 def provenance_of(members: dict[str, bytes]) -> object:
@@ -228,7 +239,7 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
     lines = [line for source in rejects.values() for line in source]
     lines += [{**p, "source": "gallery", "index": ""} for p in problems]
     reject_pages = page_count(len(lines), gallery.page_size) if lines else 0
-    settings, settings_from = None, ""
+    settings, settings_from = shared_settings(shard, samples)
     with ThreadPoolExecutor(WRITERS) as pool:
         def write(files: dict[str, bytes]) -> None:
             list(pool.map(lambda item: store.put(store.path(FOLDER, folder, *item[0].split("/")), item[1]),
@@ -239,9 +250,6 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
             for index in range((page - 1) * gallery.page_size, min(len(samples), page * gallery.page_size)):
                 key, members = samples[index]
                 prov = provenance_of(members)
-                if settings is None and isinstance(prov, dict):
-                    settings = {k: v for k, v in prov.items() if k not in PER_SAMPLE}
-                    settings_from = f"{shard}/{key}"
                 pictures = []
                 if paired:
                     pictures.append(thumbs.picture("input", inputs.get(key), f"{index:06d}.in.webp", missing_input))
@@ -252,10 +260,13 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
                 for n, ext in enumerate(further_images(members), start=1):
                     label = ext.rsplit(".", 1)[0] + (f" (scale {scales[ext]})" if ext in scales else "")
                     pictures.append(thumbs.picture(label, members[ext], f"{index:06d}.{n}.webp", ""))
-                cards.append(Card(index, key, pictures, scores_of(prov, scored.get(key, {})), prov,
+                own = ({k: v for k, v in prov.items() if k in PER_SAMPLE or (settings or {}).get(k, _ABSENT) != v}
+                       if isinstance(prov, dict) else prov)
+                cards.append(Card(index, key, pictures, scores_of(prov, scored.get(key, {})), own,
                                   {e: _cut(members[e]) for e in TEXT_MEMBERS if e in members}))
             write({f"thumbs/{name}": data for name, data in thumbs.files.items()})
-            write({page_file(page): grid_page(shard, cards, page, pages, len(samples), len(lines)).encode()})
+            write({page_file(page): grid_page(shard, cards, page, pages, len(samples), len(lines),
+                                              settings).encode()})
         for page in range(1, reject_pages + 1):
             chunk = lines[(page - 1) * gallery.page_size: page * gallery.page_size]
             write({page_file(page, "rejects"): rejects_page(shard, chunk, page, reject_pages, len(lines)).encode()})

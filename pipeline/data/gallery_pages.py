@@ -50,7 +50,9 @@ class Card:
     key: str
     pictures: list[Picture]
     scores: dict[str, float] = field(default_factory=dict)  # of SCORES, the measured ones
-    provenance: object = None  # its latentshift.json, parsed (its text when that is not JSON)
+    # its latentshift.json, parsed, less the settings every sample of the page shares (``grid_page``'s
+    # ``settings``, shown once); its text when it is not JSON
+    provenance: object = None
     texts: dict[str, str] = field(default_factory=dict)  # carried text members by extension, cut
 
 
@@ -117,11 +119,12 @@ table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:.2em .5em;tex
 td.n{text-align:right}
 .grid{display:flex;flex-wrap:wrap;gap:10px}
 .card{margin:0;background:#fff;border:1px solid #ddd;padding:6px;max-width:100%}
+.card figcaption{width:0;min-width:100%;min-width:max(100%,12em)}.scores{display:block}
 .pics{display:flex;gap:4px;flex-wrap:wrap}.pic{display:flex;flex-direction:column;align-items:center}
 .pic span{font-size:11px;color:#666}.pic img{image-rendering:auto;max-width:256px;height:auto}
 .missing{width:96px;height:96px;display:flex;align-items:center;justify-content:center;text-align:center;
 font-size:11px;color:#a00;background:#f4f4f4;overflow:hidden}
-.key{word-break:break-all}.scores{color:#555}nav{margin:.6em 0}nav a,nav b{margin-right:.4em}
+.key{word-break:break-all}.scores{color:#555}nav{margin:.6em 0}nav a,nav strong{margin-right:.4em}
 """
 
 
@@ -142,7 +145,7 @@ def _pager(current: int, total: int, stem: str) -> str:
     for k in shown:
         if k > last + 1:
             out.append("<span>…</span>")
-        out.append(f"<b>{k}</b>" if k == current else f'<a class="page-link" href="{page_file(k, stem)}">{k}</a>')
+        out.append(f"<strong>{k}</strong>" if k == current else f'<a class="page-link" href="{page_file(k, stem)}">{k}</a>')
         last = k
     return f"<nav>page {' '.join(out)}</nav>"
 
@@ -217,9 +220,7 @@ def _card(position: int, c: Card) -> str:
     hover = "\n".join([f"key: {c.key}", f"index: {c.index}", *shown])
     more = []
     if c.provenance is not None:
-        text = (c.provenance if isinstance(c.provenance, str)
-                else json.dumps(c.provenance, indent=1, sort_keys=True, ensure_ascii=False, default=str))
-        more.append(f"<details><summary>provenance</summary><pre>{esc(text)}</pre></details>")
+        more.append(f"<details><summary>provenance</summary><pre>{esc(record_text(c.provenance))}</pre></details>")
     for ext, text in c.texts.items():
         more.append(f"<details><summary>{esc(ext)}</summary><pre>{esc(text)}</pre></details>")
     return (f'<figure class="card" data-i="{position}" title="{esc(hover)}">'
@@ -228,8 +229,20 @@ def _card(position: int, c: Card) -> str:
             f'{"".join(more)}</figcaption></figure>')
 
 
-def grid_page(shard: str, cards: list[Card], page: int, pages: int, samples: int, rejects: int) -> str:
-    """One page of a shard's grid: ``cards`` (at most ``gallery.page_size``), in input order until sorted."""
+def record_text(record: object) -> str:
+    """A provenance record as text: one line per key, its value as compact JSON (a long list of
+    timesteps stays one line)."""
+    if not isinstance(record, dict):
+        return str(record)
+    return "\n".join(f"{k}: {json.dumps(v, sort_keys=True, ensure_ascii=False, default=str)}"
+                     for k, v in sorted(record.items()))
+
+
+def grid_page(shard: str, cards: list[Card], page: int, pages: int, samples: int, rejects: int,
+              settings: dict | None = None) -> str:
+    """One page of a shard's grid: ``cards`` (at most ``gallery.page_size``), in input order until sorted.
+    ``settings``: what the provenance of every sample of the shard records alike (the run's settings),
+    shown once at the top; each card shows the rest of its sample's record."""
     fields = [s for s in SCORES if any(s in c.scores for c in cards)]
     menu = "".join(f'<option value="{v}">{esc(label)}</option>' for v, label in sort_options(fields))
     first = (cards[0].index + 1) if cards else 0
@@ -239,6 +252,8 @@ def grid_page(shard: str, cards: list[Card], page: int, pages: int, samples: int
     body = (f'<header><a href="{link("..", "index.html")}">all shards</a>'
             f"<h1>shard <code>{esc(shard)}</code></h1>"
             f"<p>{span} · page {page} of {pages}{rejected}</p>"
+            + (f"<details><summary>settings (every sample's provenance holds them)</summary>"
+               f"<pre>{esc(record_text(settings))}</pre></details>" if settings else "") +
             f'<label>order <select id="sort">{menu}</select></label>{pager}</header>\n'
             f'<main id="grid" class="grid">\n' + "\n".join(_card(i, c) for i, c in enumerate(cards)) +
             f"\n</main>\n{pager}")

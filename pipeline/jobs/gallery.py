@@ -121,6 +121,8 @@ def finish(run) -> None:
                 summary = None
         shards.append(summary or {"shard": name, "missing": True})
     path = write_index(_output(cfg), cfg.output.uri, shards, latest_run(cfg))
+    # its "images": the samples this run put on pages (the common summary's line and speed count them)
+    run.summary["images"] = sum(s.get("samples", 0) for s in shards if s.get("run_id") == run.run_id)
     run.summary.update(gallery=path, gallery_shards=sum(1 for s in shards if not s.get("missing")),
                        gallery_samples=sum(s.get("samples", 0) for s in shards), redone=run.state.get("redone", []))
 

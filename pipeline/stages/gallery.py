@@ -28,7 +28,7 @@ def gallery_shards(batch: dict, output_uri: str, output_options: dict, inputs: d
                    for source, folder in reject_folders.items()]
         summary, keys = build_shard(store, shard, inputs.get(shard) if inputs is not None else None,
                                     input_options if inputs is not None else None, sources, gallery, max_pixels)
-        ledger.store.put_json(summary_path(ledger.store, shard), summary)
+        ledger.store.put_json(summary_path(ledger.store, shard), {**summary, "run_id": ledger.run_id})
         ledger.expect(shard, len(keys))
         if keys:
             rows.extend({"key": keys, "index": list(range(len(keys)))}, shard=shard, kind=RowKind.SAMPLE)

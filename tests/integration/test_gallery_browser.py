@@ -11,7 +11,7 @@ import subprocess
 from html.parser import HTMLParser
 
 import pytest
-from gallery_builders import CLIP, HOSTILE_KEY, committed_output, local_put
+from gallery_builders import CLIP, HOSTILE_KEY, HOSTILE_PROMPT, committed_output, local_put
 
 from pipeline.config import validate
 from pipeline.jobs import run_job
@@ -63,7 +63,8 @@ def test_a_shard_page_sorted_by_clip_score_in_chromium(ray_cluster, tmp_path):
     # each card's images moved with it: sample 3 has its further image
     assert [a.get("alt") for a in d.all("img")] == [a for i in order for a in
                                                     ("input", "output", *(("scale1",) if i == 3 else ()))]
-    assert HOSTILE_KEY in "".join(d.text)
+    assert HOSTILE_KEY in "".join(d.text) and HOSTILE_PROMPT in "".join(d.text)
+    assert not d.all("b") and not d.all("i")  # the prompt's and the caption's markup stayed text
     assert all(set(a) <= {"src", "alt", "width", "height", "loading"} for a in d.all("img"))  # none injected
     assert len(d.all("script")) == 2
 

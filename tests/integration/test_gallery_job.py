@@ -44,7 +44,7 @@ def test_gallery_of_a_committed_output_then_only_what_changed(ray_cluster, s3, s
     printed = io.StringIO()
     first = run_job(validate(cfg), "gallery", out=printed)
     assert first["shards_done"] == 2 and first["gallery_shards"] == 2 and first["gallery_samples"] == 6
-    assert first["images"] == 0 and first["outputs"] == []  # it writes pages, no output kind of a shard
+    assert first["images"] == 6 and first["outputs"] == []  # samples put on pages; no output kind of a shard
     gallery = f"{bucket}/out/gallery/"
     thumbs = {f"s0/thumbs/{i:06d}{s}.webp" for i in range(6) for s in ("", ".in")} | {"s0/thumbs/000003.1.webp"}
     assert files(s3, gallery) == {"index.html", "s0/index.html", "s0/page-2.html", "s0/rejects.html",
@@ -62,6 +62,7 @@ def test_gallery_of_a_committed_output_then_only_what_changed(ray_cluster, s3, s
 
     second = run_job(validate(cfg), "gallery")
     assert second["shards_done"] == 0 and second["shards_skipped"] == 2 and second["redone"] == []
+    assert second["images"] == 0
     assert files(s3, gallery) == {"index.html", "s0/index.html", "s0/page-2.html", "s0/rejects.html",
                                   "s1/index.html", "s1/rejects.html"} | thumbs
 
@@ -71,7 +72,7 @@ def test_gallery_of_a_committed_output_then_only_what_changed(ray_cluster, s3, s
     s3.pipe(f"{bucket}/out/_ledger/s0.json", json.dumps({"shard": "s0", "committed_at": time.time()}).encode())
     third = run_job(validate(cfg), "gallery")
     assert third["redone"] == ["s0"] and third["shards_done"] == 1 and third["shards_skipped"] == 1
-    assert third["gallery_samples"] == 3
+    assert third["gallery_samples"] == 3 and third["images"] == 3
     now = files(s3, gallery)
     assert "s0/page-2.html" not in now and "s0/thumbs/000003.webp" not in now and "s1/index.html" in now
 

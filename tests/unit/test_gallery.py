@@ -150,6 +150,11 @@ def test_a_shard_is_pages_of_bounded_thumbnails_with_scores_and_rejects(output):
             assert im.format == "WEBP" and max(im.size) <= 24 and im.size == (int(img["width"]), int(img["height"]))
     with Image.open(root / "thumbs" / "000000.webp") as im:
         assert im.size == (24, 16)  # 48×32 kept in proportion
+    text = "".join(first.text)
+    # the run's settings once at the top (the hostile prompt as text), each card its sample's own fields
+    assert text.count(HOSTILE_PROMPT) == 1 and "sample_seed: 8" in text and "source_model" not in text.split(
+        "sample_seed: 7")[1]
+    assert not first.all("b") and not first.all("i") and len(first.all("script")) == 2
     data = json.loads(first.scripts[0])
     assert data["sorts"] == ["clip_score", "directional", "psnr", "ssim"]
     assert [s.get("clip_score") for s in data["samples"]] == pytest.approx(CLIP[:4])
