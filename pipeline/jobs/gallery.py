@@ -10,7 +10,8 @@
   finish   ``gallery/index.html``: every committed shard, with the run's settings
 
 With ``output.gallery: true`` translate, edit, search, guide and ood sample run this job over their output
-at the end of each run (``AFTER_RUN``): a run of its own, which shows the shards committed since.
+at the end of each run, once their run record is written (``AFTER_RUN``): a run of its own, which shows
+the shards committed since.
 """
 
 from __future__ import annotations
@@ -170,5 +171,5 @@ def after_run_config(parent, cfg):
     return cfg
 
 
-# translate, edit, search, guide, ood sample: the gallery after their finish when output.gallery is set
-AFTER_RUN = SubRun("", after_run_config, hand_over=lambda parent, run: None, job=JOB, after="finish", redo=False)
+# translate, edit, search, guide, ood sample: the gallery once their run is recorded, when output.gallery is set
+AFTER_RUN = SubRun("", after_run_config, hand_over=lambda parent, run: None, job=JOB, after="record", redo=False)

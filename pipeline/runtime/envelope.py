@@ -17,9 +17,10 @@
   sub-runs     the runs of their own the job declares (``Job.subruns``), each through this same
                envelope under a folder of the output, its finished ``Run`` handed to the job in
                memory: those ``after="commits"`` here, those ``after="finish"`` after the finish
-               (``output.gallery``: the gallery job over the output itself, a run like any other)
   finish       the job's own outputs (e.g. the stats file)
   summary      printed, and kept as the run record ``_ledger/runs/<run id>.json``
+  after        sub-runs ``after="record"``: runs of their own over the output once this one is
+               recorded (``output.gallery``: the gallery job, whose index shows this run's record)
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def _run(job: Job, cfg: JobConfig, overwrite: bool, out, options: dict) -> Run:
     out.write("\n".join(summary_lines(s) + job.summary(s)) + "\n")
     out.flush()
     run.finished = True
+    _sub_runs(run, "record")
     return run
 
 

@@ -76,7 +76,7 @@ class SubRun:
 
     A sub-run with ``redo=False`` is a run of its job like any other over the output, only started by
     the parent: committed shards are skipped, shards another run does now are left to it, and nothing
-    is handed over in memory (``output.gallery``: the gallery of what the parent wrote).
+    is handed over in memory (``output.gallery``: the gallery of what the parent wrote, ``after="record"``).
     """
 
     folder: str  # under the parent's output.uri: "examples", "report/reference"; "": the parent's output itself
@@ -88,8 +88,9 @@ class SubRun:
     hand_over: Callable[[Run, Run], None]  # (parent, the finished sub-run): the parent takes its result
     job: Job | None = None  # the job it runs; None: the parent's own
     # "commits": after the parent's commits, before its finish (the finish uses the result);
-    # "finish": after the parent's finish (the result adds to what the finish wrote)
-    after: Literal["commits", "finish"] = "commits"
+    # "finish": after the parent's finish (the result adds to what the finish wrote);
+    # "record": after the parent's run record and summary (a run that takes nothing from it: redo=False)
+    after: Literal["commits", "finish", "record"] = "commits"
     redo: bool = True  # every shard, each time (a result handed over); False: a run of its own (see above)
 
 

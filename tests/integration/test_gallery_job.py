@@ -108,7 +108,9 @@ def test_output_gallery_translate_writes_the_gallery_of_its_output(ray_cluster, 
     # input | output for each sample, paired by key with the input shard; the run's settings on the index
     assert page.count('alt="input"') == 3 and page.count('alt="output"') == 3 and "not in input shard" not in page
     index = s3.cat_file(f"{bucket}/out/gallery/index.html").decode()
-    assert str(pixel_model) in index and "shard-b/index.html" in index
+    # the settings its samples record, and the translate run's record (written before the gallery ran)
+    assert str(pixel_model) in index and "shard-b/index.html" in index and summary["run_id"] in index
+    assert out.index("latentshift translate") < out.index("latentshift gallery")
     runs = s3.ls(f"{bucket}/out/_gallery/_ledger/runs/", refresh=True)
     assert len(runs) == 1
 

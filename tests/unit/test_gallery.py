@@ -216,13 +216,13 @@ def test_the_gallery_section_and_output_gallery():
         validate({"gallery": {"thumbs": 1}})
 
 
-def test_the_image_jobs_run_the_gallery_after_their_finish_over_their_own_output():
+def test_the_image_jobs_run_the_gallery_after_their_run_record_over_their_own_output():
     from pipeline.jobs import JOBS
     from pipeline.jobs.gallery import AFTER_RUN, JOB, after_run_config
 
     with_gallery = {name for name, job in JOBS.items() if AFTER_RUN in job.subruns}
     assert with_gallery == {"translate", "edit", "search", "guide", "ood-sample"}
-    assert AFTER_RUN.job is JOB and AFTER_RUN.after == "finish" and not AFTER_RUN.redo and AFTER_RUN.folder == ""
+    assert AFTER_RUN.job is JOB and AFTER_RUN.after == "record" and not AFTER_RUN.redo and AFTER_RUN.folder == ""
     assert after_run_config(None, validate({"output": {"uri": "/nowhere"}})) is None  # output.gallery off
 
 
