@@ -199,7 +199,50 @@ class _Thumbs:
         return Picture(label, src=link("thumbs", name), width=w, height=h)
 
 
+def make_card(thumbs: _Thumbs, index: int, key: str, members: dict[str, bytes],
+              given: tuple[bytes | None, str] | None, scored: dict[str, float], settings: dict | None) -> Card:
+    """One sample's card: its input (``given``: its input image, or None and why; None: no input column),
+    output and further images as thumbnails, its measures, its provenance less the shard's ``settings``."""
+    prov = provenance_of(members)
+    pictures = []
+    if given is not None:
+        pictures.append(thumbs.picture("input", given[0], f"{index:06d}.in.webp", given[1]))
+    found = image_member(members)
+    pictures.append(thumbs.picture("output", found[1] if found else None, f"{index:06d}.webp", "no image member"))
+    scales = prov.get("scale_members", {}) if isinstance(prov, dict) else {}  # an edit's: member → its scale
+    for n, ext in enumerate(further_images(members), start=1):
+        label = ext.rsplit(".", 1)[0] + (f" (scale {scales[ext]})" if ext in scales else "")
+        pictures.append(thumbs.picture(label, members[ext], f"{index:06d}.{n}.webp", ""))
+    own = ({k: v for k, v in prov.items() if k in PER_SAMPLE or (settings or {}).get(k, _ABSENT) != v}
+           if isinstance(prov, dict) else prov)
+    return Card(index, key, pictures, scores_of(prov, scored), own,
+                {e: _cut(members[e]) for e in TEXT_MEMBERS if e in members})
+
+
 # ---- one shard ---------------------------------------------------------------------------------------
+
+
+def read_samples(store: OutputStore, shard: str) -> tuple[list[tuple[str, dict[str, bytes]]], list[dict]]:
+    """The samples of ``images/<shard>.tar`` in order, (key, members); and what cannot be shown (a damaged
+    tar, an unusable or repeated key) as reject lines. No tar: every sample of the shard was rejected."""
+    samples, problems = [], []
+    images = store.images(shard)
+    if not store.exists(images):
+        return samples, problems
+    seen: set[str] = set()
+    for sample in iter_tar_samples(io.BytesIO(store.get(images))):
+        if isinstance(sample, Exception):
+            problems.append({"key": "", "reason": f"damaged output shard: {sample}"})
+            continue
+        if sample.error or not sample.members or sample.key in seen:
+            why = sample.error or ("duplicate key" if sample.key in seen else "no usable member")
+            problems.append({"key": sample.key, "reason": f"not shown: {why}"})
+            continue
+        seen.add(sample.key)
+        samples.append((sample.key, sample.members))
+    return samples, problems
+
+
 
 
 def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_options: dict | None,
@@ -220,21 +263,7 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
     inputs, missing_input = read_input_images(input_uri, input_options or {}) if paired else ({}, "")
     scored = read_scores(store, shard)
     rejects = read_rejects(store, reject_sources)
-    problems: list[dict] = []
-    samples = []  # (key, members) in tar order
-    images = store.images(shard)
-    if store.exists(images):  # none: every sample of the shard was rejected
-        seen: set[str] = set()
-        for sample in iter_tar_samples(io.BytesIO(store.get(images))):
-            if isinstance(sample, Exception):
-                problems.append({"key": "", "reason": f"damaged output shard: {sample}"})
-                continue
-            if sample.error or not sample.members or sample.key in seen:
-                why = sample.error or ("duplicate key" if sample.key in seen else "no usable member")
-                problems.append({"key": sample.key, "reason": f"not shown: {why}"})
-                continue
-            seen.add(sample.key)
-            samples.append((sample.key, sample.members))
+    samples, problems = read_samples(store, shard)
     pages = page_count(len(samples), gallery.page_size)
     lines = [line for source in rejects.values() for line in source]
     lines += [{**p, "source": "gallery", "index": ""} for p in problems]
@@ -249,21 +278,8 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
             thumbs, cards = _Thumbs(gallery, max_pixels), []
             for index in range((page - 1) * gallery.page_size, min(len(samples), page * gallery.page_size)):
                 key, members = samples[index]
-                prov = provenance_of(members)
-                pictures = []
-                if paired:
-                    pictures.append(thumbs.picture("input", inputs.get(key), f"{index:06d}.in.webp", missing_input))
-                found = image_member(members)
-                pictures.append(thumbs.picture("output", found[1] if found else None, f"{index:06d}.webp",
-                                               "no image member"))
-                scales = prov.get("scale_members", {}) if isinstance(prov, dict) else {}
-                for n, ext in enumerate(further_images(members), start=1):
-                    label = ext.rsplit(".", 1)[0] + (f" (scale {scales[ext]})" if ext in scales else "")
-                    pictures.append(thumbs.picture(label, members[ext], f"{index:06d}.{n}.webp", ""))
-                own = ({k: v for k, v in prov.items() if k in PER_SAMPLE or (settings or {}).get(k, _ABSENT) != v}
-                       if isinstance(prov, dict) else prov)
-                cards.append(Card(index, key, pictures, scores_of(prov, scored.get(key, {})), own,
-                                  {e: _cut(members[e]) for e in TEXT_MEMBERS if e in members}))
+                given = (inputs.get(key), missing_input) if paired else None
+                cards.append(make_card(thumbs, index, key, members, given, scored.get(key, {}), settings))
             write({f"thumbs/{name}": data for name, data in thumbs.files.items()})
             write({page_file(page): grid_page(shard, cards, page, pages, len(samples), len(lines),
                                               settings).encode()})
