@@ -100,6 +100,9 @@ class OutputConfig(StorageOptions):
     # how long a run's shard claims outlive its last heartbeat (renewed every quarter of this):
     # a run killed on another machine frees its shards after this long (pipeline/data/claims.py)
     lease_seconds: float = Field(300.0, ge=4, le=86400)
+    # translate, edit, search, guide and ood sample also write the browsable gallery (`latentshift
+    # gallery`, the `gallery` section) of the output at the end of each run: pages of shards done since
+    gallery: bool = False
 
 
 class ModelConfig(StorageOptions):
@@ -420,6 +423,15 @@ class EvalConfig(Section):
         return StorageOptions._no_secrets(v)
 
 
+class GalleryConfig(Section):
+    """`latentshift gallery`: static HTML pages of a run's output under ``<output.uri>/gallery/`` (docs/gallery.md).
+    A page's weight is bounded by ``page_size``, not by the shard: a 10 000-sample shard is 100 light pages."""
+
+    page_size: int = Field(100, ge=1, le=5000)  # samples per page (each with its input, output and further images)
+    thumb_size: int = Field(256, ge=16, le=2048)  # a thumbnail's longest side in pixels (never enlarged): WebP files
+    thumb_quality: int = Field(80, ge=1, le=100)  # their WebP quality (80: about 10 kB for 256²)
+
+
 class JobConfig(Section):
     input: InputConfig = Field(default_factory=InputConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -435,6 +447,7 @@ class JobConfig(Section):
     search: SearchConfig = Field(default_factory=SearchConfig)
     guide: GuideConfig = Field(default_factory=GuideConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    gallery: GalleryConfig = Field(default_factory=GalleryConfig)
 
     def require(self, *keys: str) -> None:
         """Fail with one line if a key a command needs is unset, e.g. ``require("target.model")``."""

@@ -16,6 +16,7 @@ from pipeline.jobs import (
     edit,
     encode,
     evaluate,
+    gallery,
     guide,
     ood_fit,
     ood_sample,
@@ -27,7 +28,7 @@ from pipeline.runtime.job import Job
 
 JOBS: dict[str, Job] = {j.name: j for j in (translate.JOB, encode.JOB, decode.JOB, ood_fit.JOB, ood_sample.JOB,
                                            direction_fit.JOB, edit.JOB, search.JOB, score.JOB, guide.JOB,
-                                           evaluate.JOB)}
+                                           evaluate.JOB, gallery.JOB)}
 
 
 def get(name: str) -> Job:

@@ -2,6 +2,7 @@
 asymmetric reverse process with the direction in hspace.direction, once per scale in hspace.scales."""
 
 from pipeline.errors import ConfigError
+from pipeline.jobs import gallery
 from pipeline.runtime.job import Built, Job, image_shards, provenance, source_latents
 
 # what each output sample repeats of its direction's header (the file keeps curves, losses and image ids)
@@ -81,4 +82,5 @@ JOB = Job(
     build=build,
     models=("source",),
     check=check,
+    subruns=(gallery.AFTER_RUN,),  # output.gallery: the gallery of the output after the run
 )

@@ -12,6 +12,7 @@ import math
 
 from pipeline.data.shards import ShardRef
 from pipeline.errors import ConfigError
+from pipeline.jobs import gallery
 from pipeline.runtime.job import Built, Job, provenance, source_latents
 
 PREFIX = "guided"
@@ -121,4 +122,5 @@ JOB = Job(
     summary=summary_lines,
     check=check,
     claim_up_front=True,  # build() stages every shard's rows on the driver: no reader to claim them
+    subruns=(gallery.AFTER_RUN,),  # output.gallery: the gallery of the output after the run
 )

@@ -11,6 +11,7 @@ import math
 
 from pipeline.data.shards import ShardRef
 from pipeline.errors import ConfigError
+from pipeline.jobs import gallery
 from pipeline.jobs.ood_fit import stats_uri
 from pipeline.runtime.job import Built, Job, provenance, source_latents
 
@@ -110,4 +111,5 @@ JOB = Job(
     summary=summary_lines,
     check=check,
     claim_up_front=True,  # build() stages every shard's rows on the driver: no reader to claim them
+    subruns=(gallery.AFTER_RUN,),  # output.gallery: the gallery of the output after the run
 )

@@ -3,6 +3,7 @@ scale, skip) DPM-encoded once with source.model under source.condition, decoded 
 under target.condition, ranked by directional CLIP on the device; the best (search.top_k) are written."""
 
 from pipeline.errors import ConfigError
+from pipeline.jobs import gallery
 from pipeline.runtime.job import Built, Job, image_shards, provenance
 
 
@@ -73,4 +74,5 @@ JOB = Job(
     commits=("images", "scores", "rejects"),
     summary=summary_lines,
     check=check,
+    subruns=(gallery.AFTER_RUN,),  # output.gallery: the gallery of the output after the run
 )

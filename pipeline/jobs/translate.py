@@ -1,5 +1,6 @@
 """translate: the source model encodes, the target model decodes (CycleDiffusion)."""
 
+from pipeline.jobs import gallery
 from pipeline.runtime.job import (
     Built,
     Job,
@@ -48,4 +49,5 @@ JOB = Job(
     commits=("images", "latents", "scores", "rejects"),  # scores/: with score.inline
     models=("source", "target"),
     check=check,
+    subruns=(gallery.AFTER_RUN,),  # output.gallery: the gallery of the output after the run
 )

@@ -19,6 +19,8 @@
                memory: those ``after="commits"`` here, those ``after="finish"`` after the finish
   finish       the job's own outputs (e.g. the stats file)
   summary      printed, and kept as the run record ``_ledger/runs/<run id>.json``
+  after        sub-runs ``after="record"``: runs of their own over the output once this one is
+               recorded (``output.gallery``: the gallery job, whose index shows this run's record)
 """
 
 from __future__ import annotations
@@ -118,6 +120,7 @@ def _run(job: Job, cfg: JobConfig, overwrite: bool, out, options: dict) -> Run:
     out.write("\n".join(summary_lines(s) + job.summary(s)) + "\n")
     out.flush()
     run.finished = True
+    _sub_runs(run, "record")
     return run
 
 
@@ -130,13 +133,17 @@ def _sub_runs(parent: Run, after: str) -> None:
 def _sub_run(parent: Run, sub: SubRun) -> None:
     """One declared sub-run: its config derived from the parent's, run through the envelope under
     ``sub.folder`` (its own ledger, claims, rejects, run record and summary lines) redoing every
-    shard, then handed to the parent in memory."""
+    shard, then handed to the parent in memory. With ``redo=False``: a run of its job like any other
+    (committed shards skipped, shards another run does left to it), nothing handed over."""
     cfg = parent.cfg.model_copy(deep=True)
-    cfg.output.uri = posixpath.join(parent.cfg.output.uri.rstrip("/"), sub.folder)
+    if sub.folder:
+        cfg.output.uri = posixpath.join(parent.cfg.output.uri.rstrip("/"), sub.folder)
     cfg = sub.config(parent, cfg)
     if cfg is None:
         return
-    run = _run(sub.job or parent.job, cfg, overwrite=True, out=parent.out, options={})
+    run = _run(sub.job or parent.job, cfg, overwrite=sub.redo, out=parent.out, options={})
+    if not sub.redo:  # its shards are done, by it or by the run its line named
+        return
     if not run.finished:  # another run walks the same input into the same folder now (its line said so)
         raise StorageError(f"{cfg.output.uri}: another run of {parent.job.name} is doing this part now; "
                            f"run `latentshift {' '.join(parent.job.command)}` again once it has ended")

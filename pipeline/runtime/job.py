@@ -73,9 +73,13 @@ class SubRun:
     ``folder``, with its own ledger, claims and rejects, redoing every shard each time: its result
     is handed over in memory (the ``Run`` its hooks filled, e.g. with the PARTIAL rows merged by
     ``Built.on_partial``), so a shard it skipped as committed would hand over nothing.
+
+    A sub-run with ``redo=False`` is a run of its job like any other over the output, only started by
+    the parent: committed shards are skipped, shards another run does now are left to it, and nothing
+    is handed over in memory (``output.gallery``: the gallery of what the parent wrote, ``after="record"``).
     """
 
-    folder: str  # under the parent's output.uri: "examples", "report/reference"
+    folder: str  # under the parent's output.uri: "examples", "report/reference"; "": the parent's output itself
     # its config: gets a copy of the parent's with output.uri set to the folder, edits and returns it;
     # None: this run needs no such sub-run (no --reference, a learned fit). The files it reads are
     # best checked by the parent's ``check`` (direction fit lists hspace.examples there), so that they
@@ -84,8 +88,10 @@ class SubRun:
     hand_over: Callable[[Run, Run], None]  # (parent, the finished sub-run): the parent takes its result
     job: Job | None = None  # the job it runs; None: the parent's own
     # "commits": after the parent's commits, before its finish (the finish uses the result);
-    # "finish": after the parent's finish (the result adds to what the finish wrote)
-    after: Literal["commits", "finish"] = "commits"
+    # "finish": after the parent's finish (the result adds to what the finish wrote);
+    # "record": after the parent's run record and summary (a run that takes nothing from it: redo=False)
+    after: Literal["commits", "finish", "record"] = "commits"
+    redo: bool = True  # every shard, each time (a result handed over); False: a run of its own (see above)
 
 
 @dataclass(frozen=True)

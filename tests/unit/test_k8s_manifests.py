@@ -167,7 +167,7 @@ def test_entrypoints_name_existing_job_files_and_configs(rendered):
     assert set(config_map["data"]) == shipped  # every config is in the ConfigMap
     entrypoints = [d["spec"]["entrypoint"] for d in of_kind(docs, "RayJob")]
     entrypoints += [d["spec"]["jobTemplate"]["entrypoint"] for d in of_kind(docs, "RayCronJob")]
-    assert len(entrypoints) == 13
+    assert len(entrypoints) == 14
     jobs = {Path(shlex.split(e)[1]).stem.replace("_", "-") for e in entrypoints}
     assert jobs == set(JOBS), "every registered job has a RayJob example"
     for entrypoint in entrypoints:
