@@ -57,7 +57,8 @@ def network(cfg) -> dict:
     try:
         path = materialize_file(cfg.eval.inception, cfg.eval.inception_storage_options)
     except StorageError as exc:
-        raise ConfigError(f"config error: eval.inception {cfg.eval.inception!r}: {exc}; {feature_net.FIX}") from None
+        reason = str(exc).removeprefix(f"{cfg.eval.inception}:").strip()  # the key's line names the file
+        raise ConfigError(f"config error: eval.inception {cfg.eval.inception!r}: {reason}; {feature_net.FIX}") from None
     arch, config, _ = feature_net.describe(path, shown=cfg.eval.inception)
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -108,7 +108,7 @@ class _RayDataConsoleQuiet(logging.Filter):
     file unless ``--verbose`` or a terminal; its warnings and errors still reach the console."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _show_traces or interactive():
+        if _show_traces or interactive() or not record.name.startswith("ray.data"):
             return True
         # the bars are off on purpose here (init_ray): its warning about it says nothing to the reader
         return record.levelno >= logging.WARNING and not str(record.msg).startswith("Progress bars disabled")
@@ -120,8 +120,8 @@ def _keep_traces_in_log_files() -> None:
     logger = logging.getLogger("ray.data.exceptions")
     if not any(isinstance(f, _HideRayDataErrorLog) for f in logger.filters):
         logger.addFilter(_HideRayDataErrorLog())
-    for handler in logging.getLogger("ray.data").handlers:
-        if "File" not in type(handler).__name__ and not any(  # Ray Data's SessionFileHandler keeps them all
+    for handler in logging.getLogger("ray.data").handlers:  # its console handler only (its file keeps them all)
+        if type(handler).__name__ == "PlainRayHandler" and not any(
                 isinstance(f, _RayDataConsoleQuiet) for f in handler.filters):
             handler.addFilter(_RayDataConsoleQuiet())
     try:

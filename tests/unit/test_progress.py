@@ -61,8 +61,26 @@ def test_ray_data_info_stays_off_the_console_but_warnings_pass(monkeypatch):
     assert not quiet.filter(info) and quiet.filter(warning)
     bars = logging.LogRecord("ray.data", logging.WARNING, "x", 1, "Progress bars disabled. To enable, …", None, None)
     assert not quiet.filter(bars)  # turned off on purpose: its warning says nothing
+    other = logging.LogRecord("pipeline.jobs.ood_fit", logging.INFO, "x", 1, "snapped", None, None)
+    assert quiet.filter(other)  # only Ray Data's own lines: a handler it lands on by mistake loses nothing else
     ray_env.show_traces(True)
     try:
         assert quiet.filter(info)  # --verbose: Ray's lines as Ray prints them
     finally:
         ray_env.show_traces(False)
+
+
+def test_the_filter_goes_on_ray_datas_console_handler_only():
+    """Ray Data's console handler gets it; any other handler on the logger (a user's, pytest's) does not."""
+    import ray.data  # noqa: F401 - configures Ray Data's logging
+
+    logger = logging.getLogger("ray.data")
+    extra = logging.StreamHandler(io.StringIO())
+    logger.addHandler(extra)
+    try:
+        ray_env._keep_traces_in_log_files()
+        console = [h for h in logger.handlers if type(h).__name__ == "PlainRayHandler"]
+        assert console and all(any(isinstance(f, ray_env._RayDataConsoleQuiet) for f in h.filters) for h in console)
+        assert not extra.filters
+    finally:
+        logger.removeHandler(extra)
