@@ -87,7 +87,9 @@ def test_a_model_that_changed_after_preflight_is_one_line_naming_the_key(ray_clu
     verbose = run_cli(["--verbose", "translate", "-c", str(tmp_path / "cfg.yaml"), "--overwrite"], *change)
     assert verbose.returncode == 2, verbose.stderr[-4000:]
     assert "Traceback (most recent call last)" in verbose.stdout + verbose.stderr
-    assert verbose.stderr.rstrip().splitlines()[-1] == line
+    # --verbose forwards the workers' output as Ray prints it, whenever it arrives: the dying actor's dump may
+    # land after the CLI's line, so the line is checked to be there (and the only one), not to be last
+    assert [x for x in verbose.stderr.splitlines() if x.startswith("latentshift:")] == [line]
 
 
 def test_an_lpips_file_corrupted_after_preflight_names_hspace_lpips(ray_cluster, tmp_path, pixel_model):
