@@ -249,13 +249,7 @@ class Scores(OutputKind):
 
         from pipeline.data.scores import SCORE_SCHEMA
 
-        tables = []
-        for part in shard.parts:
-            data = part.file("scores")
-            if data is not None:
-                table = pq.read_table(io.BytesIO(data))
-                tables.append(take(table, [i for i, k in enumerate(table["key"].to_pylist())
-                                           if part.key_index.get(k) in part.fresh]))
+        tables = fresh_tables(shard, "scores")
         if not tables:
             return None, {}
         # the parts' metadata (the run's settings, pipeline/data/scores.py) survives the cast
@@ -289,13 +283,7 @@ class Features(OutputKind):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        tables = []
-        for part in shard.parts:
-            data = part.file("features")
-            if data is not None:
-                table = pq.read_table(io.BytesIO(data))
-                tables.append(take(table, [i for i, k in enumerate(table["key"].to_pylist())
-                                           if part.key_index.get(k) in part.fresh]))
+        tables = fresh_tables(shard, "features")
         if not tables:
             return None, {}
         table = pa.concat_tables(tables)  # the parts' schemas (and metadata) are the run's: one network
@@ -338,6 +326,20 @@ class Rejects(OutputKind):
 
 IMAGES, LATENTS, SCORES, FEATURES, REJECTS = Images(), Latents(), Scores(), Features(), Rejects()
 OUTPUT_KINDS: tuple[OutputKind, ...] = (IMAGES, LATENTS, SCORES, FEATURES, REJECTS)  # merged and written in this order
+
+
+def fresh_tables(shard: ShardParts, ext: str) -> list[pa.Table]:
+    """Each part's staged Parquet file ``ext`` as a table of the rows that part gives (``StagedPart.fresh``)."""
+    import pyarrow.parquet as pq
+
+    tables = []
+    for part in shard.parts:
+        data = part.file(ext)
+        if data is not None:
+            table = pq.read_table(io.BytesIO(data))
+            tables.append(take(table, [i for i, k in enumerate(table["key"].to_pylist())
+                                       if part.key_index.get(k) in part.fresh]))
+    return tables
 
 
 def take(table: pa.Table, rows: list[int]) -> pa.Table:
