@@ -151,6 +151,12 @@ class RuntimeConfig(Section):
     # torch.compile of the UNet on GPU actors (ignored on CPU): "default", or "reduce-overhead" (CUDA
     # graphs too). Compiling takes about a minute per actor, repaid on long runs; see docs/performance.md.
     compile: Literal["off", "default", "reduce-overhead"] = "off"
+    # where model stages run. actors: a fixed pool (runtime.actors), models loaded once per actor, which
+    # lives for one run. tasks: Ray tasks (at most runtime.actors at a time) whose worker process keeps the
+    # stage for its next batch, and keeps torch and diffusers imported for the next run: no actor start
+    # (process, imports, model load: 5-8 s on a small CPU) per run. auto: tasks on a one-node Ray with
+    # no GPU per actor (a laptop, CI, the demo), actors otherwise (a cluster, any GPU)
+    pool: Literal["auto", "actors", "tasks"] = "auto"
 
     @field_validator("actors")
     @classmethod

@@ -44,24 +44,27 @@ def actor_failure(exc: BaseException, job: Job, cfg: JobConfig) -> LatentshiftEr
 
     Ray Data gives up on the first actor that dies during initialisation (``init_ray`` pins
     ``max_consecutive_actor_init_deaths = 0``) and raises Ray's ``ActorDiedError``, whose text
-    holds the worker's traceback; the last ``...Error: message`` line of it is the reason.
+    holds the worker's traceback; the last ``...Error: message`` line of it is the reason. A stage
+    in Ray tasks (``runtime.pool``) fails its task, whose ``RayTaskError`` text holds it the same way.
     """
     import ray.exceptions
 
     chain = _chain(exc)
     for e in chain:  # e.g. a ModelLoadError that came back through Ray as RayTaskError(ModelLoadError)
+        original = getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayError) else e
+        if isinstance(original, LatentshiftError):
+            return type(original)(_one_line(str(original)))
         if isinstance(e, LatentshiftError):
-            original = getattr(e, "cause", None) if isinstance(e, ray.exceptions.RayError) else e
-            if isinstance(original, LatentshiftError):
-                return type(original)(_one_line(str(original)))
             found = _last_error_line(str(e))
             kind = _error_class(found[0]) if found else None
             return (kind or LatentshiftError)(_one_line(found[1] if found else str(e)))
     died = next((e for e in chain if isinstance(e, ray.exceptions.RayActorError)
                  and "creation task" in str(e)), None)
+    if died is None:  # a stage in Ray tasks (runtime.pool): Ray Data keeps the worker's error as text only
+        died = next((e for e in chain if isinstance(e, ray.exceptions.RayTaskError)), None)
     if died is None:
         return None
-    found = _last_error_line(str(died))
+    found = _last_error_line(str(died), skip=_RAY_WRAPPERS)
     kind = _error_class(found[0]) if found else None
     if kind is None:
         return None  # not an error a user can act on: a bug in the stage's __init__

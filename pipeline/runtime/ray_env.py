@@ -2,7 +2,7 @@
 
   read_images(run, shards)        one read task per shard → decode/validate/resize (CPU tasks)
   read_latent_files(run, shards)  one read task per latent Parquet file
-  model_stage(ds, runtime, Stage, **sections)   an actor pool, models loaded once per actor
+  model_stage(ds, runtime, Stage, **sections)   an actor pool (or Ray tasks), models loaded once per process
 """
 
 from __future__ import annotations
@@ -105,10 +105,15 @@ def interactive() -> bool:
 
 class _RayDataConsoleQuiet(logging.Filter):
     """On Ray Data's console handler: its INFO lines (each dataset's start, plan and end) stay in its log
-    file unless ``--verbose`` or a terminal; its warnings and errors still reach the console."""
+    file unless ``--verbose`` or a terminal; its warnings and errors still reach the console, but for its
+    line about a failed task, which the CLI reports in one line of its own."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _show_traces or interactive() or not record.name.startswith("ray.data"):
+        if _show_traces or not record.name.startswith("ray.data"):
+            return True
+        if str(record.msg).startswith("An exception was raised from a task of operator"):
+            return False  # a failed task (runtime.pool tasks): the CLI says what failed, in one line
+        if interactive():
             return True
         # the bars are off on purpose here (init_ray): its warning about it says nothing to the reader
         return record.levelno >= logging.WARNING and not str(record.msg).startswith("Progress bars disabled")
@@ -196,7 +201,9 @@ def read_latent_files(run, shards: list[ShardRef]):
 
 def model_stage(ds, runtime: RuntimeConfig, stage_cls, **sections):
     """An actor pool (``runtime.actors``), ``num_gpus`` per actor, fixed-size batches; ``sections``
-    are the config sections the stage's constructor takes.
+    are the config sections the stage's constructor takes. Or, ``runtime.pool`` tasks (``uses_tasks``),
+    at most ``runtime.actors`` Ray tasks at a time, each worker process keeping its stage
+    (pipeline/stages/base.py: stage_in_process).
 
     A stage with ``concurrent_batches`` 2 runs two batches per actor in threads, its device lock
     letting one compute at a time (pipeline/stages/base.py): the host work of one overlaps the
@@ -205,11 +212,42 @@ def model_stage(ds, runtime: RuntimeConfig, stage_cls, **sections):
     import ray.data
 
     actors = runtime.actors
+    gpus = gpus_per_actor(runtime)
+    kwargs = {"dtype": runtime.dtype, "compile": runtime.compile, **sections}
+    if uses_tasks(runtime, gpus):
+        from pipeline.stages.base import stage_in_process
+
+        most = actors[1] if isinstance(actors, list) else actors
+        return ds.map_batches(stage_in_process, batch_format="numpy", batch_size=runtime.batch_size,
+                              compute=ray.data.TaskPoolStrategy(size=most), num_gpus=gpus, num_cpus=0 if gpus else 1,
+                              fn_kwargs={"stage_cls": stage_cls, "sections": kwargs, "key": stage_key(stage_cls, kwargs)})
     size = {"min_size": actors[0], "max_size": actors[1]} if isinstance(actors, list) else {"size": actors}
     calls = stage_cls.concurrent_batches
     pool = ray.data.ActorPoolStrategy(**size, max_concurrent_calls_per_actor=calls,
                                       enable_true_multi_threading=calls > 1)
-    gpus = gpus_per_actor(runtime)
     return ds.map_batches(stage_cls, batch_format="numpy", batch_size=runtime.batch_size, compute=pool,
-                          num_gpus=gpus, num_cpus=0 if gpus else 1,
-                          fn_constructor_kwargs={"dtype": runtime.dtype, "compile": runtime.compile, **sections})
+                          num_gpus=gpus, num_cpus=0 if gpus else 1, fn_constructor_kwargs=kwargs)
+
+
+def uses_tasks(runtime: RuntimeConfig, gpus: float) -> bool:
+    """``runtime.pool``: ``auto`` is tasks on a one-node Ray whose model stages take no GPU.
+
+    An actor lives for one run: each run starts a process, imports torch and diffusers and loads its
+    models before the first batch (5-8 s on a 2-core CPU, longer than a small run's work). A Ray task
+    worker outlives the run, so a laptop's or CI's runs after the first find it ready. On a cluster
+    or a GPU the actor pool stays: its size bounds the model copies and their device memory.
+    """
+    import ray
+
+    if runtime.pool != "auto":
+        return runtime.pool == "tasks"
+    return gpus == 0 and sum(1 for node in ray.nodes() if node.get("Alive")) == 1
+
+
+def stage_key(stage_cls, kwargs: dict) -> str:
+    """The stage's class and its constructor's arguments, as one key (``stage_in_process``)."""
+    import hashlib
+
+    from ray import cloudpickle
+
+    return hashlib.sha256(cloudpickle.dumps((stage_cls.__module__, stage_cls.__qualname__, kwargs))).hexdigest()

@@ -2,7 +2,8 @@
 
 A model stage is a Ray Data callable class run on an actor pool. It takes the config sections
 it needs (never the whole job config), loads its models in ``__init__`` (once per actor), and
-turns one numpy batch of rows (``pipeline.data.rows``) into another.
+turns one numpy batch of rows (``pipeline.data.rows``) into another. With ``runtime.pool`` tasks
+it runs in Ray tasks instead, built once per worker process (``stage_in_process``).
 
 A stage that splits a batch into ``prepare`` (host: pick rows, stack arrays), ``compute`` (the
 device: every tensor op, results copied back as numpy) and ``emit`` (host: rows out) runs two
@@ -134,6 +135,22 @@ class LatentMaps:
         dtype = np.float16 if output.latent_dtype == "float16" else np.float32
         flat, shape = z.to_rows(dtype=dtype, start_only=(output.latents == "start"))
         return cls(flat.reshape(len(z), *shape), list(z.timesteps), list(z.seeds))
+
+
+_STAGES: dict = {}  # this worker process's stage, by the key of its class and sections (stage_in_process)
+
+
+def stage_in_process(batch: dict, stage_cls: type, sections: dict, key: str) -> dict:
+    """``stage_cls(**sections)(batch)`` with the stage built once per worker process and kept for the
+    next batch, and the next run's, with the same key (``runtime.pool: tasks``, pipeline/runtime/ray_env.py):
+    a Ray task worker outlives the run, an actor does not, so a local run's jobs after the first start
+    with the models already loaded. One stage is kept: a different key replaces it."""
+    stage = _STAGES.get(key)
+    if stage is None:
+        _STAGES.clear()
+        gc.collect()
+        stage = _STAGES[key] = stage_cls(**sections)
+    return stage(batch)
 
 
 class ModelStage:

@@ -1,4 +1,4 @@
-"""A failure on a Ray actor ends the CLI in one line, naming the config key and the file, with
+"""A failure on a Ray actor (or in a Ray task, ``runtime.pool: tasks``) ends the CLI in one line, naming the config key and the file, with
 no traceback on the console (Ray's log files keep them; ``--verbose`` shows them).
 
 Preflight catches what it can before Ray starts; these tests change a file after preflight
@@ -73,7 +73,7 @@ def test_a_model_that_changed_after_preflight_is_one_line_naming_the_key(ray_clu
     cfg = {"input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out")},
            "source": {"model": str(pixel_model)}, "target": {"model": str(target)},
            "sampler": {"steps": 4, "eta": 0.3, "strength": 0.5}, "image": {"size": 16},
-           "runtime": {"batch_size": 4, "actors": 1}}
+           "runtime": {"batch_size": 4, "actors": 1, "pool": "actors"}}  # the next test: tasks (auto here)
     (tmp_path / "cfg.yaml").write_text(json.dumps(cfg))
     change = (target / "unet" / "config.json", tmp_path / "mismatched.json")
 
@@ -94,7 +94,8 @@ def test_a_model_that_changed_after_preflight_is_one_line_naming_the_key(ray_clu
 
 def test_an_lpips_file_corrupted_after_preflight_names_hspace_lpips(ray_cluster, tmp_path, pixel_model):
     """``direction fit`` with ``t_edit: auto``: the LPIPS file is cut short after preflight; the line
-    names ``hspace.lpips`` and the file (not the diffusion model), exit 2."""
+    names ``hspace.lpips`` and the file (not the diffusion model), exit 2. The stage runs in Ray tasks
+    (``runtime.pool: tasks``; the test before runs an actor), whose failure reaches the driver as text."""
     from pipeline.tools.random_clip import save_random_lpips
 
     write_inputs(tmp_path / "in")
@@ -105,7 +106,7 @@ def test_an_lpips_file_corrupted_after_preflight_names_hspace_lpips(ray_cluster,
            "source": {"model": str(pixel_model)},
            "hspace": {"direction": str(tmp_path / "dirs" / "d.safetensors"), "examples": str(tmp_path / "examples"),
                       "t0": 999, "steps": 6, "t_edit": "auto", "t_boost": "auto", "lpips": str(lpips)},
-           "image": {"size": 16}, "runtime": {"batch_size": 4, "actors": 1}}
+           "image": {"size": 16}, "runtime": {"batch_size": 4, "actors": 1, "pool": "tasks"}}
     (tmp_path / "cfg.yaml").write_text(json.dumps(cfg))
 
     proc = run_cli(["direction", "fit", "-c", str(tmp_path / "cfg.yaml")], lpips, tmp_path / "cut-short.safetensors")

@@ -165,8 +165,14 @@ def test_encode_then_decode_reproduces_the_inputs(ray_cluster, tmp_path, pixel_m
     assert s["latent_samples"] == 6 and s["images"] == 0
     assert not (tmp_path / "enc" / "images").exists()
     assert run_job(enc, "encode")["shards_done"] == 0
-    redo = run_job(enc, "encode", overwrite=True)  # --overwrite redoes committed shards
+    in_tasks = pq.read_table(tmp_path / "enc" / "latents" / "shard-000.parquet").sort_by("key")
+    # --overwrite redoes committed shards; here on an actor (runtime.pool auto is tasks on this one-node Ray)
+    on_actor = validate({**base, "runtime": {"batch_size": 4, "pool": "actors"}, "input": {"uri": str(tmp_path / "in")},
+                         "output": {"uri": str(tmp_path / "enc")}})
+    redo = run_job(on_actor, "encode", overwrite=True)
     assert redo["shards_done"] == 1 and redo["latent_samples"] == 6
+    on_actor_table = pq.read_table(tmp_path / "enc" / "latents" / "shard-000.parquet").sort_by("key")
+    assert on_actor_table["latent"].to_pylist() == in_tasks["latent"].to_pylist()  # the same bytes either way
 
     for source in (tmp_path / "enc", tmp_path / "enc" / "latents"):  # the run's output, or its latents/ folder
         out = tmp_path / f"dec-{source.name}"
