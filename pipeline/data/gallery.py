@@ -25,7 +25,6 @@ import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from pipeline.config import GalleryConfig
 from pipeline.data.filesystems import get_bytes, url_to_fs
 from pipeline.data.gallery_pages import (
     Card,
@@ -117,14 +116,14 @@ def _line(text: str) -> dict:
 # ---- one sample ------------------------------------------------------------------------------------
 
 
-def thumbnail(data: bytes, gallery: GalleryConfig, max_pixels: int) -> tuple[bytes, int, int]:
-    """An encoded image → WebP bytes, its longest side at most ``gallery.thumb_size`` (never enlarged)."""
+def thumbnail(data: bytes, size: int, quality: int, max_pixels: int) -> tuple[bytes, int, int]:
+    """An encoded image → WebP bytes of ``quality``, its longest side at most ``size`` (never enlarged)."""
     from PIL import Image
 
     im = Image.fromarray(decode_image(data, None, max_pixels=max_pixels))
-    im.thumbnail((gallery.thumb_size, gallery.thumb_size), Image.LANCZOS)
+    im.thumbnail((size, size), Image.LANCZOS)
     buf = io.BytesIO()
-    im.save(buf, format="WEBP", quality=gallery.thumb_quality, method=4)
+    im.save(buf, format="WEBP", quality=quality, method=4)
     return buf.getvalue(), im.width, im.height
 
 
@@ -182,8 +181,8 @@ def _cut(data: bytes) -> str:
 class _Thumbs:
     """A page's thumbnails: made on the way, written together."""
 
-    def __init__(self, gallery: GalleryConfig, max_pixels: int):
-        self.gallery, self.max_pixels = gallery, max_pixels
+    def __init__(self, size: int, quality: int, max_pixels: int):
+        self.size, self.quality, self.max_pixels = size, quality, max_pixels
         self.files: dict[str, bytes] = {}
 
     def picture(self, label: str, data: bytes | None, name: str, missing: str) -> Picture:
@@ -192,7 +191,7 @@ class _Thumbs:
         if not data:
             return Picture(label, note="empty image member")
         try:
-            webp, w, h = thumbnail(data, self.gallery, self.max_pixels)
+            webp, w, h = thumbnail(data, self.size, self.quality, self.max_pixels)
         except RejectedImage as exc:
             return Picture(label, note=str(exc))
         self.files[name] = webp
@@ -246,7 +245,7 @@ def read_samples(store: OutputStore, shard: str) -> tuple[list[tuple[str, dict[s
 
 
 def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_options: dict | None,
-                reject_sources: list[tuple[str, str]], gallery: GalleryConfig,
+                reject_sources: list[tuple[str, str]], *, page_size: int, thumb_size: int, thumb_quality: int,
                 max_pixels: int) -> tuple[dict, list[str]]:
     """Write ``gallery/<shard>/`` (see the module's docstring); return the shard's summary for the front
     page (samples, pages, rejects by source, mean scores, the run's settings as its first sample records
@@ -254,7 +253,8 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
 
     ``store``: the output (its root); ``input_options``: None without input.uri (no input column), else
     the input's storage options, ``input_uri`` its shard of this name (None: there is none);
-    ``reject_sources``: (source, path) of the rejects files shown.
+    ``reject_sources``: (source, path) of the rejects files shown; ``page_size`` samples (or reject lines)
+    a page, thumbnails at most ``thumb_size`` pixels a side, of WebP quality ``thumb_quality``.
     """
     folder = shard_folder(shard)
     base = store.path(FOLDER, folder)
@@ -264,10 +264,10 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
     scored = read_scores(store, shard)
     rejects = read_rejects(store, reject_sources)
     samples, problems = read_samples(store, shard)
-    pages = page_count(len(samples), gallery.page_size)
+    pages = page_count(len(samples), page_size)
     lines = [line for source in rejects.values() for line in source]
     lines += [{**p, "source": "gallery", "index": ""} for p in problems]
-    reject_pages = page_count(len(lines), gallery.page_size) if lines else 0
+    reject_pages = page_count(len(lines), page_size) if lines else 0
     settings, settings_from = shared_settings(shard, samples)
     with ThreadPoolExecutor(WRITERS) as pool:
         def write(files: dict[str, bytes]) -> None:
@@ -275,8 +275,8 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
                           files.items()))
 
         for page in range(1, pages + 1):
-            thumbs, cards = _Thumbs(gallery, max_pixels), []
-            for index in range((page - 1) * gallery.page_size, min(len(samples), page * gallery.page_size)):
+            thumbs, cards = _Thumbs(thumb_size, thumb_quality, max_pixels), []
+            for index in range((page - 1) * page_size, min(len(samples), page * page_size)):
                 key, members = samples[index]
                 given = (inputs.get(key), missing_input) if paired else None
                 cards.append(make_card(thumbs, index, key, members, given, scored.get(key, {}), settings))
@@ -284,7 +284,7 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
             write({page_file(page): grid_page(shard, cards, page, pages, len(samples), len(lines),
                                               settings).encode()})
         for page in range(1, reject_pages + 1):
-            chunk = lines[(page - 1) * gallery.page_size: page * gallery.page_size]
+            chunk = lines[(page - 1) * page_size: page * page_size]
             write({page_file(page, "rejects"): rejects_page(shard, chunk, page, reject_pages, len(lines)).encode()})
 
     clip = [s["clip_score"] for s in scored.values() if "clip_score" in s]
@@ -295,13 +295,7 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
             "paired": sum(1 for key, _ in samples if key in inputs) if paired else None,
             "scored": len(clip), "mean_clip_score": round(sum(clip) / len(clip), 4) if clip else None,
             "mean_directional": round(sum(directional) / len(directional), 4) if directional else None,
-            "settings": settings, "settings_from": settings_from,
-            "layout": layout(gallery)}, [key for key, _ in samples]
-
-
-def layout(gallery: GalleryConfig) -> dict:
-    """What a shard's pages depend on besides its data: a change redoes them."""
-    return gallery.model_dump(mode="json")
+            "settings": settings, "settings_from": settings_from}, [key for key, _ in samples]
 
 
 # ---- the front page ----------------------------------------------------------------------------------
