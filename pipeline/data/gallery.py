@@ -6,8 +6,8 @@ Read, for a shard S of an output:
   images/S.tar         the samples in their order: the image, the further image members a job wrote
                        (an edit's ``scale1.png`` …, a search's ``top2.png`` …), ``latentshift.json`` (the
                        provenance), the carried text members
-  <input.uri>/S.tar    with input.uri, the input image of each key (paired by ``__key__``, as the score
-                       job pairs them: pipeline/stages/read.py ``read_pairs``)
+  <input.uri>/S.tar    with input.uri, the input image of each key (paired by ``__key__``, read as the score
+                       job reads them: pipeline/data/shards.py ``input_images``)
   scores/S.parquet     where it exists: the CLIP score and directional CLIP of each key (rank 0)
   rejects              the job's ``_rejects/S.jsonl`` and the score job's ``_score/_rejects/S.jsonl``
 
@@ -25,7 +25,6 @@ import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from pipeline.data.filesystems import get_bytes, url_to_fs
 from pipeline.data.gallery_pages import (
     Card,
     Picture,
@@ -41,7 +40,7 @@ from pipeline.data.images import IMAGE_EXTENSIONS, RejectedImage, decode_image
 from pipeline.data.output_kinds import PROVENANCE_MEMBER
 from pipeline.data.outputs import OutputStore
 from pipeline.data.run_metrics import PSNR_OF_IDENTICAL
-from pipeline.data.shards import clean_message, image_member, iter_tar_samples
+from pipeline.data.shards import image_member, input_images, iter_tar_samples
 
 FOLDER = "gallery"  # under output.uri
 TEXT_MEMBERS = ("txt", "cls", "json")  # carried members a card shows as text
@@ -60,21 +59,8 @@ def read_input_images(uri: str | None, storage_options: dict) -> tuple[dict[str,
     """key → encoded input image of the input shard (the first of a key), and why a key may be missing."""
     if uri is None:
         return {}, "no input shard of this name under input.uri"
-    fs, path = url_to_fs(uri, storage_options)
-    try:
-        data = get_bytes(fs, path)
-    except Exception as exc:  # noqa: BLE001 - shown on every card, the gallery goes on
-        return {}, f"cannot read input shard {uri}: {type(exc).__name__}: {clean_message(str(exc))}"
-    found: dict[str, bytes] = {}
-    why = f"not in input shard {uri}"
-    for sample in iter_tar_samples(io.BytesIO(data)):
-        if isinstance(sample, Exception):
-            why = f"not in input shard {uri} (it is damaged: {clean_message(str(sample))})"
-            break
-        image = image_member(sample.members) if not sample.error else None
-        if image is not None and sample.key not in found:
-            found[sample.key] = image[1]
-    return found, why
+    found, why = input_images(uri, storage_options)  # unreadable: every card says why
+    return {key: image for key, (_, image) in found.items()}, why
 
 
 def read_scores(store: OutputStore, shard: str) -> dict[str, dict[str, float]]:
