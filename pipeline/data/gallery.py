@@ -6,8 +6,8 @@ Read, for a shard S of an output:
   images/S.tar         the samples in their order: the image, the further image members a job wrote
                        (an edit's ``scale1.png`` …, a search's ``top2.png`` …), ``latentshift.json`` (the
                        provenance), the carried text members
-  <input.uri>/S.tar    with input.uri, the input image of each key (paired by ``__key__``, as the score
-                       job pairs them: pipeline/stages/read.py ``read_pairs``)
+  <input.uri>/S.tar    with input.uri, the input image of each key (paired by ``__key__``, read as the score
+                       job reads them: pipeline/data/shards.py ``input_images``)
   scores/S.parquet     where it exists: the CLIP score and directional CLIP of each key (rank 0)
   rejects              the job's ``_rejects/S.jsonl`` and the score job's ``_score/_rejects/S.jsonl``
 
@@ -25,8 +25,6 @@ import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 
-from pipeline.config import GalleryConfig
-from pipeline.data.filesystems import get_bytes, url_to_fs
 from pipeline.data.gallery_pages import (
     Card,
     Picture,
@@ -42,7 +40,7 @@ from pipeline.data.images import IMAGE_EXTENSIONS, RejectedImage, decode_image
 from pipeline.data.output_kinds import PROVENANCE_MEMBER
 from pipeline.data.outputs import OutputStore
 from pipeline.data.run_metrics import PSNR_OF_IDENTICAL
-from pipeline.data.shards import clean_message, image_member, iter_tar_samples
+from pipeline.data.shards import image_member, input_images, iter_tar_samples
 
 FOLDER = "gallery"  # under output.uri
 TEXT_MEMBERS = ("txt", "cls", "json")  # carried members a card shows as text
@@ -61,21 +59,8 @@ def read_input_images(uri: str | None, storage_options: dict) -> tuple[dict[str,
     """key → encoded input image of the input shard (the first of a key), and why a key may be missing."""
     if uri is None:
         return {}, "no input shard of this name under input.uri"
-    fs, path = url_to_fs(uri, storage_options)
-    try:
-        data = get_bytes(fs, path)
-    except Exception as exc:  # noqa: BLE001 - shown on every card, the gallery goes on
-        return {}, f"cannot read input shard {uri}: {type(exc).__name__}: {clean_message(str(exc))}"
-    found: dict[str, bytes] = {}
-    why = f"not in input shard {uri}"
-    for sample in iter_tar_samples(io.BytesIO(data)):
-        if isinstance(sample, Exception):
-            why = f"not in input shard {uri} (it is damaged: {clean_message(str(sample))})"
-            break
-        image = image_member(sample.members) if not sample.error else None
-        if image is not None and sample.key not in found:
-            found[sample.key] = image[1]
-    return found, why
+    found, why = input_images(uri, storage_options)  # unreadable: every card says why
+    return {key: image for key, (_, image) in found.items()}, why
 
 
 def read_scores(store: OutputStore, shard: str) -> dict[str, dict[str, float]]:
@@ -117,14 +102,14 @@ def _line(text: str) -> dict:
 # ---- one sample ------------------------------------------------------------------------------------
 
 
-def thumbnail(data: bytes, gallery: GalleryConfig, max_pixels: int) -> tuple[bytes, int, int]:
-    """An encoded image → WebP bytes, its longest side at most ``gallery.thumb_size`` (never enlarged)."""
+def thumbnail(data: bytes, size: int, quality: int, max_pixels: int) -> tuple[bytes, int, int]:
+    """An encoded image → WebP bytes of ``quality``, its longest side at most ``size`` (never enlarged)."""
     from PIL import Image
 
     im = Image.fromarray(decode_image(data, None, max_pixels=max_pixels))
-    im.thumbnail((gallery.thumb_size, gallery.thumb_size), Image.LANCZOS)
+    im.thumbnail((size, size), Image.LANCZOS)
     buf = io.BytesIO()
-    im.save(buf, format="WEBP", quality=gallery.thumb_quality, method=4)
+    im.save(buf, format="WEBP", quality=quality, method=4)
     return buf.getvalue(), im.width, im.height
 
 
@@ -182,8 +167,8 @@ def _cut(data: bytes) -> str:
 class _Thumbs:
     """A page's thumbnails: made on the way, written together."""
 
-    def __init__(self, gallery: GalleryConfig, max_pixels: int):
-        self.gallery, self.max_pixels = gallery, max_pixels
+    def __init__(self, size: int, quality: int, max_pixels: int):
+        self.size, self.quality, self.max_pixels = size, quality, max_pixels
         self.files: dict[str, bytes] = {}
 
     def picture(self, label: str, data: bytes | None, name: str, missing: str) -> Picture:
@@ -192,7 +177,7 @@ class _Thumbs:
         if not data:
             return Picture(label, note="empty image member")
         try:
-            webp, w, h = thumbnail(data, self.gallery, self.max_pixels)
+            webp, w, h = thumbnail(data, self.size, self.quality, self.max_pixels)
         except RejectedImage as exc:
             return Picture(label, note=str(exc))
         self.files[name] = webp
@@ -246,7 +231,7 @@ def read_samples(store: OutputStore, shard: str) -> tuple[list[tuple[str, dict[s
 
 
 def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_options: dict | None,
-                reject_sources: list[tuple[str, str]], gallery: GalleryConfig,
+                reject_sources: list[tuple[str, str]], *, page_size: int, thumb_size: int, thumb_quality: int,
                 max_pixels: int) -> tuple[dict, list[str]]:
     """Write ``gallery/<shard>/`` (see the module's docstring); return the shard's summary for the front
     page (samples, pages, rejects by source, mean scores, the run's settings as its first sample records
@@ -254,7 +239,8 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
 
     ``store``: the output (its root); ``input_options``: None without input.uri (no input column), else
     the input's storage options, ``input_uri`` its shard of this name (None: there is none);
-    ``reject_sources``: (source, path) of the rejects files shown.
+    ``reject_sources``: (source, path) of the rejects files shown; ``page_size`` samples (or reject lines)
+    a page, thumbnails at most ``thumb_size`` pixels a side, of WebP quality ``thumb_quality``.
     """
     folder = shard_folder(shard)
     base = store.path(FOLDER, folder)
@@ -264,10 +250,10 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
     scored = read_scores(store, shard)
     rejects = read_rejects(store, reject_sources)
     samples, problems = read_samples(store, shard)
-    pages = page_count(len(samples), gallery.page_size)
+    pages = page_count(len(samples), page_size)
     lines = [line for source in rejects.values() for line in source]
     lines += [{**p, "source": "gallery", "index": ""} for p in problems]
-    reject_pages = page_count(len(lines), gallery.page_size) if lines else 0
+    reject_pages = page_count(len(lines), page_size) if lines else 0
     settings, settings_from = shared_settings(shard, samples)
     with ThreadPoolExecutor(WRITERS) as pool:
         def write(files: dict[str, bytes]) -> None:
@@ -275,8 +261,8 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
                           files.items()))
 
         for page in range(1, pages + 1):
-            thumbs, cards = _Thumbs(gallery, max_pixels), []
-            for index in range((page - 1) * gallery.page_size, min(len(samples), page * gallery.page_size)):
+            thumbs, cards = _Thumbs(thumb_size, thumb_quality, max_pixels), []
+            for index in range((page - 1) * page_size, min(len(samples), page * page_size)):
                 key, members = samples[index]
                 given = (inputs.get(key), missing_input) if paired else None
                 cards.append(make_card(thumbs, index, key, members, given, scored.get(key, {}), settings))
@@ -284,7 +270,7 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
             write({page_file(page): grid_page(shard, cards, page, pages, len(samples), len(lines),
                                               settings).encode()})
         for page in range(1, reject_pages + 1):
-            chunk = lines[(page - 1) * gallery.page_size: page * gallery.page_size]
+            chunk = lines[(page - 1) * page_size: page * page_size]
             write({page_file(page, "rejects"): rejects_page(shard, chunk, page, reject_pages, len(lines)).encode()})
 
     clip = [s["clip_score"] for s in scored.values() if "clip_score" in s]
@@ -295,13 +281,7 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
             "paired": sum(1 for key, _ in samples if key in inputs) if paired else None,
             "scored": len(clip), "mean_clip_score": round(sum(clip) / len(clip), 4) if clip else None,
             "mean_directional": round(sum(directional) / len(directional), 4) if directional else None,
-            "settings": settings, "settings_from": settings_from,
-            "layout": layout(gallery)}, [key for key, _ in samples]
-
-
-def layout(gallery: GalleryConfig) -> dict:
-    """What a shard's pages depend on besides its data: a change redoes them."""
-    return gallery.model_dump(mode="json")
+            "settings": settings, "settings_from": settings_from}, [key for key, _ in samples]
 
 
 # ---- the front page ----------------------------------------------------------------------------------

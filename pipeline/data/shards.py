@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from braceexpand import braceexpand
 
-from pipeline.data.filesystems import explain_storage_error, url_to_fs
+from pipeline.data.filesystems import explain_storage_error, get_bytes, url_to_fs
 from pipeline.data.images import IMAGE_EXTENSIONS
 from pipeline.errors import StorageError
 
@@ -307,6 +307,37 @@ def image_member(members: dict[str, bytes]) -> tuple[str, bytes] | None:
         if ext in members:
             return ext, members[ext]
     return None
+
+
+def fetch_shard(uri: str, storage_options: dict) -> tuple[bytes | None, str]:
+    """A whole shard's bytes (fetched with retries, so a transient fault is not taken for a truncated
+    tar), or None and why not ("<error type>: <message>", credentials scrubbed) for a reject line."""
+    fs, path = url_to_fs(uri, storage_options)
+    try:
+        return get_bytes(fs, path), ""
+    except Exception as exc:  # noqa: BLE001 - the caller records it, the run goes on
+        return None, f"{type(exc).__name__}: {clean_message(str(exc))}"
+
+
+def input_images(uri: str, storage_options: dict) -> tuple[dict[str, tuple[str, bytes]], str]:
+    """key → (member name, encoded image) of an input shard, and why a key may be missing from it. A key's
+    first sample with an image counts, as the read stage keeps it; an empty image member is in it with its
+    empty bytes (the caller says "empty image member", not that the key is missing). The samples before
+    damage to the tar are kept. Used by the score job's reader (pipeline/stages/read.py ``read_pairs``) and
+    the gallery (pipeline/data/gallery.py), which pair an output with its input by ``__key__``."""
+    data, failure = fetch_shard(uri, storage_options)
+    if data is None:
+        return {}, f"cannot read input shard {uri}: {failure}"
+    found: dict[str, tuple[str, bytes]] = {}
+    why = f"not in input shard {uri}"
+    for sample in iter_tar_samples(io.BytesIO(data)):
+        if isinstance(sample, Exception):
+            why = f"not in input shard {uri} (it is damaged: {clean_message(str(sample))})"
+            break
+        image = image_member(sample.members) if not sample.error else None
+        if image is not None and sample.key not in found:
+            found[sample.key] = (sample.names[image[0]], image[1])
+    return found, why
 
 
 def write_samples(fileobj, samples) -> int:

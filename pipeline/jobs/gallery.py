@@ -66,9 +66,10 @@ def forget_stale(run) -> list[str]:
     """Shards whose gallery is older than what it shows: their images or scores committed again since
     (``committed_at`` of the job's and the score job's ledger records), or shown with another ``gallery``
     section. Their gallery records are removed, so this run shows them again. Returns their names."""
-    from pipeline.data.gallery import layout, summary_path
+    from pipeline.data.gallery import summary_path
     from pipeline.data.outputs import OutputStore
     from pipeline.jobs.score import CONTROL as SCORE_CONTROL
+    from pipeline.stages.gallery import layout
 
     if run.options.get("overwrite"):
         return []

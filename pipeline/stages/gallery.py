@@ -14,6 +14,11 @@ from pipeline.data.outputs import OutputStore
 from pipeline.data.rows import RowBuffer, RowKind
 
 
+def layout(gallery: GalleryConfig) -> dict:
+    """What a shard's pages depend on besides its data (kept in its summary): a change redoes them."""
+    return gallery.model_dump(mode="json")
+
+
 def gallery_shards(batch: dict, output_uri: str, output_options: dict, inputs: dict[str, str] | None,
                    input_options: dict, reject_folders: dict[str, str], gallery: GalleryConfig, max_pixels: int,
                    ledger: ShardLedger) -> dict:
@@ -27,8 +32,11 @@ def gallery_shards(batch: dict, output_uri: str, output_options: dict, inputs: d
         sources = [(source, store.path(folder, "_rejects", f"{shard}.jsonl") if folder else store.rejects(shard))
                    for source, folder in reject_folders.items()]
         summary, keys = build_shard(store, shard, inputs.get(shard) if inputs is not None else None,
-                                    input_options if inputs is not None else None, sources, gallery, max_pixels)
-        ledger.store.put_json(summary_path(ledger.store, shard), {**summary, "run_id": ledger.run_id})
+                                    input_options if inputs is not None else None, sources,
+                                    page_size=gallery.page_size, thumb_size=gallery.thumb_size,
+                                    thumb_quality=gallery.thumb_quality, max_pixels=max_pixels)
+        ledger.store.put_json(summary_path(ledger.store, shard),
+                              {**summary, "layout": layout(gallery), "run_id": ledger.run_id})
         ledger.expect(shard, len(keys))
         if keys:
             rows.extend({"key": keys, "index": list(range(len(keys)))}, shard=shard, kind=RowKind.SAMPLE)

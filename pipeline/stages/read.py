@@ -53,7 +53,9 @@ from pipeline.data.shards import (
     TarDamage,
     TarSample,
     clean_message,
+    fetch_shard,
     image_member,
+    input_images,
     iter_tar_samples,
 )
 
@@ -77,16 +79,6 @@ def _listing(rows: RowBuffer) -> list[dict]:
 def _has(sample: TarSample) -> str:
     """The sample's kept members, in tar order, for a whole-sample reason."""
     return ", ".join(repr(n) for n in sample.names.values()) or "nothing"
-
-
-def fetch_shard(uri: str, storage_options: dict) -> tuple[bytes | None, str]:
-    """A whole shard's bytes (fetched with retries, so a transient fault is not taken for a truncated
-    tar), or None and why not ("<error type>: <message>", credentials scrubbed) for a reject line."""
-    fs, path = url_to_fs(uri, storage_options)
-    try:
-        return get_bytes(fs, path), ""
-    except Exception as exc:  # noqa: BLE001 - the caller records it, the run goes on
-        return None, f"{type(exc).__name__}: {clean_message(str(exc))}"
 
 
 def read_shard(item: dict, storage_options: dict, ledger: ShardLedger,
@@ -198,19 +190,8 @@ def _input_images(uri: str | None, shard: str, storage_options: dict) -> tuple[d
     read_shard's does, not that the key is missing."""
     if uri is None:
         return {}, f"no input shard {shard}.tar under input.uri"
-    data, failure = fetch_shard(uri, storage_options)
-    if data is None:  # every sample of the shard becomes a reject naming it
-        return {}, f"cannot read input shard {uri}: {failure}"
-    found: dict[str, tuple[str, bytes]] = {}
-    why = f"not in input shard {uri}"
-    for sample in iter_tar_samples(io.BytesIO(data)):
-        if isinstance(sample, Exception):
-            why = f"not in input shard {uri} (it is damaged: {clean_message(str(sample))})"
-            break
-        image = image_member(sample.members) if not sample.error else None
-        if image is not None and sample.key not in found:  # the first occurrence, as read_shard keeps
-            found[sample.key] = (sample.names[image[0]], image[1])
-    return found, why
+    # unreadable: no key is in it, so every sample of the shard becomes a reject naming why
+    return input_images(uri, storage_options)
 
 
 def read_pairs(item: dict, storage_options: dict, input_uris: dict[str, str] | None, input_storage_options: dict,

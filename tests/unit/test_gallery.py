@@ -127,8 +127,9 @@ def build(tmp_path: Path, shard: str, gallery: GalleryConfig, inputs: bool = Tru
     store = OutputStore(str(tmp_path / "out"), {})
     sources = [("job", store.rejects(shard)), ("score", store.path("_score", "_rejects", f"{shard}.jsonl"))]
     input_uri = str(tmp_path / "in" / f"{shard}.tar")
-    return build_shard(store, shard, input_uri if inputs else None, {} if inputs else None, sources, gallery,
-                       max_pixels=10_000_000)
+    return build_shard(store, shard, input_uri if inputs else None, {} if inputs else None, sources,
+                       page_size=gallery.page_size, thumb_size=gallery.thumb_size,
+                       thumb_quality=gallery.thumb_quality, max_pixels=10_000_000)
 
 
 def test_a_shard_is_pages_of_bounded_thumbnails_with_scores_and_rejects(output):
