@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the whole pipeline on the bundled shape models, with a report")
     p.add_argument("--out", default="latentshift-demo", help="output folder (default: ./latentshift-demo)")
     p.add_argument("--s3", action="store_true", help="run against a throwaway local S3 server (needs moto[server])")
-    p.add_argument("--discs", type=int, default=256)
+    p.add_argument("--discs", type=int, default=128)
     p.add_argument("--triangles", type=int, default=64)
     p.add_argument("--unseen", type=int, default=64)
     p.add_argument("--steps", type=int, default=None, help="override sampler steps (faster, rougher)")

@@ -57,13 +57,17 @@ from pipeline.demo.unseen import (
 )
 
 
-def run_demo(out_dir: str | Path, discs: int = 256, triangles: int = 64, unseen: int = 64,
+def run_demo(out_dir: str | Path, discs: int = 128, triangles: int = 64, unseen: int = 64,
              models: dict | None = None, steps: int | None = None, s3_endpoint: str | None = None,
-             domains: list[str] | None = None, edit_examples: int = 48, edits: int = 32, guides: int = 16,
-             out=sys.stdout) -> dict:
+             domains: list[str] | None = None, edit_examples: int = 48, edits: int = 16, guides: int = 8,
+             plain_count: int = 32, out=sys.stdout) -> dict:
     """The demo into ``out_dir``; ``domains`` picks OOD rows of ``OOD_DOMAINS`` (default: all);
     ``edit_examples`` discs in each of the edit part's sets A and B, ``edits`` held-out ones edited
-    (0: no edit part); ``guides`` seeds of the guide part, each unguided and guided (0: no guide part)."""
+    (0: no edit part); ``guides`` seeds of the guide part, each unguided and guided (0: no guide part);
+    ``plain_count`` unconditional discs-model samples (what the model makes without an OOD fit).
+
+    The counts are what the two-minute budget on a 2-core CPU allows (docs/demo.md, "Where the time
+    goes"): every figure the report checks is a rate over them, and each was checked at larger counts."""
     from pipeline.config import load_config
     from pipeline.demo.common import run_quietly
     from pipeline.demo.shapes import write_shapes
@@ -131,7 +135,7 @@ def run_demo(out_dir: str | Path, discs: int = 256, triangles: int = 64, unseen:
     local = _localise(base, opts, out_dir) if s3_endpoint else out_dir
     sources = read_images(local / "inputs" / "discs")
     translated = read_images(local / "translated" / "images")
-    plain = plain_samples(models["discs"], unseen, steps or 50)
+    plain = plain_samples(models["discs"], plain_count, steps or 50)
     tm = translation_metrics(sources, translated, "squares")
     keys = sorted(set(sources) & set(translated))[:16]
     sheet = [("source discs", [sources[k] for k in keys]), ("translated (squares model)", [translated[k] for k in keys]),
@@ -161,6 +165,7 @@ def run_demo(out_dir: str | Path, discs: int = 256, triangles: int = 64, unseen:
         "edit": edit_row,
         "guide": guide_row,
         "targets": TARGETS,
+        "galleries": [f"{base}/translated/gallery/index.html", *([f"{base}/edit/edited/gallery/index.html"] if edit_jobs else [])],
         "seconds": round(time.time() - started, 1), "models": models, "out": str(out_dir),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -206,5 +211,6 @@ def format_table(r: dict) -> str:
         lines += edit_lines(r["edit"])
     if r.get("guide"):
         lines += guide_lines(r["guide"])
-    lines += [f"  report: {r['out']}/report.png, report.json   ({r['seconds']} s)", ""]
+    lines += [f"  report: {r['out']}/report.png, report.json   ({r['seconds']} s)",
+              *(f"  gallery: {g}" for g in r.get("galleries", [])), ""]
     return "\n".join(lines)

@@ -163,12 +163,18 @@ def measure_domain(domain: str, jobs: dict, local: Path) -> tuple[dict, list]:
     title, aligned = OOD_DOMAINS[domain]
     inputs = np.stack(list(read_images(local / "inputs" / input_folder(domain)).values()))
     own = leave_one_out_distance(inputs)
-    fits = {}
+    fits, gates = {}, {}
     for key, fit in jobs["fits"].items():
         cfg, s = fit["cfg"], fit["summary"]
+        # the gate depends on what the inversion and the decode do, not on the fitted variance: fits that
+        # differ only there (the slerp mode's scalar variance) share one
+        gate_key = (cfg.source.model_dump_json(), cfg.runtime.dtype, cfg.sampler.clip_x0, cfg.ood.t0,
+                    cfg.ood.inversion_steps)
+        if gate_key not in gates:
+            gates[gate_key] = reconstruction_gate(cfg, inputs)
         fits[key] = {"t0": s.get("t0"), "t0_requested": cfg.ood.t0, "inversion_steps": cfg.ood.inversion_steps,
                      "variance": cfg.ood.variance, "clip_x0": cfg.sampler.clip_x0, "count": s.get("count"),
-                     "stats": s.get("stats"), "gate": reconstruction_gate(cfg, inputs)}
+                     "stats": s.get("stats"), "gate": gates[gate_key]}
     modes, sheet = {}, [(f"{domain}: OOD inputs", list(inputs[:16]))]
     for name, job in jobs["modes"].items():
         images = list(read_images(local / job["folder"] / "images").values())

@@ -16,6 +16,7 @@ waits on the host. Only one batch's tensors are on the device at a time.
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -140,11 +141,17 @@ class LatentMaps:
 _STAGES: dict = {}  # this worker process's stage, by the key of its class and sections (stage_in_process)
 
 
-def stage_in_process(batch: dict, stage_cls: type, sections: dict, key: str) -> dict:
+def stage_in_process(batch: dict, stage_cls: type, sections: dict, key: str, tasks: int = 1) -> dict:
     """``stage_cls(**sections)(batch)`` with the stage built once per worker process and kept for the
     next batch, and the next run's, with the same key (``runtime.pool: tasks``, pipeline/runtime/ray_env.py):
     a Ray task worker outlives the run, an actor does not, so a local run's jobs after the first start
-    with the models already loaded. One stage is kept: a different key replaces it."""
+    with the models already loaded. One stage is kept: a different key replaces it.
+
+    ``tasks`` of the stage run at a time on the node: torch's threads are the node's cores shared among
+    them (Ray sets a 1-CPU task's OMP_NUM_THREADS to 1, which would leave the other cores idle)."""
+    threads = max(1, (os.cpu_count() or 1) // tasks)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     stage = _STAGES.get(key)
     if stage is None:
         _STAGES.clear()

@@ -92,7 +92,7 @@ def test_reduced_demo_end_to_end(ray_cluster, tmp_path, stand_in_models):
     """Every part, the main OOD row only (the other row runs on object storage below: the same code
     on other inputs, and each row costs CI seven more jobs)."""
     report = run_demo(tmp_path / "demo", discs=8, triangles=8, unseen=4, steps=4, models=stand_in_models,
-                      domains=[MAIN_DOMAIN], edit_examples=8, edits=4, guides=4)
+                      domains=[MAIN_DOMAIN], edit_examples=8, edits=4, guides=4, plain_count=4)
     assert report["translation"]["images"] == 8 and report["translation"]["pairs"] == 8
     for key in ("target_shape_rate", "median_hue_error_deg", "median_centroid_shift_px"):
         assert key in report["translation"]
@@ -142,7 +142,7 @@ def test_reduced_demo_on_object_storage(ray_cluster, tmp_path, stand_in_models, 
     """
     s3.mkdir("latentshift-demo")
     report = run_demo(tmp_path / "demo", discs=8, triangles=8, unseen=4, steps=4, models=stand_in_models,
-                      s3_endpoint=s3_server, domains=[OTHER_DOMAIN], edits=0, guides=0)
+                      s3_endpoint=s3_server, domains=[OTHER_DOMAIN], edits=0, guides=0, plain_count=4)
     assert report["edit"] is None and "h-space edit" not in format_table(report)
     assert report["guide"] is None and "guidance in latent space" not in format_table(report)
     assert report["translation"]["images"] == 8
