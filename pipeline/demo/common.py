@@ -4,6 +4,8 @@ quality gate of a bundled model, the contact sheet, the targets, and number form
 from __future__ import annotations
 
 import io
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,8 @@ def plain_samples(model: str, count: int, steps: int, seed: int = 0, eta: float 
     from pipeline.diffusion.sampling import denoise
     from pipeline.stages.tensors import to_uint8
 
-    den = load_denoiser(resolve_model(model))
+    with quiet_logger("pipeline.diffusion.denoiser"):
+        den = load_denoiser(resolve_model(model))
     grid = den.schedule.grid(steps)
     noise = per_sample_noise([sample_seed(seed, f"plain/{i}") for i in range(count)], (1 + len(grid), 3, 32, 32))
     noise[:, -1] = 0  # the last step lands on x0 without noise, as DDPM's sampler does at t = 0
@@ -109,17 +112,31 @@ def met_word(ok: bool) -> str:
 
 
 def run_quietly(cfg, job: str, out, **options) -> dict:
-    """One of the demo's jobs, its summary in one line on ``out`` (the whole summary stays in its run record,
-    ``_ledger/runs/<run id>.json``): the demo's console is its own step lines, these, and its table."""
+    """One of the demo's jobs, its summary kept in its run record (``_ledger/runs/<run id>.json``) and, with
+    ``--verbose``, in one line on ``out``: the demo's console is its step lines and its table."""
     import io
 
     from pipeline.jobs import run_job
+    from pipeline.runtime.ray_env import verbose
 
     s = run_job(cfg, job, out=io.StringIO(), **options)
-    if out is not None:
+    if out is not None and verbose():
         made = s.get("images") or s.get("evaluated") or s.get("count") or 0
         extra = f", FID {s['fid']:.3g}" if "fid" in s else ""
         out.write(f"    {job:<14}{s.get('shards_done', 0)} shard(s), {made} images, {s.get('rejected', 0)} rejected"
                   f"{extra}, {s.get('seconds', 0):.0f} s\n")
         out.flush()
     return s
+
+
+@contextmanager
+def quiet_logger(name: str):
+    """``name``'s INFO lines off inside: the demo's own measuring loads the discs model again and again,
+    and each load would repeat the same note about the model's x̂0 clipping on the console."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

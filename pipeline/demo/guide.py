@@ -23,7 +23,8 @@ def guide_runs(base: str, cfg_dir: Path, overrides: list[str], count: int, out) 
 
     started = time.time()
     runs = {}
-    for name, extra in (("unguided", ["guide.langevin_steps=0"]), ("guided", [])):
+    # unguided: no Langevin step, and λ 0 to say so (λ alone would be warned about as never applied)
+    for name, extra in (("unguided", ["guide.langevin_steps=0", "guide.weight=0"]), ("guided", [])):
         cfg = load_config(cfg_dir / "guide.yaml", [f"output.uri={base}/guide/{name}", f"guide.count={count}",
                                                    *overrides, *extra])
         runs[name] = {"cfg": cfg, "summary": run_quietly(cfg, "guide", overwrite=True, out=out)}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.demo.common import TARGETS, fmt, label_counts, met_word, read_images
+from pipeline.demo.common import TARGETS, fmt, label_counts, met_word, quiet_logger, read_images
 
 # OOD domains: name → (title, aligned). The paper's own domains (AFHQ, CelebA-HQ, LSUN) are
 # aligned or centred, so the aligned row is the main one; the unaligned row documents the limit
@@ -99,7 +99,8 @@ def reconstruction_gate(cfg, inputs: np.ndarray, batch: int = 64) -> dict:
     from pipeline.stages.base import load_model
     from pipeline.stages.tensors import to_model_range, to_uint8
 
-    den = load_model(cfg.source, cfg.runtime.dtype, cfg.sampler.clip_x0)  # as the OOD stages load it
+    with quiet_logger("pipeline.diffusion.denoiser"):
+        den = load_model(cfg.source, cfg.runtime.dtype, cfg.sampler.clip_x0)  # as the OOD stages load it
     grid = ood_grid(den.schedule, cfg.ood.t0, cfg.ood.inversion_steps)
     cond = {"condition": cfg.source.condition, "guidance_scale": cfg.source.guidance_scale}
     decoded = []

@@ -24,6 +24,11 @@ def show_traces(on: bool) -> None:
     _show_traces = on
 
 
+def verbose() -> bool:
+    """``--verbose`` was given."""
+    return _show_traces
+
+
 def init_ray() -> None:
     """Connect to $RAY_ADDRESS (a cluster), or start a local Ray (also when it says ``local``)."""
     import ray
