@@ -13,8 +13,12 @@ Read, for a shard S of an output:
 
 Written under ``gallery/<S>/``: ``thumbs/<index>.webp`` (the output), ``<index>.in.webp`` (its input),
 ``<index>.<n>.webp`` (its n-th further image) — named by the sample's position, never by its key, which
-is the user's data — then the grid pages, ``gallery.page_size`` samples each, and the reject pages. A
-shard done again starts from an empty folder, so no page of an earlier, longer shard is left behind.
+is the user's data — then the grid pages, ``gallery.page_size`` samples each: the shard in input order,
+and again in the order of each score it has, lowest and highest first (``by-<score>-asc.html`` …: only
+the HTML again, the same thumbnails); and the reject pages. A shard done again starts from an empty
+folder, so no page of an earlier, longer shard is left behind.
+
+``gallery/index.html`` (``write_index``) lists the shards, ``INDEX_ROWS`` a page (index-2.html …).
 """
 
 from __future__ import annotations
@@ -26,15 +30,19 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 
 from pipeline.data.gallery_pages import (
+    INDEX_ROWS,
     Card,
     Picture,
     grid_page,
+    in_order,
     index_page,
     link,
+    orders,
     page_count,
     page_file,
     rejects_page,
     shard_folder,
+    shard_scores,
 )
 from pipeline.data.images import IMAGE_EXTENSIONS, RejectedImage, decode_image
 from pipeline.data.output_kinds import PROVENANCE_MEMBER
@@ -255,20 +263,30 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
     lines += [{**p, "source": "gallery", "index": ""} for p in problems]
     reject_pages = page_count(len(lines), page_size) if lines else 0
     settings, settings_from = shared_settings(shard, samples)
+    cards: list[Card] = []
     with ThreadPoolExecutor(WRITERS) as pool:
         def write(files: dict[str, bytes]) -> None:
             list(pool.map(lambda item: store.put(store.path(FOLDER, folder, *item[0].split("/")), item[1]),
                           files.items()))
 
-        for page in range(1, pages + 1):
-            thumbs, cards = _Thumbs(thumb_size, thumb_quality, max_pixels), []
+        for page in range(1, pages + 1):  # the thumbnails, a page's at a time
+            thumbs = _Thumbs(thumb_size, thumb_quality, max_pixels)
             for index in range((page - 1) * page_size, min(len(samples), page * page_size)):
                 key, members = samples[index]
                 given = (inputs.get(key), missing_input) if paired else None
                 cards.append(make_card(thumbs, index, key, members, given, scored.get(key, {}), settings))
             write({f"thumbs/{name}": data for name, data in thumbs.files.items()})
-            write({page_file(page): grid_page(shard, cards, page, pages, len(samples), len(lines),
-                                              settings).encode()})
+        scores = shard_scores(cards)
+        for order in orders(scores):  # the grid pages: the whole shard in each order, WRITERS pages at once
+            arranged, files = in_order(cards, order), {}
+            for page in range(1, pages + 1):
+                start = (page - 1) * page_size
+                files[page_file(page, order.stem)] = grid_page(
+                    shard, arranged[start: start + page_size], page, pages, len(samples), len(lines), settings,
+                    scores=scores, order=order, start=start).encode()
+                if len(files) == WRITERS or page == pages:
+                    write(files)
+                    files = {}
         for page in range(1, reject_pages + 1):
             chunk = lines[(page - 1) * page_size: page * page_size]
             write({page_file(page, "rejects"): rejects_page(shard, chunk, page, reject_pages, len(lines)).encode()})
@@ -279,6 +297,7 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
             "rejects": {source: len(v) for source, v in rejects.items()}, "problems": len(problems),
             "reject_pages": reject_pages,
             "paired": sum(1 for key, _ in samples if key in inputs) if paired else None,
+            "orders": [o.stem for o in orders(scores)],
             "scored": len(clip), "mean_clip_score": round(sum(clip) / len(clip), 4) if clip else None,
             "mean_directional": round(sum(directional) / len(directional), 4) if directional else None,
             "settings": settings, "settings_from": settings_from}, [key for key, _ in samples]
@@ -287,15 +306,22 @@ def build_shard(store: OutputStore, shard: str, input_uri: str | None, input_opt
 # ---- the front page ----------------------------------------------------------------------------------
 
 
-def write_index(store: OutputStore, output: str, shards: list[dict], run_record: dict | None) -> str:
-    """``gallery/index.html`` from the shards' summaries (``build_shard``; ``{"shard": …, "missing": True}``
-    for a shard not shown yet), the run's settings from the first shard that has them. Returns its path."""
+def write_index(store: OutputStore, output: str, shards: list[dict], run_record: dict | None,
+                per_page: int = INDEX_ROWS) -> str:
+    """``gallery/index.html`` (and index-2.html … : ``per_page`` shards a page) from the shards' summaries
+    (``build_shard``; ``{"shard": …, "missing": True}`` for a shard not shown yet), the run's settings from
+    the first shard that has them; the pages of an earlier, longer index removed. Returns the first's path."""
     first = next((s for s in shards if s.get("settings")), None)
-    page = index_page(output, shards, first["settings"] if first else None, first["settings_from"] if first else "",
-                      run_record)
-    path = store.path(FOLDER, "index.html")
-    store.put(path, page.encode())
-    return path
+    pages = page_count(len(shards), per_page)
+    with ThreadPoolExecutor(WRITERS) as pool:
+        list(pool.map(lambda page: store.put(store.path(FOLDER, page_file(page, "index")), index_page(
+            output, shards, first["settings"] if first else None, first["settings_from"] if first else "",
+            run_record, page, per_page).encode()), range(1, pages + 1)))
+    stale = pages + 1  # an earlier index's pages were index-2.html … index-<n>.html, with no gap
+    while store.exists(store.path(FOLDER, page_file(stale, "index"))):
+        store.remove(store.path(FOLDER, page_file(stale, "index")))
+        stale += 1
+    return store.path(FOLDER, page_file(1, "index"))
 
 
 def summary_path(control: OutputStore, shard: str) -> str:

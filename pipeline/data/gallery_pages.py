@@ -1,18 +1,21 @@
 """The gallery's pages (`latentshift gallery`, docs/gallery.md): static HTML, relative links only, every
-value that comes from the data escaped.
+value that comes from the data escaped, no script.
 
-  index.html                          the run: its settings, one row per shard (samples, rejects, means)
-  <shard>/index.html, page-<k>.html   a grid of samples: input | output | further images, with key and
-                                      scores (hover), provenance and carried text (click); sorted in the
-                                      page by its menu or ``?sort=<score>`` (``sort_options``)
+  index.html, index-<k>.html          the run: its settings, one row per shard (samples, rejects, means),
+                                      ``INDEX_ROWS`` shards a page
+  <shard>/index.html, page-<k>.html   a grid of samples in input order: input | output | further images,
+                                      with key and scores (hover), provenance and carried text (click)
+  <shard>/by-<score>-asc.html, by-<score>-asc-<k>.html, by-<score>-desc…
+                                      the same samples, the whole shard in the order of one of its scores
+                                      (lowest or highest first; ``orders``, ``in_order``): only the HTML is
+                                      written again, the pages show the same thumbnails
   <shard>/rejects.html, rejects-<k>.html   the shard's rejects and their reasons
   <shard>/thumbs/…webp                the thumbnails (pipeline/data/gallery.py writes them)
 
-Escaping: text and attribute values go through ``html.escape``; the one JSON a page embeds for its
-script (``script_json``) has ``<``, ``>`` and ``&`` written as ``\\u`` escapes, so no value (a key, a
-prompt holding ``</script>``) can end the script element or open a tag. Links are relative, each path
-segment percent-encoded (``link``), so the pages work from a local folder, from an object-store prefix
-served as a static site, and under ``python -m http.server``; nothing is loaded from elsewhere.
+Escaping: text and attribute values go through ``html.escape``; file names are the module's own (a score's
+name from ``SCORES``, a page number), never the data's. Links are relative, each path segment
+percent-encoded (``link``), so the pages work from a local folder, from an object-store prefix served as a
+static site, and under ``python -m http.server``; nothing is loaded from elsewhere.
 """
 
 from __future__ import annotations
@@ -21,14 +24,17 @@ import hashlib
 import html
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
-# the measures a sample may have, in the order the pages show them; each sorts a page (best first)
+# the measures a sample may have, in the order the pages show them; each orders a shard's pages
 SCORES = ("clip_score", "directional", "psnr", "ssim")
 LABELS = {"clip_score": "CLIP score", "directional": "directional CLIP", "psnr": "PSNR (dB)", "ssim": "SSIM"}
 PAGER_REACH = 4  # a pager links the first, the last and this many pages either side of the current one
-RESERVED = ("", ".", "..", "index.html")  # shard names that cannot name a folder beside index.html
+INDEX_ROWS = 200  # shards a page of the gallery's index lists (a row is about 400 bytes)
+RESERVED = ("", ".", "..")  # shard names that cannot name a folder; and the index's pages, INDEX_FILE
+INDEX_FILE = re.compile(r"index(-[0-9]+)?\.html")
 
 
 @dataclass
@@ -68,33 +74,17 @@ def link(*parts: str) -> str:
 
 
 def shard_folder(shard: str) -> str:
-    """The shard's folder under gallery/: its name, or, for a name that cannot be one (``..``,
-    ``index.html``), a name derived from it."""
-    return shard if shard not in RESERVED else "shard-" + hashlib.sha256(shard.encode()).hexdigest()[:12]
-
-
-def _finite(obj):
-    """JSON-able for a browser's JSON.parse: NaN and ±inf become null."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def script_json(obj) -> str:
-    """JSON to embed in a ``<script type="application/json">``: ``<``, ``>``, ``&`` (and every non-ASCII
-    character, U+2028 included) as ``\\u`` escapes, which JSON.parse reads back unchanged; outside its
-    strings JSON has none of these characters, so ``</script>`` or ``<!--`` in a value stays a value."""
-    text = json.dumps(_finite(obj), sort_keys=True, ensure_ascii=True, allow_nan=False)
-    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
+    """The shard's folder under gallery/: its name, or, for a name that cannot be one (``..``, or the
+    name of one of the index's pages, ``index.html``, ``index-2.html`` …), a name derived from it."""
+    if shard not in RESERVED and not INDEX_FILE.fullmatch(shard):
+        return shard
+    return "shard-" + hashlib.sha256(shard.encode()).hexdigest()[:12]
 
 
 def page_file(page: int, stem: str = "page") -> str:
     """A shard's grid page ``page`` (from 1): its first is index.html, so the shard's folder opens on it;
-    the others page-<k>.html. Reject pages: rejects.html, rejects-<k>.html."""
+    the others page-<k>.html. Other stems: <stem>.html, <stem>-<k>.html (the reject pages, rejects.html …;
+    a score's order, by-clip_score-asc.html …; the gallery's index, index.html, index-2.html …)."""
     if page == 1:
         return "index.html" if stem == "page" else f"{stem}.html"
     return f"{stem}-{page}.html"
@@ -128,82 +118,92 @@ font-size:11px;color:#a00;background:#f4f4f4;overflow:hidden}
 """
 
 
-def _document(title: str, body: str, script: str = "") -> str:
+def _document(title: str, body: str) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             "<link rel=\"icon\" href=\"data:,\">"  # no favicon request (a 404 in a served folder's log)
-            f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n{script}</body></html>\n")
+            f"<title>{esc(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
 
 
 def _pager(current: int, total: int, stem: str) -> str:
-    """Links to the pages around ``current``: a page holds at most 2·PAGER_REACH + 3 of them, however many
-    pages the shard has."""
+    """Links to the previous and the next page and to the pages around ``current``: a page holds at most
+    2·PAGER_REACH + 4 of them, however many pages there are."""
     if total == 1:
         return ""
     shown = sorted({1, total, *range(max(1, current - PAGER_REACH), min(total, current + PAGER_REACH) + 1)})
     out, last = [], 0
+    if current > 1:
+        out.append(f'<a class="page-link" rel="prev" href="{page_file(current - 1, stem)}">‹ prev</a>')
     for k in shown:
         if k > last + 1:
             out.append("<span>…</span>")
         out.append(f"<strong>{k}</strong>" if k == current else f'<a class="page-link" href="{page_file(k, stem)}">{k}</a>')
         last = k
+    if current < total:
+        out.append(f'<a class="page-link" rel="next" href="{page_file(current + 1, stem)}">next ›</a>')
     return f"<nav>page {' '.join(out)}</nav>"
 
 
 # ---- a shard's grid ------------------------------------------------------------------------------
 
 
-def sort_options(fields: list[str]) -> list[tuple[str, str]]:
-    """The page's orders, (value, label): input order, key, then each measure the page has, best first
-    (``clip_score``) and worst first (``clip_score.asc``). ``?sort=<value>`` picks one."""
-    options = [("index", "input order"), ("key", "key")]
-    for f in fields:
-        options += [(f, f"{LABELS[f]}, highest first"), (f"{f}.asc", f"{LABELS[f]}, lowest first")]
-    return options
+@dataclass(frozen=True)
+class Order:
+    """One order of a shard's samples, written as its own set of pages: ``stem`` names their files
+    (``page_file``), ``score`` the measure it sorts by (None: the input order)."""
+
+    stem: str
+    label: str
+    score: str | None = None
+    ascending: bool = True
 
 
-SORT_SCRIPT = """
-(function () {
-  var data = JSON.parse(document.getElementById("gallery-data").textContent);
-  var grid = document.getElementById("grid"), menu = document.getElementById("sort");
-  function known(spec) {
-    return Array.prototype.some.call(menu.options, function (o) { return o.value === spec; });
-  }
-  function sortBy(spec) {
-    if (!known(spec)) return false;
-    var name = spec.split(".")[0], asc = name === "index" || name === "key" || /\\.asc$/.test(spec);
-    function value(card) {
-      var v = data.samples[+card.getAttribute("data-i")][name];
-      return v === undefined ? null : v;
-    }
-    var cards = Array.prototype.slice.call(grid.querySelectorAll(".card"));
-    cards.sort(function (a, b) {
-      var x = value(a), y = value(b);
-      if (x === null || y === null) {
-        if (x !== y) return x === null ? 1 : -1;  /* unmeasured last, in either direction */
-      } else if (x < y) {
-        return asc ? -1 : 1;
-      } else if (x > y) {
-        return asc ? 1 : -1;
-      }
-      return (+a.getAttribute("data-i")) - (+b.getAttribute("data-i"));
-    });
-    cards.forEach(function (c) { grid.appendChild(c); });
-    menu.value = spec;
-    Array.prototype.forEach.call(document.querySelectorAll("a.page-link"), function (a) {
-      a.setAttribute("href", a.getAttribute("href").split("?")[0] +
-                     (spec === "index" ? "" : "?sort=" + encodeURIComponent(spec)));
-    });
-    return true;
-  }
-  var wanted = new URLSearchParams(window.location.search).get("sort");
-  if (wanted) sortBy(wanted);
-  menu.addEventListener("change", function () {
-    sortBy(menu.value);
-    try { history.replaceState(null, "", "?sort=" + encodeURIComponent(menu.value)); } catch (e) { /* file: */ }
-  });
-})();
-"""
+INPUT_ORDER = Order("page", "input order")
+
+
+def orders(scores: list[str]) -> list[Order]:
+    """The orders of a shard that has ``scores`` (of SCORES): input order, then each score lowest first
+    (the worst samples of the whole shard on the first page) and highest first."""
+    out = [INPUT_ORDER]
+    for s in scores:
+        out += [Order(f"by-{s}-asc", f"{LABELS[s]}, lowest first", s, True),
+                Order(f"by-{s}-desc", f"{LABELS[s]}, highest first", s, False)]
+    return out
+
+
+def measured(card: Card, score: str) -> float | None:
+    """The card's value of ``score``, None where it has none (or NaN, ±inf: not a value to order by)."""
+    value = card.scores.get(score)
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def shard_scores(cards: list[Card]) -> list[str]:
+    """The SCORES at least one of ``cards`` has a value of, in SCORES' order."""
+    return [s for s in SCORES if any(measured(c, s) is not None for c in cards)]
+
+
+def in_order(cards: list[Card], order: Order) -> list[Card]:
+    """``cards`` (a shard's, in input order) in ``order``: by its score, lowest or highest first, equal
+    values in input order; the cards without that score last, in input order."""
+    if order.score is None:
+        return sorted(cards, key=lambda c: c.index)
+    sign = 1 if order.ascending else -1
+    scored = [c for c in cards if measured(c, order.score) is not None]
+    scored.sort(key=lambda c: (sign * measured(c, order.score), c.index))
+    return scored + sorted((c for c in cards if measured(c, order.score) is None), key=lambda c: c.index)
+
+
+def _order_menu(current: Order, scores: list[str]) -> str:
+    """Links to the first page of each of the shard's orders; the current one is plain text."""
+    def one(o: Order, text: str) -> str:
+        return f"<strong>{esc(text)}</strong>" if o == current else \
+            f'<a class="order-link" href="{page_file(1, o.stem)}">{esc(text)}</a>'
+
+    all_orders = orders(scores)
+    parts = [one(all_orders[0], all_orders[0].label)]
+    for asc, desc in zip(all_orders[1::2], all_orders[2::2], strict=True):
+        parts.append(f"{esc(LABELS[asc.score])}: {one(asc, 'lowest first')} {one(desc, 'highest first')}")
+    return f'<nav class="orders">order: {" · ".join(parts)}</nav>'
 
 
 def _picture(p: Picture) -> str:
@@ -215,7 +215,7 @@ def _picture(p: Picture) -> str:
     return f'<div class="pic">{inner}<span>{esc(p.label)}</span></div>'
 
 
-def _card(position: int, c: Card) -> str:
+def _card(c: Card) -> str:
     shown = [f"{LABELS[s]} {number(s, c.scores[s])}" for s in SCORES if s in c.scores]
     hover = "\n".join([f"key: {c.key}", f"index: {c.index}", *shown])
     more = []
@@ -223,7 +223,7 @@ def _card(position: int, c: Card) -> str:
         more.append(f"<details><summary>provenance</summary><pre>{esc(record_text(c.provenance))}</pre></details>")
     for ext, text in c.texts.items():
         more.append(f"<details><summary>{esc(ext)}</summary><pre>{esc(text)}</pre></details>")
-    return (f'<figure class="card" data-i="{position}" title="{esc(hover)}">'
+    return (f'<figure class="card" data-i="{c.index}" title="{esc(hover)}">'
             f'<div class="pics">{"".join(_picture(p) for p in c.pictures)}</div>'
             f'<figcaption><code class="key">{esc(c.key)}</code> <span class="scores">{esc(" · ".join(shown))}</span>'
             f'{"".join(more)}</figcaption></figure>')
@@ -239,30 +239,31 @@ def record_text(record: object) -> str:
 
 
 def grid_page(shard: str, cards: list[Card], page: int, pages: int, samples: int, rejects: int,
-              settings: dict | None = None) -> str:
-    """One page of a shard's grid: ``cards`` (at most ``gallery.page_size``), in input order until sorted.
-    ``settings``: what the provenance of every sample of the shard records alike (the run's settings),
-    shown once at the top; each card shows the rest of its sample's record."""
-    fields = [s for s in SCORES if any(s in c.scores for c in cards)]
-    menu = "".join(f'<option value="{v}">{esc(label)}</option>' for v, label in sort_options(fields))
-    first = (cards[0].index + 1) if cards else 0
-    span = f"samples {first}–{cards[-1].index + 1} of {samples}" if cards else "no sample"
+              settings: dict | None = None, *, scores: list[str] | None = None, order: Order = INPUT_ORDER,
+              start: int | None = None) -> str:
+    """One page of a shard's grid: ``cards`` (at most ``gallery.page_size``), the ``page``-th of ``pages``
+    of the shard in ``order`` (its files: ``page_file(k, order.stem)``), ``start`` the position of its first
+    card in that order (None: in input order, its index). ``scores``: the shard's scores (``shard_scores``
+    of all its cards; None: of these), whose orders the page links to. ``settings``: what the provenance
+    of every sample of the shard records alike (the run's settings), shown once at the top; each card
+    shows the rest of its sample's record."""
+    scores = shard_scores(cards) if scores is None else scores
+    start = (cards[0].index if cards else 0) if start is None else start
+    span = f"samples {start + 1}–{start + len(cards)} of {samples}" if cards else "no sample"
+    if order.score is not None:
+        span += f" by {esc(order.label)}"
     rejected = f' · <a href="{page_file(1, "rejects")}">{rejects} reject(s)</a>' if rejects else ""
-    pager = _pager(page, pages, "page")
+    pager = _pager(page, pages, order.stem)
     body = (f'<header><a href="{link("..", "index.html")}">all shards</a>'
             f"<h1>shard <code>{esc(shard)}</code></h1>"
             f"<p>{span} · page {page} of {pages}{rejected}</p>"
             + (f"<details><summary>settings (every sample's provenance holds them)</summary>"
                f"<pre>{esc(record_text(settings))}</pre></details>" if settings else "") +
-            f'<label>order <select id="sort">{menu}</select></label>{pager}</header>\n'
-            f'<main id="grid" class="grid">\n' + "\n".join(_card(i, c) for i, c in enumerate(cards)) +
+            f"{_order_menu(order, scores)}{pager}</header>\n"
+            '<main id="grid" class="grid">\n' + "\n".join(_card(c) for c in cards) +
             f"\n</main>\n{pager}")
-    data = {"shard": shard, "sorts": fields,
-            "samples": [{"index": c.index, "key": c.key, **{s: c.scores[s] for s in fields if s in c.scores}}
-                        for c in cards]}
-    script = (f'<script type="application/json" id="gallery-data">{script_json(data)}</script>\n'
-              f"<script>{SORT_SCRIPT}</script>\n")
-    return _document(f"{shard} · page {page}", body, script)
+    title = f"{shard} · page {page}" + (f" · {order.label}" if order.score is not None else "")
+    return _document(title, body)
 
 
 # ---- a shard's rejects ---------------------------------------------------------------------------
@@ -297,13 +298,17 @@ def _table(record: dict) -> str:
 
 
 def index_page(output: str, shards: list[dict], settings: dict | None, settings_from: str,
-               run_record: dict | None) -> str:
-    """The gallery's front page. ``shards``: one summary per shard (``pipeline/data/gallery.py``
-    ``build_shard``); one with ``"missing": True`` is a committed shard the gallery has not shown yet.
-    ``settings``: the run's settings as a sample's provenance records them (``settings_from`` names the
-    sample); ``run_record``: the latest run record of the output."""
+               run_record: dict | None, page: int = 1, per_page: int = INDEX_ROWS) -> str:
+    """Page ``page`` of the gallery's index (``page_file(page, "index")``: index.html, index-2.html …):
+    the rows of ``per_page`` of ``shards``, the counts of all of them, links to the pages around it.
+    ``shards``: one summary per shard (``pipeline/data/gallery.py`` ``build_shard``); one with
+    ``"missing": True`` is a committed shard the gallery has not shown yet. ``settings``: the run's
+    settings as a sample's provenance records them (``settings_from`` names the sample); ``run_record``:
+    the latest run record of the output; both on the first page only."""
+    pages = page_count(len(shards), per_page)
+    chunk = shards[(page - 1) * per_page: page * per_page]
     rows = []
-    for s in shards:
+    for s in chunk:
         name = s["shard"]
         if s.get("missing"):
             rows.append(f"<tr><td><code>{esc(name)}</code></td><td colspan=\"6\">not in the gallery yet: "
@@ -320,14 +325,19 @@ def index_page(output: str, shards: list[dict], settings: dict | None, settings_
                     f'<td class="n">{int(s.get("scored", 0))}</td></tr>')
     shown = [s for s in shards if not s.get("missing")]
     total = sum(int(s.get("samples", 0)) for s in shown)
+    first = (page - 1) * per_page
+    listed = f"shards {first + 1}–{first + len(chunk)} of {len(shards)} · page {page} of {pages}" if pages > 1 else ""
+    pager = _pager(page, pages, "index")
     body = [f"<h1>gallery of <code>{esc(output)}</code></h1>",
             f"<p>{len(shown)} shard(s), {total} sample(s)"
             + (f"; {len(shards) - len(shown)} shard(s) not shown yet" if len(shown) < len(shards) else "") + "</p>",
-            "<h2>shards</h2><table><tr><th>shard</th><th>samples</th><th>pages</th><th>rejects</th>"
-            "<th>mean CLIP score</th><th>mean directional CLIP</th><th>scored</th></tr>" + "".join(rows) + "</table>"]
-    if settings:
+            f"<h2>shards</h2>{f'<p>{listed}</p>' if listed else ''}{pager}"
+            "<table><tr><th>shard</th><th>samples</th><th>pages</th><th>rejects</th>"
+            "<th>mean CLIP score</th><th>mean directional CLIP</th><th>scored</th></tr>" + "".join(rows) + "</table>"
+            + pager]
+    if page == 1 and settings:
         body.append(f"<h2>settings</h2><p>as the provenance of <code>{esc(settings_from)}</code> records them</p>"
                     + _table(settings))
-    if run_record:
+    if page == 1 and run_record:
         body.append("<h2>latest run</h2>" + _table({k: v for k, v in run_record.items() if not isinstance(v, dict)}))
-    return _document(f"gallery of {output}", "\n".join(body))
+    return _document(f"gallery of {output}" + (f" · page {page}" if page > 1 else ""), "\n".join(body))

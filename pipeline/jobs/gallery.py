@@ -3,11 +3,12 @@
   units    the output's committed shards (a ``_ledger/<shard>.json`` record; a shard whose every sample
            was rejected too: its page lists the rejects)
   build    one CPU task per shard (pipeline/stages/gallery.py): its thumbnails and pages under
-           ``gallery/<shard>/``, committed by the ledger's rules under ``<output>/_gallery/``: a re-run
+           ``gallery/<shard>/`` (in input order and in the order of each of its scores), committed by the ledger's rules under ``<output>/_gallery/``: a re-run
            skips the shards it showed
   prepare  a shard shown before its images (translate --overwrite) or its scores (a later `latentshift
            score`) were committed again, or with another ``gallery`` section, is shown again
-  finish   ``gallery/index.html``: every committed shard, with the run's settings
+  finish   ``gallery/index.html``: every committed shard, with the run's settings (a page of 200 shards:
+           index-2.html … the next)
 
 With ``output.gallery: true`` translate, edit, search, guide and ood sample run this job over their output
 at the end of each run, once their run record is written (``AFTER_RUN``): a run of its own, which shows
@@ -108,7 +109,8 @@ def build(run, shards):
 
 
 def finish(run) -> None:
-    """``gallery/index.html``: every committed shard of the output, those not shown yet marked so."""
+    """``gallery/index.html`` (index-2.html … : ``INDEX_ROWS`` shards a page): every committed shard of the
+    output, those not shown yet marked so."""
     from pipeline.data.gallery import summary_path, write_index
 
     cfg, store = run.cfg, run.store

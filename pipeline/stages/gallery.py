@@ -13,10 +13,14 @@ from pipeline.data.ledger import ShardLedger
 from pipeline.data.outputs import OutputStore
 from pipeline.data.rows import RowBuffer, RowKind
 
+# the pages' own layout: raised when what build_shard writes of a shard changes (2: the shard in the
+# order of each score, by-<score>-asc.html …), so that the shards shown before are shown again
+LAYOUT_VERSION = 2
+
 
 def layout(gallery: GalleryConfig) -> dict:
     """What a shard's pages depend on besides its data (kept in its summary): a change redoes them."""
-    return gallery.model_dump(mode="json")
+    return {**gallery.model_dump(mode="json"), "layout_version": LAYOUT_VERSION}
 
 
 def gallery_shards(batch: dict, output_uri: str, output_options: dict, inputs: dict[str, str] | None,

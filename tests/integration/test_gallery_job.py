@@ -33,6 +33,12 @@ def config(bucket, endpoint, **gallery) -> dict:
             "gallery": {"page_size": 4, "thumb_size": 24, **gallery}}
 
 
+def by_score(shard: str, pages: int, scores=("clip_score", "directional", "psnr", "ssim")) -> set[str]:
+    """A shard's pages in the order of each of its scores, lowest and highest first."""
+    return {f"{shard}/by-{s}-{d}{'' if k == 1 else f'-{k}'}.html" for s in scores for d in ("asc", "desc")
+            for k in range(1, pages + 1)}
+
+
 def files(s3, prefix: str) -> set[str]:
     return {p[len(prefix):] for p in s3.find(prefix)}
 
@@ -48,7 +54,7 @@ def test_gallery_of_a_committed_output_then_only_what_changed(ray_cluster, s3, s
     gallery = f"{bucket}/out/gallery/"
     thumbs = {f"s0/thumbs/{i:06d}{s}.webp" for i in range(6) for s in ("", ".in")} | {"s0/thumbs/000003.1.webp"}
     assert files(s3, gallery) == {"index.html", "s0/index.html", "s0/page-2.html", "s0/rejects.html",
-                                  "s1/index.html", "s1/rejects.html"} | thumbs
+                                  "s1/index.html", "s1/rejects.html"} | thumbs | by_score("s0", 2)
     for name in thumbs:
         with Image.open(io.BytesIO(s3.cat_file(gallery + name))) as im:
             assert im.format == "WEBP" and max(im.size) <= 24
@@ -64,7 +70,7 @@ def test_gallery_of_a_committed_output_then_only_what_changed(ray_cluster, s3, s
     assert second["shards_done"] == 0 and second["shards_skipped"] == 2 and second["redone"] == []
     assert second["images"] == 0
     assert files(s3, gallery) == {"index.html", "s0/index.html", "s0/page-2.html", "s0/rejects.html",
-                                  "s1/index.html", "s1/rejects.html"} | thumbs
+                                  "s1/index.html", "s1/rejects.html"} | thumbs | by_score("s0", 2)
 
     # s0 committed again (translate --overwrite): three samples now; it is shown again, s1 is not
     samples = [(k, {"png": _png(i)}) for i, k in enumerate(s0_keys()[:3])]
@@ -75,6 +81,8 @@ def test_gallery_of_a_committed_output_then_only_what_changed(ray_cluster, s3, s
     assert third["gallery_samples"] == 3 and third["images"] == 3
     now = files(s3, gallery)
     assert "s0/page-2.html" not in now and "s0/thumbs/000003.webp" not in now and "s1/index.html" in now
+    # its samples have CLIP scores (scores/s0.parquet) but no provenance now, so no PSNR or SSIM order
+    assert {p for p in now if p.startswith("s0/by-")} == by_score("s0", 1, ("clip_score", "directional"))
 
     # another layout (gallery.page_size): every shard shown again
     fourth = run_job(validate(config(bucket, s3_server, page_size=2)), "gallery")

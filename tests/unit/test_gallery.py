@@ -1,11 +1,11 @@
 """The gallery's pages (pipeline/data/gallery_pages.py) and one shard's build (pipeline/data/gallery.py) on a
-local output, without Ray: escaping of hostile keys and prompts, paging, thumbnails of bounded size,
-relative links that resolve, and the wiring of ``output.gallery``. The job end to end (Ray, S3, re-runs)
+local output, without Ray: escaping of hostile keys and prompts, paging, thumbnails of bounded size, the
+whole shard in each score's order, the index's pages, relative links that resolve, and the wiring of
+``output.gallery``. The job end to end (Ray, S3, re-runs)
 is tests/integration/test_gallery_job.py; a real browser on its pages, test_gallery_browser.py."""
 
 from __future__ import annotations
 
-import json
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -17,14 +17,16 @@ from PIL import Image
 from pipeline.config import GalleryConfig, validate
 from pipeline.data.gallery import build_shard, write_index
 from pipeline.data.gallery_pages import (
+    INPUT_ORDER,
     PAGER_REACH,
     Card,
     Picture,
     grid_page,
+    in_order,
     link,
+    orders,
     page_count,
     page_file,
-    script_json,
     shard_folder,
 )
 from pipeline.data.outputs import OutputStore
@@ -74,26 +76,19 @@ def hostile_card(index: int = 0) -> Card:
 
 
 def test_a_hostile_key_and_prompt_render_as_text():
-    page = Page(grid_page("s</script>0", [hostile_card()], 1, 1, 1, 0))
-    # the elements are the page's own: one img (the input thumbnail), two scripts (data, sort), no injected ones
+    page = Page(grid_page("s</script>0", [hostile_card()], 1, 1, 1, 0, order=orders(["clip_score"])[1]))
+    # the elements are the page's own: one img (the input thumbnail), no script at all, no injected element
     assert [a.get("alt") for a in page.all("img")] == ["input"]
     assert all("onerror" not in a and "onload" not in a for _, a in page.tags)
-    assert len(page.all("script")) == 2 and not page.all("b") and not page.all("svg")
+    assert not page.all("script") and not page.all("b") and not page.all("svg")
     text = "".join(page.text)
-    assert HOSTILE_KEY in text and HOSTILE_PROMPT in text
+    assert HOSTILE_KEY in text and HOSTILE_PROMPT in text and "s</script>0" in text
     assert "</script><script>alert(6)</script>" in text and "cannot decode <svg onload=alert(5)>" in text
     # the hover text holds the key as an attribute value, not markup
-    assert HOSTILE_KEY in page.all("figure")[0]["title"]
-    # the embedded JSON is one script's whole text and reads back to the values
-    data = json.loads(page.scripts[0])
-    assert data["shard"] == "s</script>0" and data["samples"] == [{"index": 0, "key": HOSTILE_KEY, "clip_score": 0.25}]
-
-
-def test_script_json_cannot_end_its_script_and_reads_back():
-    value = {"k": "</script><!-- <script>", "amp": "a&b", "line": "x\u2028y", "nan": float("nan"), "inf": float("inf")}
-    text = script_json(value)
-    assert not re.search(r"[<>&\u2028]", text)
-    assert json.loads(text) == {**value, "nan": None, "inf": None}
+    assert HOSTILE_KEY in page.all("figure")[0]["title"] and "CLIP score 0.2500" in page.all("figure")[0]["title"]
+    # the order menu: the page's order as text, the others links to their first page (our names, not the data's)
+    assert [a["href"] for a in page.all("a") if a.get("class") == "order-link"] == ["index.html",
+                                                                                  "by-clip_score-desc.html"]
 
 
 def test_links_are_relative_and_percent_encoded():
@@ -111,8 +106,10 @@ def test_paging_bounds_a_page_and_its_pager():
     cards = [Card(500 + i, f"k{i}", [Picture("output", note="x")]) for i in range(3)]
     page = Page(grid_page("s", cards, 51, 1000, 10_000, 0))
     pager = [a["href"] for a in page.all("a") if a.get("class") == "page-link"]
-    # one pager above and one below the grid, each the first and last page and the reach around page 51
-    assert len(pager) == 2 * (2 + 2 * PAGER_REACH)
+    # one pager above and one below the grid, each: previous, next, the first and last page and the reach
+    # around page 51
+    assert len(pager) == 2 * (2 + 2 + 2 * PAGER_REACH)
+    assert [a["href"] for a in page.all("a") if a.get("rel") in ("prev", "next")] == ["page-50.html", "page-52.html"] * 2
     assert "index.html" in pager and "page-1000.html" in pager and "page-47.html" in pager and "page-56.html" not in pager
     assert "samples 501–503 of 10000" in "".join(page.text)
 
@@ -140,7 +137,11 @@ def test_a_shard_is_pages_of_bounded_thumbnails_with_scores_and_rejects(output):
     assert summary["rejects"] == {"job": 1, "score": 1} and summary["scored"] == 5
     assert summary["mean_clip_score"] == pytest.approx(sum(CLIP) / 5, abs=1e-4)
     assert summary["settings"]["target_condition"] == HOSTILE_PROMPT and "key" not in summary["settings"]
-    assert sorted(p.name for p in root.glob("*.html")) == ["index.html", "page-2.html", "rejects.html"]
+    assert summary["orders"] == ["page", *(f"by-{s}-{d}" for s in ("clip_score", "directional", "psnr", "ssim")
+                                           for d in ("asc", "desc"))]
+    assert sorted(p.name for p in root.glob("*.html") if not p.name.startswith("by-")) == [
+        "index.html", "page-2.html", "rejects.html"]
+    assert len(list(root.glob("by-*.html"))) == 8 * 2  # each score's two orders, of 2 pages each
     first, second = (Page((root / f).read_text()) for f in ("index.html", "page-2.html"))
     assert len(first.all("figure")) == 4 and len(second.all("figure")) == 2
     # input | output per sample, and the further image of sample 3: 4·2 + 1 on page 1, 2·2 on page 2
@@ -155,11 +156,10 @@ def test_a_shard_is_pages_of_bounded_thumbnails_with_scores_and_rejects(output):
     # the run's settings once at the top (the hostile prompt as text), each card its sample's own fields
     assert text.count(HOSTILE_PROMPT) == 1 and "sample_seed: 8" in text and "source_model" not in text.split(
         "sample_seed: 7")[1]
-    assert not first.all("b") and not first.all("i") and len(first.all("script")) == 2
-    data = json.loads(first.scripts[0])
-    assert data["sorts"] == ["clip_score", "directional", "psnr", "ssim"]
-    assert [s.get("clip_score") for s in data["samples"]] == pytest.approx(CLIP[:4])
-    assert data["samples"][2]["psnr"] == 100.0  # a null PSNR: identical images, counted as the run's mean counts them
+    assert not first.all("b") and not first.all("i") and not first.all("script")
+    hover = [a["title"] for a in first.all("figure")]
+    assert [float(re.search(r"CLIP score ([0-9.]+)", h)[1]) for h in hover] == pytest.approx(CLIP[:4])
+    assert "PSNR (dB) 100.00" in hover[2]  # a null PSNR: identical images, counted as the run's mean counts them
     rejects = Page((root / "rejects.html").read_text())
     text = "".join(rejects.text)
     assert "cannot decode <svg onload=alert(4)>" in text and "bad</td><script>alert(3)</script>" in text
@@ -173,8 +173,9 @@ def test_a_shard_done_again_keeps_no_page_of_the_earlier_one(output):
     summary, _ = build(tmp_path, "s0", GalleryConfig(page_size=6, thumb_size=16), inputs=False)
     root = tmp_path / "out" / "gallery" / "s0"
     assert summary["pages"] == 1 and summary["paired"] is None
-    assert sorted(p.name for p in root.glob("*.html")) == ["index.html", "rejects.html"]
-    assert not list(root.glob("thumbs/*.in.webp"))  # no input column without input.uri
+    assert sorted(p.name for p in root.glob("*.html") if not p.name.startswith("by-")) == ["index.html",
+                                                                                          "rejects.html"]
+    assert not list(root.glob("by-*-2.html")) and not list(root.glob("thumbs/*.in.webp"))  # no input column without input.uri
     assert [a["alt"] for a in Page((root / "index.html").read_text()).all("img")][:2] == ["output", "output"]
 
 
@@ -191,9 +192,10 @@ def test_every_link_of_the_gallery_is_relative_and_resolves(output):
     store = OutputStore(str(tmp_path / "out"), {})
     shards = [build(tmp_path, s, GalleryConfig(page_size=4, thumb_size=24))[0] for s in ("s0", "s1")]
     write_index(store, "s3://bucket/out", shards + [{"shard": "s2", "missing": True}],
-                {"job": "translate", "run_id": "r1", "nested": {"x": 1}})
+                {"job": "translate", "run_id": "r1", "nested": {"x": 1}}, per_page=2)
     pages = sorted((tmp_path / "out" / "gallery").rglob("*.html"))
-    assert len(pages) == 6  # index; s0: 2 pages + rejects; s1: 1 page + rejects
+    # index: 2 pages; s0: 2 pages in each of its 9 orders + rejects; s1: 1 page (no score: input order) + rejects
+    assert len(pages) == 2 + 2 * 9 + 1 + 2
     for path in pages:
         for target in Page(path.read_text()).links():
             assert not target.startswith(("/", "http", "//")) and "://" not in target, (path, target)
@@ -202,9 +204,85 @@ def test_every_link_of_the_gallery_is_relative_and_resolves(output):
             assert (path.parent / target.split("?")[0]).resolve().is_file(), (path, target)
     index = Page((tmp_path / "out" / "gallery" / "index.html").read_text())
     text = "".join(index.text)
-    assert "s2" in text and "not in the gallery yet" in text and HOSTILE_PROMPT in text and "r1" in text
-    assert [a["href"] for a in index.all("a")] == ["s0/index.html", "s0/rejects.html", "s1/index.html",
-                                                   "s1/rejects.html"]
+    assert "s2" not in text and HOSTILE_PROMPT in text and "r1" in text  # s2's row: on page 2
+    pager = ["index-2.html", "index-2.html"]  # page 2, next: above the table and below it
+    assert [a["href"] for a in index.all("a")] == [*pager, "s0/index.html", "s0/rejects.html", "s1/index.html",
+                                                   "s1/rejects.html", *pager]
+    second = "".join(Page((tmp_path / "out" / "gallery" / "index-2.html").read_text()).text)
+    assert "s2" in second and "not in the gallery yet" in second and HOSTILE_PROMPT not in second
+
+
+def test_each_score_orders_the_whole_shard_across_its_pages(output):
+    tmp_path, _ = output
+    summary, _ = build(tmp_path, "s0", GalleryConfig(page_size=2, thumb_size=16))
+    root = tmp_path / "out" / "gallery" / "s0"
+
+    def pages(stem: str) -> list[Page]:
+        return [Page((root / page_file(k, stem)).read_text()) for k in range(1, summary["pages"] + 1)]
+
+    def order(stem: str) -> list[list[int]]:  # the samples (their index in the shard) of each page of an order
+        return [[int(f["data-i"]) for f in page.all("figure")] for page in pages(stem)]
+
+    # CLIP score by index: 0.20 0.35 0.10 0.30 0.25, sample 5 unscored; in input order 2 a page: [0 1] [2 3] [4 5]
+    assert order("page") == [[0, 1], [2, 3], [4, 5]]
+    assert order("by-clip_score-asc") == [[2, 0], [4, 3], [1, 5]]  # the shard's lowest first, from pages 1 and 2
+    assert order("by-clip_score-desc") == [[1, 3], [4, 0], [2, 5]]  # the unscored last in either direction
+    assert order("by-directional-asc") == order("by-clip_score-asc")  # directional: CLIP score / 2
+    assert order("by-psnr-asc") == [[0, 1], [3, 4], [5, 2]]  # 20 + index; sample 2's null PSNR is 100 dB
+    assert order("by-ssim-desc") == order("page")  # SSIM 0.5 for all: equal values in input order
+    first = pages("by-clip_score-asc")[0]
+    assert "samples 1–2 of 6 by CLIP score, lowest first · page 1 of 3" in "".join(first.text)
+    # the same thumbnails as the input order's pages: only the HTML is written again
+    srcs = {stem: sorted(a["src"] for p in pages(stem) for a in p.all("img")) for stem in summary["orders"]}
+    assert all(v == srcs["page"] for v in srcs.values()) and len(list(root.glob("thumbs/*"))) == len(srcs["page"])
+    # every page links to the first page of each order, its own as text, and pages within its own order
+    for stem in summary["orders"]:
+        for k, page in enumerate(pages(stem), start=1):
+            menu = [a["href"] for a in page.all("a") if a.get("class") == "order-link"]
+            assert menu == [page_file(1, o) for o in summary["orders"] if o != stem]
+            pager = {a["href"] for a in page.all("a") if a.get("class") == "page-link"}
+            assert pager == {page_file(n, stem) for n in range(1, 4) if n != k}
+            for target in menu + sorted(pager):
+                assert (root / target).is_file() and "/" not in target
+
+
+def test_an_order_puts_equal_values_in_input_order_and_the_unmeasured_last():
+    values = [0.5, None, 0.1, float("nan"), 0.5, 0.1]
+    cards = [Card(i, f"k{i}", [], scores={} if v is None else {"clip_score": v}) for i, v in enumerate(values)]
+    assert [o.stem for o in orders(["clip_score"])] == ["page", "by-clip_score-asc", "by-clip_score-desc"]
+    lowest, highest = orders(["clip_score"])[1:]
+    assert [c.index for c in in_order(cards, lowest)] == [2, 5, 0, 4, 1, 3]
+    assert [c.index for c in in_order(cards, highest)] == [0, 4, 2, 5, 1, 3]
+    assert [c.index for c in in_order(cards[::-1], INPUT_ORDER)] == list(range(6))
+
+
+def test_the_index_is_paged_with_links_between_its_pages(tmp_path):
+    store = OutputStore(str(tmp_path / "out"), {})
+    root = tmp_path / "out" / "gallery"
+    shards = [{"shard": f"s{i}", "samples": 1} for i in range(4)] + [{"shard": "index-2.html", "samples": 1}]
+    assert write_index(store, "out", shards, {"run_id": "r1"}, per_page=2) == str(root / "index.html")
+    names = ["index.html", "index-2.html", "index-3.html"]
+    assert sorted(p.name for p in root.glob("*")) == sorted(names)
+    pages = [Page((root / n).read_text()) for n in names]
+    rows = [[a["href"] for a in p.all("a") if "class" not in a] for p in pages]
+    folder = shard_folder("index-2.html")  # a shard named as an index page gets a folder of another name
+    assert folder.startswith("shard-") and rows == [["s0/index.html", "s1/index.html"],
+                                                    ["s2/index.html", "s3/index.html"], [f"{folder}/index.html"]]
+    assert [[(a.get("rel"), a["href"]) for a in p.all("a") if a.get("rel")] for p in pages] == [
+        [("next", "index-2.html")] * 2,
+        [("prev", "index.html"), ("next", "index-3.html")] * 2,
+        [("prev", "index-2.html")] * 2]
+    text = ["".join(p.text) for p in pages]
+    assert all("5 shard(s), 5 sample(s)" in t for t in text) and "shards 3–4 of 5 · page 2 of 3" in text[1]
+    assert "r1" in text[0] and "r1" not in text[1]  # the latest run: on the first page
+    for p in pages:
+        assert all((root / a["href"]).is_file() for a in p.all("a") if a.get("class") == "page-link")
+    # fewer shards: the pages of the longer index are gone
+    write_index(store, "out", shards[:3], None, per_page=2)
+    assert sorted(p.name for p in root.glob("*")) == ["index-2.html", "index.html"]
+    write_index(store, "out", shards[:1], None, per_page=2)
+    assert [p.name for p in root.glob("*")] == ["index.html"]
+    assert not Page((root / "index.html").read_text()).all("nav")
 
 
 def test_the_gallery_section_and_output_gallery():
