@@ -35,6 +35,8 @@ def init_ray() -> None:
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or None
+        if address in (None, "local") and not _show_traces:
+            logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenAuthOnNotice())
         ray.init(address=address, log_to_driver=True, configure_logging=False,
                  include_dashboard=False if address in (None, "local") else None)
         if address in (None, "local"):
@@ -70,6 +72,14 @@ def _import_stage_modules() -> None:
     import diffusers.models.unets.unet_2d_condition  # noqa: F401
 
     import pipeline.stages.base  # noqa: F401
+
+
+class _TokenAuthOnNotice(logging.Filter):
+    """Ray's notice, on every start of a local Ray, that token authentication is on (its default): not
+    printed but with ``--verbose``. Its warning that authentication is off still is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled")
 
 
 class _HideRayDataErrorLog(logging.Filter):

@@ -179,8 +179,7 @@ def test_guide_row_moves_the_hue_toward_the_target_on_the_bundled_discs_model(ra
     only just: 56° → 54°), 7 of 8 within 30° (unguided none), discs 7 of 8 unguided and 8 of 8 guided;
     the bounds leave room for two seeds to fall short, not for guidance that does not move the hue."""
     base = tmp_path / "demo"
-    jobs = guide_runs(str(base), demo_config_dir(), ["source.model=bundled:discs", "guide.shard_size=4",
-                                                   "runtime.batch_size=4"], 8, io.StringIO())  # both actors busy
+    jobs = guide_runs(str(base), demo_config_dir(), ["source.model=bundled:discs"], 8, io.StringIO())
     g, sheet = measure_guide(jobs, base)
     check_guide(g, seeds=8)
     assert [len(images) for _, images in sheet] == [8, 8]

@@ -84,3 +84,21 @@ def test_the_filter_goes_on_ray_datas_console_handler_only():
         assert not extra.filters
     finally:
         logger.removeHandler(extra)
+
+
+def test_a_failed_task_line_and_the_token_auth_notice_stay_off_the_console(monkeypatch):
+    """Ray Data's line about a failed task (the CLI says what failed in one line of its own), also in a
+    terminal; Ray's notice that token authentication is on (its default) goes, its warning that it is off stays."""
+    monkeypatch.setattr(ray_env, "interactive", lambda: True)
+    failed = logging.LogRecord("ray.data._internal.execution.streaming_executor_state", logging.ERROR, "x", 1,
+                               'An exception was raised from a task of operator "MapBatches(stage_in_process)".',
+                               None, None)
+    other_error = logging.LogRecord("ray.data", logging.ERROR, "x", 1, "object store full", None, None)
+    quiet = ray_env._RayDataConsoleQuiet()
+    assert not quiet.filter(failed) and quiet.filter(other_error)
+    notice = ray_env._TokenAuthOnNotice()
+    on = logging.LogRecord("ray", logging.WARNING, "x", 1, "Token authentication is enabled for this Ray cluster.",
+                           None, None)
+    off = logging.LogRecord("ray", logging.WARNING, "x", 1, "Token authentication is disabled for this Ray cluster.",
+                            None, None)
+    assert not notice.filter(on) and notice.filter(off)
