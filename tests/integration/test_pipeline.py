@@ -247,8 +247,8 @@ def test_killed_run_is_finished_by_the_next_exactly_once(ray_cluster, tmp_path, 
     config.write_text(json.dumps({
         "input": {"uri": str(tmp_path / "in")}, "output": {"uri": str(tmp_path / "out")},
         "source": {"model": str(pixel_model)}, "target": {"model": str(other_pixel_model)},
-        "sampler": {"steps": 200, "eta": 0.5, "strength": 1.0}, "image": {"size": 16},
-        "runtime": {"batch_size": 3},
+        "sampler": {"steps": 100, "eta": 0.5, "strength": 1.0}, "image": {"size": 16},
+        "runtime": {"batch_size": 3},  # 100 steps: seconds a shard, so the kill lands between commits
     }))
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     exe = Path(sys.executable).parent / "latentshift"
