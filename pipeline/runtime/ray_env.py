@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import uuid
 
 from pipeline.config import RuntimeConfig
 from pipeline.data.shards import ShardRef
@@ -256,8 +257,8 @@ def model_stage(ds, runtime: RuntimeConfig, stage_cls, **sections):
         most = actors[1] if isinstance(actors, list) else actors
         return ds.map_batches(stage_in_process, batch_format="numpy", batch_size=runtime.batch_size,
                               compute=ray.data.TaskPoolStrategy(size=most), num_gpus=gpus, num_cpus=0 if gpus else 1,
-                              fn_kwargs={"stage_cls": stage_cls, "sections": kwargs, "key": stage_key(stage_cls, kwargs),
-                                         "tasks": most})
+                              fn_kwargs={"stage_cls": stage_cls, "sections": kwargs, "tasks": most,
+                                         "key": f"{stage_cls.__qualname__}-{uuid.uuid4().hex}"})  # this run's
     size = {"min_size": actors[0], "max_size": actors[1]} if isinstance(actors, list) else {"size": actors}
     calls = stage_cls.concurrent_batches
     pool = ray.data.ActorPoolStrategy(**size, max_concurrent_calls_per_actor=calls,
@@ -279,12 +280,3 @@ def uses_tasks(runtime: RuntimeConfig, gpus: float) -> bool:
     if runtime.pool != "auto":
         return runtime.pool == "tasks"
     return gpus == 0 and sum(1 for node in ray.nodes() if node.get("Alive")) == 1
-
-
-def stage_key(stage_cls, kwargs: dict) -> str:
-    """The stage's class and its constructor's arguments, as one key (``stage_in_process``)."""
-    import hashlib
-
-    from ray import cloudpickle
-
-    return hashlib.sha256(cloudpickle.dumps((stage_cls.__module__, stage_cls.__qualname__, kwargs))).hexdigest()

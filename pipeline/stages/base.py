@@ -138,14 +138,15 @@ class LatentMaps:
         return cls(flat.reshape(len(z), *shape), list(z.timesteps), list(z.seeds))
 
 
-_STAGES: dict = {}  # this worker process's stage, by the key of its class and sections (stage_in_process)
+_STAGES: dict = {}  # this worker process's stage, by its run's key (stage_in_process)
 
 
 def stage_in_process(batch: dict, stage_cls: type, sections: dict, key: str, tasks: int = 1) -> dict:
     """``stage_cls(**sections)(batch)`` with the stage built once per worker process and kept for the
-    next batch, and the next run's, with the same key (``runtime.pool: tasks``, pipeline/runtime/ray_env.py):
-    a Ray task worker outlives the run, an actor does not, so a local run's jobs after the first start
-    with the models already loaded. One stage is kept: a different key replaces it.
+    run's next batch (``runtime.pool: tasks``, pipeline/runtime/ray_env.py). ``key`` is the run's own: a
+    later run builds its stage again, since what its config names may have changed in between (a stats
+    file fitted again, a direction), but in a warm process, its imports done (a Ray task worker outlives
+    the run, an actor does not). One stage is kept: a new key replaces it.
 
     ``tasks`` of the stage run at a time on the node: torch's threads are the node's cores shared among
     them (Ray sets a 1-CPU task's OMP_NUM_THREADS to 1, which would leave the other cores idle)."""
