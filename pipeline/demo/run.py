@@ -66,8 +66,8 @@ def run_demo(out_dir: str | Path, discs: int = 128, triangles: int = 64, unseen:
     (0: no edit part); ``guides`` seeds of the guide part, each unguided and guided (0: no guide part);
     ``plain_count`` unconditional discs-model samples (what the model makes without an OOD fit).
 
-    The counts are what the two-minute budget on a 2-core CPU allows (docs/demo.md, "Where the time
-    goes"): every figure the report checks is a rate over them, and each was checked at larger counts."""
+    The counts are cut toward a two-minute demo on a 2-core CPU (docs/demo.md, "Where the time goes");
+    every figure the report checks is a rate over them, and each was also measured at larger counts."""
     from pipeline.config import load_config
     from pipeline.demo.common import run_quietly
     from pipeline.demo.shapes import write_shapes

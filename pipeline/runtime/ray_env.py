@@ -56,15 +56,18 @@ def init_ray() -> None:
     _keep_traces_in_log_files()
 
 
+WARM_WORKERS = 2  # at most: a warm process holds ~0.8 GB resident (measured), and a stage runs in one or two
+
+
 def warm_workers() -> None:
-    """One task per CPU of a local Ray that imports what a model stage needs (torch, diffusers' UNets,
-    the stages), not waited for: the worker processes Ray keeps for tasks do it while the driver runs
-    preflight and lists its inputs, so the first run's stage tasks (``runtime.pool`` tasks) find them
-    ready instead of paying the imports one after the other (5 s each on a 2-core CPU)."""
+    """One task per CPU of a local Ray (at most ``WARM_WORKERS``) that imports what a model stage needs
+    (torch, diffusers' UNets, the stages), not waited for: the worker processes Ray keeps for tasks do it
+    while the driver runs preflight and lists its inputs, so the first run's stage tasks (``runtime.pool``
+    tasks) find them ready instead of paying the imports one after the other (5 s each on a 2-core CPU)."""
     import ray
 
     warm = ray.remote(num_cpus=1)(_import_stage_modules)
-    for _ in range(int(ray.cluster_resources().get("CPU", 1))):
+    for _ in range(min(WARM_WORKERS, int(ray.cluster_resources().get("CPU", 1)))):
         warm.remote()
 
 
